@@ -1,0 +1,58 @@
+"""hookinf: which training examples, and which layers, made my PyTorch model do this?
+
+Hook-based, per-layer influence functions. ``hookinf.watch(model)`` captures each tracked layer's input
+activations and output gradients per example from an unchanged training loop; the methods turn them into
+influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` with the per-layer decomposition kept.
+"""
+
+from hookinf.capture import LayerCapture, Step
+from hookinf.damping import Damping
+from hookinf.errors import (
+    CaptureError,
+    ConfigurationError,
+    CurvatureError,
+    DataError,
+    HookinfError,
+    NestedWatchError,
+    NonFiniteGradientError,
+    NoTrackableModuleError,
+    PatternMatchError,
+    UnsupportedModuleError,
+)
+from hookinf.influence import influence, self_influence
+from hookinf.methods import Exact, Identity, Method, Preconditioner
+from hookinf.scores import Scores, TopK
+from hookinf.watch import Watch, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # one-call helpers
+    "influence",
+    "self_influence",
+    # capture
+    "watch",
+    "Watch",
+    "Step",
+    "LayerCapture",
+    # methods and configuration
+    "Method",
+    "Preconditioner",
+    "Exact",
+    "Identity",
+    "Damping",
+    # results
+    "Scores",
+    "TopK",
+    # errors
+    "HookinfError",
+    "CaptureError",
+    "ConfigurationError",
+    "CurvatureError",
+    "DataError",
+    "NestedWatchError",
+    "NonFiniteGradientError",
+    "NoTrackableModuleError",
+    "PatternMatchError",
+    "UnsupportedModuleError",
+]

@@ -1,0 +1,73 @@
+"""The typed objects the hooks produce: one :class:`LayerCapture` per layer per step, grouped in a :class:`Step`.
+
+A *step* is what one backward pass left behind: for every tracked layer, the activations ``a`` ``[B, S, I]`` and
+output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` already scaled so that
+``Σ_s δ[b, s] a[b, s]ᵀ`` is the gradient of example ``b``'s own loss (see ``loss_reduction`` in
+:func:`hookinf.watch`). Every consumer (statistics, compressors, influence) reads these objects and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from hookinf.layers.base import LayerAdapter
+from hookinf.linalg import per_example_gradients
+
+
+@dataclass(frozen=True)
+class LayerCapture:
+    """The factors of one layer's per-example gradients for one step.
+
+    Attributes:
+        name: the layer's qualified name in ``model.named_modules()``.
+        a: activations ``[B, S, I]`` (ones column last when the layer has a tracked bias).
+        delta: output gradients ``[B, S, O]``, per-example scaled.
+        adapter: the layer's adapter (maps gradient matrices back to parameter shapes).
+    """
+
+    name: str
+    a: Tensor
+    delta: Tensor
+    adapter: LayerAdapter = field(repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return int(self.a.shape[0])
+
+    def gradients(self) -> Tensor:
+        """Per-example gradients as matrices ``[B, O, I]`` (``Σ_s δ_s a_sᵀ``)."""
+        return per_example_gradients(self.a, self.delta)
+
+    def param_gradients(self) -> dict[str, Tensor]:
+        """Per-example gradients in the layer's parameter shapes: ``{"weight": [B, *w.shape], "bias": [B, O]}``."""
+        return self.adapter.param_gradients(self.gradients())
+
+
+@dataclass(frozen=True)
+class Step:
+    """All layers' captures from one backward pass.
+
+    Attributes:
+        index: 0-based count of steps since the watch started.
+        batch_size: ``B``, shared by every layer.
+        layers: layer name → capture, in model order.
+    """
+
+    index: int
+    batch_size: int
+    layers: dict[str, LayerCapture]
+
+    def gradients(self) -> dict[str, Tensor]:
+        """Per-example gradient matrices ``[B, O, I]`` per layer."""
+        return {name: cap.gradients() for name, cap in self.layers.items()}
+
+    def param_gradients(self) -> dict[str, Tensor]:
+        """Per-example gradients keyed by qualified parameter name (``"fc1.weight"``), ``[B, *param.shape]``."""
+        out: dict[str, Tensor] = {}
+        for name, cap in self.layers.items():
+            for pname, grad in cap.param_gradients().items():
+                out[f"{name}.{pname}" if name else pname] = grad
+        return out

@@ -1,0 +1,48 @@
+"""Errors raised by hookinf.
+
+Every error hookinf raises on bad input derives from :class:`HookinfError`, so one ``except`` clause catches them
+all. The specific classes also derive from the matching built-in (``ValueError``, ``TypeError``,
+``RuntimeError``) so code that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HookinfError(Exception):
+    """Base class of every error hookinf raises on bad input or an impossible request."""
+
+
+class ConfigurationError(HookinfError, ValueError):
+    """An argument has a value hookinf cannot use (an unknown option, a negative damping, ...)."""
+
+
+class UnsupportedModuleError(HookinfError, TypeError):
+    """A module that hookinf cannot track was selected (wrong type or unsupported configuration)."""
+
+
+class NoTrackableModuleError(HookinfError, ValueError):
+    """The model (or the ``modules=`` selection) holds no supported module with trainable parameters."""
+
+
+class PatternMatchError(HookinfError, ValueError):
+    """An entry of ``modules=`` matched no trackable module of the model."""
+
+
+class NestedWatchError(HookinfError, RuntimeError):
+    """A module is already tracked by another active :func:`hookinf.watch`."""
+
+
+class CaptureError(HookinfError, RuntimeError):
+    """A forward/backward pass did not produce a consistent capture (missing layer, batch mismatch, ...)."""
+
+
+class NonFiniteGradientError(CaptureError):
+    """A captured activation or output gradient holds NaN or infinity."""
+
+
+class DataError(HookinfError, ValueError):
+    """The data passed to an influence helper cannot be used as given (shuffled, one-shot, changing size, ...)."""
+
+
+class CurvatureError(HookinfError, RuntimeError):
+    """A curvature block cannot be built or inverted (too large, not positive definite, ...)."""

@@ -1,0 +1,206 @@
+"""One-call helpers: :func:`influence` and :func:`self_influence`.
+
+Both compute, for every tracked layer ``l``,
+
+    I_l(z_q, z) = − g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z),      G_l = (1/n) Σ_i g_l(z_i) g_l(z_i)ᵀ,
+
+with ``g_l(z)`` the gradient of example ``z``'s own loss with respect to layer ``l``'s parameters (Koh & Liang 2017
+with the block-diagonal Gauss-Newton approximation of Kwon et al. 2023, eq. (2)–(3)). Positive influence is
+harmful: up-weighting ``z`` increases the query's loss.
+
+Data flow: each pass runs ``loss_fn(model, batch)`` inside :func:`hookinf.watch`, differentiates the summed
+loss with ``torch.autograd.grad`` (so the parameters' ``.grad`` are never touched) and consumes the captured
+:class:`~hookinf.capture.Step`. The model is put in eval mode for the passes (dropout off) and restored after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from hookinf.capture import Step
+from hookinf.damping import Damping, as_damping
+from hookinf.errors import CaptureError, DataError
+from hookinf.methods import Method, Preconditioner, resolve_method
+from hookinf.progress import track
+from hookinf.scores import Scores
+from hookinf.watch import ModuleSpec, Watch
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum (a scalar)."""
+
+
+def influence(
+    model: nn.Module,
+    train: Iterable[Any],
+    query: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    method: str | Method = "exact",
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    damping: float | Damping = 0.1,
+    progress: bool = True,
+) -> Scores:
+    """Influence of every training example on every query, per layer.
+
+    Args:
+        model: the trained model (left unchanged; run in eval mode during the passes).
+        train: batches of training examples, iterated twice for ``exact`` (fit, then scores) in the same order;
+            column ``j`` of the scores is the ``j``-th example in that order. A shuffling DataLoader is refused.
+        query: batches of query examples; row ``q`` of the scores is the ``q``-th query.
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        method: ``"exact"`` (explicit damped blocks), ``"identity"`` (TracIn-style dot products) or a
+            :class:`hookinf.Method` instance such as ``hookinf.Exact(max_dim=...)``.
+        modules: which layers to track (see :func:`hookinf.watch`).
+        damping: relative damping ``λ_l = damping × tr(G_l)/d_l``, or ``hookinf.Damping(absolute=...)``.
+        progress: show rich progress bars.
+
+    Returns:
+        :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64).
+    """
+    resolved = resolve_method(method)
+    damp = as_damping(damping)
+    _check_reiterable(train, "train")
+    _check_reiterable(query, "query")
+    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = _Passes(model, w, loss_fn, progress)
+        preconditioner = passes.fit(resolved, train, damp)
+        queries: dict[str, list[Tensor]] = {name: [] for name in w.layers}
+        for step in passes.steps(query, "query gradients"):
+            for name, capture in step.layers.items():
+                queries[name].append(preconditioner.apply(name, capture.gradients()).flatten(1))
+        if not queries[w.layers[0]]:
+            raise DataError("query is empty: pass at least one batch of query examples.")
+        stacked = {name: torch.cat(parts) for name, parts in queries.items()}  # [n_query, d_l]
+        columns: dict[str, list[Tensor]] = {name: [] for name in w.layers}
+        for step in passes.steps(train, "scores"):
+            for name, capture in step.layers.items():
+                train_grads = capture.gradients().flatten(1).double()  # [B, d_l]
+                columns[name].append(-(stacked[name] @ train_grads.T))
+        passes.check_count(train, preconditioner)
+        per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
+    return Scores(per_layer=per_layer, method=resolved.name, damping=dict(preconditioner.damping))
+
+
+def self_influence(
+    model: nn.Module,
+    train: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    method: str | Method = "exact",
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    damping: float | Damping = 0.1,
+    progress: bool = True,
+) -> Tensor:
+    """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
+
+    It is the diagonal of ``influence(model, train, train, ...)`` with the opposite sign: large values mark
+    examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`.
+
+    Returns:
+        ``[n_train]`` float64 tensor, in the order of ``train``.
+    """
+    resolved = resolve_method(method)
+    damp = as_damping(damping)
+    _check_reiterable(train, "train")
+    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = _Passes(model, w, loss_fn, progress)
+        preconditioner = passes.fit(resolved, train, damp)
+        values: list[Tensor] = []
+        for step in passes.steps(train, "self-influence"):
+            total = torch.zeros(step.batch_size, dtype=torch.float64)
+            for name, capture in step.layers.items():
+                grads = capture.gradients()
+                total += (preconditioner.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
+            values.append(total)
+        passes.check_count(train, preconditioner)
+    return torch.cat(values)
+
+
+class _Passes:
+    """Runs passes of ``loss_fn`` over data inside one watch and yields the captured steps."""
+
+    def __init__(self, model: nn.Module, w: Watch, loss_fn: LossFn, progress: bool) -> None:
+        self.model = model
+        self.watch = w
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.params = [p for m in w.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        self.counts: list[int] = []
+
+    def fit(self, method: Method, train: Iterable[Any], damping: Damping) -> Preconditioner:
+        method.check(self.watch.adapters)
+        steps: Iterable[Step] = self.steps(train, f"fit {method.name}") if method.needs_fit else ()
+        return method.fit(steps, self.watch.adapters, damping)
+
+    def steps(self, data: Iterable[Any], description: str) -> Iterator[Step]:
+        seen = 0
+        for batch in track(data, description, enabled=self.progress):
+            before = self.watch.steps
+            with torch.enable_grad():
+                losses = self.loss_fn(self.model, batch)
+                if not isinstance(losses, Tensor) or losses.dim() > 1:
+                    shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                    raise DataError(
+                        f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
+                    )
+                if not losses.requires_grad:
+                    raise DataError(
+                        "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
+                        "detach the output? hookinf needs to differentiate it."
+                    )
+                torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
+            if self.watch.steps == before:
+                raise CaptureError(
+                    f"the loss of a {description} batch does not depend on any tracked layer "
+                    f"({', '.join(self.watch.layers)}); check loss_fn and modules=."
+                )
+            step = self.watch.last_step
+            assert step is not None
+            if losses.dim() == 1 and losses.shape[0] != step.batch_size:
+                raise DataError(
+                    f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
+                    f"one loss per example (shape [B]) or their sum."
+                )
+            seen += step.batch_size
+            yield step
+        self.counts.append(seen)
+
+    def check_count(self, data: Iterable[Any], preconditioner: Preconditioner) -> None:
+        """Refuses a ``train`` that yielded a different number of examples on different passes."""
+        counts = set(self.counts[-1:])
+        if preconditioner.num_examples:
+            counts.add(preconditioner.num_examples)
+        if len(counts) > 1:
+            raise DataError(
+                f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples in the "
+                f"same order each time it is iterated (no shuffling, no random augmentation of the count)."
+            )
+
+
+def _check_reiterable(data: Iterable[Any], what: str) -> None:
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        raise DataError(
+            f"{what} is a DataLoader with shuffle=True; hookinf iterates it more than once and column j of the "
+            f"scores must be the same example each time. Use shuffle=False."
+        )
+    if iter(data) is data:
+        raise DataError(
+            f"{what} is an iterator that can be consumed only once; pass a list of batches or a DataLoader."
+        )
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -1,0 +1,113 @@
+"""The adapter protocol: one supported module type → the canonical ``[batch, shared, features]`` factors.
+
+An adapter turns a module's input into activations ``a`` of shape ``[B, S, I]`` and the gradient of its output into
+``δ`` of shape ``[B, S, O]`` so that the gradient of the module's weights (bias included as the last input
+coordinate) for example ``b`` is ``Σ_s δ[b, s] a[b, s]ᵀ`` (shape ``[O, I]``). ``S`` is 1 for a plain batch of
+vectors, the number of sequence positions for token inputs and the number of patches for convolutions. Adapters
+hold no state beyond the module's static configuration and never modify the module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hookinf.errors import UnsupportedModuleError
+
+
+class LayerAdapter(ABC):
+    """Maps one module's input / output gradient to the canonical factors and back to parameter gradients.
+
+    Args:
+        name: qualified name of the module in ``model.named_modules()`` (used in error messages).
+        module: the module; it is read, never modified.
+    """
+
+    #: module classes handled by this adapter (subclasses match too; resolution is by MRO).
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+            trainable = bias is not None and bias.requires_grad
+            detail = "only its bias is trainable" if trainable else "its weight is frozen"
+            raise UnsupportedModuleError(
+                f"layer '{name}' ({type(module).__name__}): {detail}; hookinf tracks layers whose weight is "
+                f"trainable. Exclude it with watch(model, modules=[...]) or make its weight trainable."
+            )
+        #: whether the bias is part of the tracked parameters (a trainable bias exists).
+        self.has_bias = isinstance(bias, Tensor) and bias.requires_grad
+        #: parameter names inside the module, in the order they appear in the gradient's input axis.
+        self.param_names: tuple[str, ...] = ("weight", "bias") if self.has_bias else ("weight",)
+        self.weight_shape = tuple(weight.shape)
+        self.out_features, self.in_features = self._factor_dims(module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(O, I)``: the shape of one example's gradient as a matrix (``I`` counts the bias column)."""
+        return self.out_features, self.in_features + int(self.has_bias)
+
+    @property
+    def dim(self) -> int:
+        """Number of tracked parameters ``d_l = O × I``."""
+        out_dim, in_dim = self.shape
+        return out_dim * in_dim
+
+    @abstractmethod
+    def _factor_dims(self, module: nn.Module) -> tuple[int, int]:
+        """Returns ``(O, I_without_bias)`` for the module."""
+
+    @abstractmethod
+    def _activations(self, x: Tensor) -> Tensor:
+        """Maps the module's input to ``[B, S, I_without_bias]``."""
+
+    @abstractmethod
+    def output_gradients(self, grad_output: Tensor) -> Tensor:
+        """Maps the gradient of the module's output to ``δ`` of shape ``[B, S, O]``."""
+
+    @abstractmethod
+    def _weight_gradient(self, grad: Tensor) -> Tensor:
+        """Maps ``[N, O, I_without_bias]`` matrices to ``[N, *weight.shape]``."""
+
+    def input_tensor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """Returns the tensor the module was called with (first positional argument or ``input=``)."""
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if not isinstance(x, Tensor):
+            raise UnsupportedModuleError(
+                f"layer '{self.name}' was called without a tensor as its first argument; hookinf needs the "
+                f"input tensor to capture activations."
+            )
+        return x
+
+    def activations(self, x: Tensor) -> Tensor:
+        """Maps the module's input to ``a`` of shape ``[B, S, I]`` (a ones column appended for the bias)."""
+        a = self._activations(x.detach())
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+
+    def param_gradients(self, grad: Tensor) -> dict[str, Tensor]:
+        """Splits per-example gradient matrices into the module's parameter shapes.
+
+        Args:
+            grad: ``[N, O, I]`` per-example gradients in this adapter's layout.
+
+        Returns:
+            ``{"weight": [N, *weight.shape], "bias": [N, O]}`` (bias only when it is tracked).
+        """
+        out: dict[str, Tensor] = {"weight": self._weight_gradient(grad[..., : self.in_features])}
+        if self.has_bias:
+            out["bias"] = grad[..., self.in_features]
+        return out
+
+    def _require_batched(self, x: Tensor, min_dim: int, what: str) -> None:
+        if x.dim() < min_dim:
+            raise UnsupportedModuleError(
+                f"layer '{self.name}' got an input of shape {list(x.shape)}; hookinf needs {what} with the batch "
+                f"as the first dimension. Add a batch dimension (x.unsqueeze(0)) for a single example."
+            )

@@ -1,0 +1,67 @@
+"""Adapters for ``nn.Conv1d`` and ``nn.Conv2d`` (Grosse & Martens 2016, "KFC": patches as the shared axis).
+
+The input is padded exactly as the module pads it (any ``padding``/``padding_mode``, including ``"same"``) and
+unfolded into patches: ``a`` is ``[B, L, C·k]`` with ``L`` output positions and ``C·k`` the flattened receptive
+field in the weight's ``(in_channels, *kernel_size)`` order, and ``δ`` is ``[B, L, O]``. Grouped convolutions
+(``groups > 1``) have a block-diagonal weight that does not fit the ``[O, I]`` layout and are refused.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hookinf.errors import UnsupportedModuleError
+from hookinf.layers.base import LayerAdapter
+
+
+class ConvAdapter(LayerAdapter):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups == 1``; weight ``[O, C, *k]`` seen as ``[O, C·Πk]``."""
+
+    module_types = (nn.Conv1d, nn.Conv2d)
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        assert isinstance(module, nn.Conv1d | nn.Conv2d)
+        if module.groups != 1:
+            raise UnsupportedModuleError(
+                f"layer '{name}' ({type(module).__name__}) has groups={module.groups}; hookinf supports "
+                f"groups=1 only (a grouped weight is block-diagonal, not one [out, in] matrix). Exclude it with "
+                f"watch(model, modules=[...])."
+            )
+        self._spatial = 2 if isinstance(module, nn.Conv2d) else 1
+        self._kernel = _pair(module.kernel_size, self._spatial)
+        self._stride = _pair(module.stride, self._spatial)
+        self._dilation = _pair(module.dilation, self._spatial)
+        self._pad = tuple(module._reversed_padding_repeated_twice)
+        self._pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        super().__init__(name, module)
+
+    def _factor_dims(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module.weight, Tensor)
+        out_channels, in_per_group, *kernel = module.weight.shape
+        receptive = in_per_group
+        for k in kernel:
+            receptive *= k
+        return int(out_channels), int(receptive)
+
+    def _activations(self, x: Tensor) -> Tensor:
+        self._require_batched(x, self._spatial + 2, f"a {self._spatial + 2}-D input [B, C, ...]")
+        if any(self._pad):
+            x = F.pad(x, self._pad, mode=self._pad_mode)
+        if self._spatial == 1:
+            x = x.unsqueeze(2)  # [B, C, 1, L]: a Conv1d is a Conv2d of height 1
+        patches = F.unfold(x, kernel_size=self._kernel, dilation=self._dilation, stride=self._stride)
+        return patches.transpose(1, 2)  # [B, C·Πk, L] → [B, L, C·Πk]
+
+    def output_gradients(self, grad_output: Tensor) -> Tensor:
+        """``[B, O, *spatial]`` → ``[B, L, O]``."""
+        return grad_output.flatten(2).transpose(1, 2)  # [B, O, *spatial] → [B, L, O]
+
+    def _weight_gradient(self, grad: Tensor) -> Tensor:
+        return grad.reshape(grad.shape[0], *self.weight_shape)
+
+
+def _pair(value: int | tuple[int, ...] | str, spatial: int) -> tuple[int, int]:
+    """Kernel/stride/dilation as the 2-D tuple ``F.unfold`` wants (height 1 for Conv1d)."""
+    values = (value,) * spatial if isinstance(value, int) else tuple(int(v) for v in value)
+    return (1, values[0]) if spatial == 1 else (values[0], values[1])

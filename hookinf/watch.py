@@ -1,0 +1,407 @@
+"""``hookinf.watch``: forward/backward hooks that capture per-example gradient factors around the user's loop.
+
+For every tracked module a forward hook computes the activations ``a`` ``[B, S, I]`` (through the module's
+adapter) and registers a tensor hook on the module's output; the tensor hook receives ``∂loss/∂output`` during
+backward and turns it into ``δ`` ``[B, S, O]``. A *step* (one forward/backward) is complete when the next forward
+starts outside of backward, or when its result is asked for (:attr:`Watch.last_step`) or the block ends. Then
+every tracked layer must have received a gradient, calls of the same module are summed (concatenated along
+``S``), ``δ`` is rescaled for ``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` is published.
+
+Design notes:
+* Output gradients come from tensor hooks, not ``register_full_backward_hook`` (which breaks when an in-place
+  activation such as ``nn.ReLU(inplace=True)`` follows the layer).
+* Each forward call's tensor hook captures at most once, so a second backward through the same graph
+  (``create_graph=True`` optimizers such as AdaHessian) does not add spurious captures.
+* Forwards re-run by gradient checkpointing happen inside backward and never close a step, so checkpointed models
+  give the same captures as plain ones.
+* The model is never modified: all state lives here, and every handle is removed when the block exits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hookinf.capture import LayerCapture, Step
+from hookinf.errors import (
+    CaptureError,
+    ConfigurationError,
+    NestedWatchError,
+    NonFiniteGradientError,
+    NoTrackableModuleError,
+    PatternMatchError,
+    UnsupportedModuleError,
+)
+from hookinf.layers import LayerAdapter, adapter_for, is_supported, supported_types
+
+LossReduction = Literal["mean", "sum"]
+ModuleSpec = str | type[nn.Module]
+
+# Tracked module → the watch that owns it, so a second watch over the same modules is refused.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Watch] = weakref.WeakKeyDictionary()
+_HANDLE_PRUNE_AT = 4096
+
+
+def watch(
+    model: nn.Module,
+    *,
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    loss_reduction: LossReduction = "mean",
+) -> Watch:
+    """Captures per-example, per-layer gradient factors while the user's own code runs.
+
+    Use it as a context manager around an unchanged training (or evaluation) loop::
+
+        with hookinf.watch(model) as w:
+            loss = F.cross_entropy(model(x), y)   # mean over the batch
+            loss.backward()
+            grads = w.per_example_gradients()     # {layer: [B, O, I]}
+
+    Args:
+        model: the model; it is never modified (no module replaced, no attribute added).
+        modules: what to track. ``None`` tracks every supported module (``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d``, GPT-2 ``Conv1D``, hence peft LoRA's ``lora_A``/``lora_B``) that has a trainable
+            parameter of its own, so a LoRA fine-tune with a frozen base tracks only its adapters. Otherwise a
+            qualified name, a glob pattern (``"encoder.*.attention.*"``), a module type, or a list of these.
+        loss_reduction: how the loss being differentiated combines the examples of a batch. ``"mean"``
+            (``F.cross_entropy``'s default) rescales the captured output gradients by the batch size ``B`` so that
+            they are gradients of each example's own loss; ``"sum"`` takes them as they are. For a language model
+            whose loss averages over all *tokens* of the batch, pass ``"sum"`` and compute the loss as the sum over
+            examples of each example's mean token loss (or the sum of token losses, to attribute per token).
+
+    Returns:
+        A :class:`Watch` to enter with ``with``.
+
+    Raises:
+        ConfigurationError: ``loss_reduction`` is not one of ``"mean"``, ``"sum"``.
+        NoTrackableModuleError: the model has no supported module with trainable parameters.
+        PatternMatchError: an entry of ``modules`` matches no trackable module.
+        UnsupportedModuleError: a module named in ``modules`` cannot be tracked.
+    """
+    return Watch(model, modules=modules, loss_reduction=loss_reduction)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One forward call of one tracked module, waiting for its output gradient."""
+
+    name: str
+    adapter: LayerAdapter
+    a: Tensor
+    done: bool = False
+
+
+@dataclass
+class _Pending:
+    """What the current (not yet closed) step has received."""
+
+    fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.fired)
+
+
+class Watch:
+    """The context manager returned by :func:`watch`; owns every hook it registers.
+
+    Attributes:
+        layers: tracked layer names in model order.
+        loss_reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        loss_reduction: LossReduction = "mean",
+    ) -> None:
+        if loss_reduction not in get_args(LossReduction):
+            raise ConfigurationError(
+                f"loss_reduction={loss_reduction!r} is not valid; use one of {list(get_args(LossReduction))}."
+            )
+        self.model = model
+        self.loss_reduction: LossReduction = loss_reduction
+        selected = select_modules(model, modules)
+        self._modules: dict[str, nn.Module] = dict(selected)
+        self._adapters: dict[str, LayerAdapter] = {name: adapter_for(name, mod) for name, mod in selected}
+        self.layers: tuple[str, ...] = tuple(self._adapters)
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+        self._pending = _Pending()
+        self._last_step: Step | None = None
+        self._steps = 0
+        self._open = False
+
+    # ------------------------------------------------------------------ context management
+    def __enter__(self) -> Watch:
+        if self._open:
+            raise NestedWatchError("this watch is already active; a Watch object can be entered only once at a time.")
+        for name, module in self._modules.items():
+            owner = _ACTIVE.get(module)
+            if owner is not None:
+                raise NestedWatchError(
+                    f"layer '{name}' is already tracked by another active hookinf.watch; nested watches over the "
+                    f"same model are not supported. Use the outer watch, or exit it before entering a new one."
+                )
+        try:
+            for name, module in self._modules.items():
+                _ACTIVE[module] = self
+                hook = self._make_forward_hook(name, self._adapters[name])
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            self._close()
+            raise
+        self._open = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._finish_step()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._open = False
+        for handle in self._handles + self._tensor_handles:
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+        self._pending = _Pending()
+        for module in self._modules.values():
+            if _ACTIVE.get(module) is self:
+                del _ACTIVE[module]
+
+    # ------------------------------------------------------------------ results
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Tracked layer name → module, in model order."""
+        return dict(self._modules)
+
+    @property
+    def adapters(self) -> dict[str, LayerAdapter]:
+        """Tracked layer name → its adapter (shapes, parameter names), in model order."""
+        return dict(self._adapters)
+
+    @property
+    def last_step(self) -> Step | None:
+        """The most recent complete step (closing the current one if gradients have arrived), or ``None``."""
+        self._finish_step()
+        return self._last_step
+
+    @property
+    def steps(self) -> int:
+        """Number of steps completed so far."""
+        self._finish_step()
+        return self._steps
+
+    def per_example_gradients(self) -> dict[str, Tensor]:
+        """The last step's per-example gradients per layer as matrices ``[B, O, I]`` (bias as the last column).
+
+        Raises:
+            CaptureError: no backward has run inside the watch yet.
+        """
+        return self._require_step().gradients()
+
+    def per_example_param_gradients(self) -> dict[str, Tensor]:
+        """The last step's per-example gradients keyed by parameter name, each ``[B, *param.shape]``."""
+        return self._require_step().param_gradients()
+
+    def _require_step(self) -> Step:
+        step = self.last_step
+        if step is None:
+            raise CaptureError(
+                "no gradients captured yet: run a forward and loss.backward() inside the watch before asking for "
+                "per-example gradients."
+            )
+        return step
+
+    def __repr__(self) -> str:
+        state = "active" if self._open else "inactive"
+        return f"Watch({state}, {len(self.layers)} layers, loss_reduction={self.loss_reduction!r}, steps={self._steps})"
+
+    # ------------------------------------------------------------------ hooks
+    def _make_forward_hook(self, name: str, adapter: LayerAdapter) -> Any:
+        def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not self._open:
+                return None
+            if not _in_backward():
+                self._finish_step()  # a new forward outside backward: the previous step is complete
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return None  # no_grad / frozen path: nothing will flow back
+            call = _Call(name, adapter, adapter.activations(adapter.input_tensor(args, kwargs)))
+            self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
+            if len(self._tensor_handles) > _HANDLE_PRUNE_AT:
+                self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
+            return None
+
+        return forward_hook
+
+    def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
+        if not self._open or call.done:
+            return None
+        call.done = True
+        delta = call.adapter.output_gradients(grad.detach())
+        if delta.shape[:2] != call.a.shape[:2]:
+            raise CaptureError(
+                f"layer '{call.name}': output gradient {list(delta.shape)} does not match its activations "
+                f"{list(call.a.shape)} in the batch/position dimensions; the module's output was reshaped in a way "
+                f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
+            )
+        self._pending.fired.setdefault(call.name, []).append((call.a, delta))
+        return None
+
+    # ------------------------------------------------------------------ step assembly
+    def _finish_step(self) -> None:
+        if not self._pending:
+            return
+        fired = self._pending.fired
+        self._pending = _Pending()
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+        missing = [name for name in self.layers if name not in fired]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} tracked layer(s) received no output gradient in this forward/backward: "
+                f"{', '.join(repr(n) for n in missing)}. Either the module's own forward() is never called (e.g. "
+                f"nn.MultiheadAttention uses out_proj's weights directly) or its output does not reach the loss. "
+                f"Its influence would be silently missing: exclude it with watch(model, modules=[...]) listing the "
+                f"layers to track."
+            )
+        layers: dict[str, LayerCapture] = {}
+        batch_size: int | None = None
+        first = ""
+        for name in self.layers:
+            calls = fired[name]
+            sizes = sorted({int(a.shape[0]) for a, _ in calls})
+            if len(sizes) > 1:
+                raise CaptureError(
+                    f"layer '{name}' was called with different batch sizes {sizes} within one forward/backward; "
+                    f"per-example gradients need one batch per step. Run one backward per batch."
+                )
+            if batch_size is None:
+                batch_size, first = sizes[0], name
+            elif sizes[0] != batch_size:
+                raise CaptureError(
+                    f"layer '{name}' captured a batch of {sizes[0]} examples while layer '{first}' captured "
+                    f"{batch_size} in the same forward/backward. Each tracked layer must see the batch as its first "
+                    f"dimension: if the model reshapes [B, T, ...] to [B*T, ...] before this layer, exclude it with "
+                    f"watch(model, modules=[...]); if the backward mixes batches, run one backward per batch."
+                )
+            a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls], dim=1)
+            delta = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls], dim=1)
+            if self.loss_reduction == "mean":
+                delta = delta * batch_size
+            _check_finite(name, a, delta)
+            layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=self._adapters[name])
+        assert batch_size is not None
+        self._last_step = Step(index=self._steps, batch_size=batch_size, layers=layers)
+        self._steps += 1
+
+
+def _in_backward() -> bool:
+    """Whether autograd is executing a backward pass on this thread (true during checkpoint recomputation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _check_finite(name: str, a: Tensor, delta: Tensor) -> None:
+    for what, tensor in (("output gradients", delta), ("input activations", a)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteGradientError(
+                f"layer '{name}': captured {what} contain NaN or infinity. Check the loss and the inputs of this "
+                f"batch (a diverging learning rate or a log of zero are common causes); influence computed from "
+                f"them would be meaningless."
+            )
+
+
+def _trackable(module: nn.Module) -> bool:
+    return is_supported(module) and any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] | None) -> list[tuple[str, nn.Module]]:
+    """Resolves a ``modules=`` selection to ``(qualified name, module)`` pairs in model order.
+
+    Args:
+        model: the model.
+        modules: ``None`` (every supported module with a trainable parameter of its own), or names, glob
+            patterns and module types (one or a list).
+
+    Returns:
+        The selected modules in ``model.named_modules()`` order.
+
+    Raises:
+        NoTrackableModuleError: nothing to track.
+        PatternMatchError: an entry matches no trackable module.
+        UnsupportedModuleError: an exact name refers to a module that cannot be tracked.
+        ConfigurationError: an entry is neither a string nor a module type.
+    """
+    named = list(model.named_modules())
+    if modules is None:
+        chosen = {name for name, module in named if _trackable(module)}
+        if not chosen:
+            kinds = sorted({type(m).__name__ for _, m in named})
+            raise NoTrackableModuleError(
+                f"{type(model).__name__} has no supported module with trainable parameters (it contains: "
+                f"{', '.join(kinds)}). Supported types: {', '.join(supported_types())}. Check that the parameters "
+                f"you want to attribute have requires_grad=True."
+            )
+        return [(name, module) for name, module in named if name in chosen]
+    specs: Iterable[ModuleSpec] = [modules] if isinstance(modules, str | type) else modules
+    by_name = dict(named)
+    chosen = set()
+    for spec in specs:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            matches = [name for name, module in named if isinstance(module, spec)]
+            label = f"type {spec.__name__}"
+        elif isinstance(spec, str):
+            if spec in by_name:
+                module = by_name[spec]
+                if not is_supported(module):
+                    adapter_for(spec, module)  # raises UnsupportedModuleError listing the supported types
+                if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                    raise UnsupportedModuleError(
+                        f"layer '{spec}' has no trainable parameter of its own (requires_grad=False); a frozen "
+                        f"layer has no influence to attribute. Unfreeze it or remove it from modules=."
+                    )
+                chosen.add(spec)
+                continue
+            matches = [name for name, _ in named if fnmatch.fnmatchcase(name, spec)]
+            label = f"pattern {spec!r}"
+        else:
+            raise ConfigurationError(
+                f"modules= entries must be qualified names, glob patterns or nn.Module types; got {spec!r}."
+            )
+        hits = [name for name in matches if _trackable(by_name[name])]
+        if not hits:
+            if matches:
+                shown = ", ".join(repr(m) for m in matches[:5])
+                detail = (
+                    f"matched {len(matches)} module(s) ({shown}) but none is a supported module with trainable "
+                    f"parameters"
+                )
+            else:
+                close = difflib.get_close_matches(str(spec), list(by_name), n=3)
+                detail = "matched no module" + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+            raise PatternMatchError(
+                f"modules= {label} {detail}. Trackable layers of this model: "
+                f"{', '.join(repr(n) for n, m in named if _trackable(m)) or 'none'}."
+            )
+        chosen.update(hits)
+    return [(name, module) for name, module in named if name in chosen]
