@@ -12,6 +12,10 @@ class HookinfError(Exception):
     """Base class of every error hookinf raises on bad input or an impossible request."""
 
 
+class HookinfWarning(UserWarning):
+    """Something hookinf did on its own that changes what is attributed (e.g. a tied layer left out)."""
+
+
 class ConfigurationError(HookinfError, ValueError):
     """An argument has a value hookinf cannot use (an unknown option, a negative damping, ...)."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
 from hookinf.damping import Damping, as_damping
@@ -83,6 +83,8 @@ def influence(
                 train_grads = capture.gradients().flatten(1).double()  # [B, d_l]
                 columns[name].append(-(stacked[name] @ train_grads.T))
         passes.check_count(train, preconditioner)
+        if not columns[w.layers[0]]:
+            raise DataError("train is empty: pass at least one batch of training examples.")
         per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
     return Scores(per_layer=per_layer, method=resolved.name, damping=dict(preconditioner.damping))
 
@@ -119,6 +121,8 @@ def self_influence(
                 total += (preconditioner.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
             values.append(total)
         passes.check_count(train, preconditioner)
+        if not values:
+            raise DataError("train is empty: pass at least one batch of training examples.")
     return torch.cat(values)
 
 
@@ -184,15 +188,26 @@ class _Passes:
 
 
 def _check_reiterable(data: Iterable[Any], what: str) -> None:
-    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+    if isinstance(data, DataLoader) and _order_changes(data):
         raise DataError(
-            f"{what} is a DataLoader with shuffle=True; hookinf iterates it more than once and column j of the "
-            f"scores must be the same example each time. Use shuffle=False."
+            f"{what} is a DataLoader whose order changes between passes (shuffle=True or a random sampler); "
+            f"hookinf iterates it more than once and column j of the scores must be the same example each time. "
+            f"Use shuffle=False and a sequential sampler."
         )
     if iter(data) is data:
         raise DataError(
             f"{what} is an iterator that can be consumed only once; pass a list of batches or a DataLoader."
         )
+
+
+def _order_changes(loader: DataLoader[Any]) -> bool:
+    """Whether two passes over ``loader`` would visit the examples in different orders (indices only)."""
+    if isinstance(loader.sampler, RandomSampler):
+        return True
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    order: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    return list(order) != list(order)
 
 
 @contextmanager

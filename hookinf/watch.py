@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from hookinf.capture import LayerCapture, Step
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
+    HookinfWarning,
     NestedWatchError,
     NonFiniteGradientError,
     NoTrackableModuleError,
@@ -138,6 +140,7 @@ class Watch:
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
+        self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
         self._last_step: Step | None = None
         self._steps = 0
         self._open = False
@@ -158,6 +161,10 @@ class Watch:
                 _ACTIVE[module] = self
                 hook = self._make_forward_hook(name, self._adapters[name])
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # Around the whole model's forward: which tracked layers ran (catches layers whose forward() is
+            # never called even when no other layer produces a step).
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward_start))
+            self._handles.append(self.model.register_forward_hook(self._on_model_forward_end))
         except BaseException:
             self._close()
             raise
@@ -236,10 +243,29 @@ class Watch:
         return f"Watch({state}, {len(self.layers)} layers, loss_reduction={self.loss_reduction!r}, steps={self._steps})"
 
     # ------------------------------------------------------------------ hooks
+    def _on_model_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._open and torch.is_grad_enabled() and not _in_backward() and not _in_functorch():
+            self._ran = set()
+        return None
+
+    def _on_model_forward_end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        ran, self._ran = self._ran, None
+        if ran is None or not self._open:
+            return None
+        missing = [name for name in self.layers if name not in ran]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} tracked layer(s) did not run during the model's forward: "
+                f"{', '.join(repr(n) for n in missing)}. {_MISSING_HINT}"
+            )
+        return None
+
     def _make_forward_hook(self, name: str, adapter: LayerAdapter) -> Any:
         def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self._open:
-                return None
+            if not self._open or _in_functorch():
+                return None  # closed, or inside a torch.func transform (the user's own vmap/grad oracle)
+            if self._ran is not None:
+                self._ran.add(name)
             if not _in_backward():
                 self._finish_step()  # a new forward outside backward: the previous step is complete
             if not isinstance(output, Tensor) or not output.requires_grad:
@@ -279,10 +305,8 @@ class Watch:
         if missing:
             raise CaptureError(
                 f"{len(missing)} tracked layer(s) received no output gradient in this forward/backward: "
-                f"{', '.join(repr(n) for n in missing)}. Either the module's own forward() is never called (e.g. "
-                f"nn.MultiheadAttention uses out_proj's weights directly) or its output does not reach the loss. "
-                f"Its influence would be silently missing: exclude it with watch(model, modules=[...]) listing the "
-                f"layers to track."
+                f"{', '.join(repr(n) for n in missing)}. Either its output does not reach the loss or "
+                f"{_MISSING_HINT}"
             )
         layers: dict[str, LayerCapture] = {}
         batch_size: int | None = None
@@ -315,6 +339,19 @@ class Watch:
         self._steps += 1
 
 
+_MISSING_HINT = (
+    "A module whose own forward() is never called (e.g. nn.MultiheadAttention uses out_proj's weights directly) "
+    "has no captures, and its influence would be silently missing: exclude it with watch(model, modules=[...]) "
+    "listing the layers to track."
+)
+
+
+def _in_functorch() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, ...) is running: its tensors are not the user's batch."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def _in_backward() -> bool:
     """Whether autograd is executing a backward pass on this thread (true during checkpoint recomputation)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -323,7 +360,9 @@ def _in_backward() -> bool:
 
 def _check_finite(name: str, a: Tensor, delta: Tensor) -> None:
     for what, tensor in (("output gradients", delta), ("input activations", a)):
-        if not bool(torch.isfinite(tensor).all()):
+        # A NaN/inf entry makes the sum non-finite, so one reduction screens the tensor (an overflowing sum of
+        # finite values is confirmed or cleared by the full elementwise check).
+        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteGradientError(
                 f"layer '{name}': captured {what} contain NaN or infinity. Check the loss and the inputs of this "
                 f"batch (a diverging learning rate or a log of zero are common causes); influence computed from "
@@ -333,6 +372,53 @@ def _check_finite(name: str, a: Tensor, delta: Tensor) -> None:
 
 def _trackable(module: nn.Module) -> bool:
     return is_supported(module) and any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id → names of every module holding it directly (more than one name: tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            names = holders.setdefault(id(param), [])
+            if name not in names:
+                names.append(name)
+    return holders
+
+
+def _tied_elsewhere(name: str, module: nn.Module, holders: dict[int, list[str]]) -> list[str]:
+    """Other modules (by name) that hold one of ``module``'s trainable parameters."""
+    others: list[str] = []
+    for param in module.parameters(recurse=False):
+        if param.requires_grad:
+            others += [h for h in holders.get(id(param), []) if h != name and h not in others]
+    return others
+
+
+def _check_tied(model: nn.Module, chosen: list[str], explicit: bool) -> list[str]:
+    """Refuses (or, for the default selection, leaves out with a warning) layers whose weights are tied.
+
+    A tracked module only sees its own use of a parameter; if another module also uses it (GPT-2's ``lm_head``
+    shares ``transformer.wte``'s weight) the captured gradient would miss that use and every score through the
+    layer would be wrong.
+    """
+    holders = _holders(model)
+    by_name = dict(model.named_modules())
+    kept: list[str] = []
+    for name in chosen:
+        others = _tied_elsewhere(name, by_name[name], holders)
+        if not others:
+            kept.append(name)
+            continue
+        shown = ", ".join(f"'{o}' ({type(model.get_submodule(o)).__name__})" for o in others)
+        message = (
+            f"layer '{name}' shares a trainable parameter with {shown}; hookinf sees only '{name}''s own use of "
+            f"it, so its per-example gradient would be partial. Exclude it with watch(model, modules=[...]) or untie "
+            f"the weights."
+        )
+        if explicit or any(o in chosen for o in others):
+            raise UnsupportedModuleError(message)
+        warnings.warn(f"{message} It is left out of the default selection.", HookinfWarning, stacklevel=5)
+    return kept
 
 
 def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] | None) -> list[tuple[str, nn.Module]]:
@@ -362,7 +448,13 @@ def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] 
                 f"{', '.join(kinds)}). Supported types: {', '.join(supported_types())}. Check that the parameters "
                 f"you want to attribute have requires_grad=True."
             )
-        return [(name, module) for name, module in named if name in chosen]
+        kept = set(_check_tied(model, [name for name, _ in named if name in chosen], explicit=False))
+        if not kept:
+            raise NoTrackableModuleError(
+                f"{type(model).__name__}'s only supported trainable modules share their weights with other modules "
+                f"(see the warning above); nothing can be tracked without a partial gradient."
+            )
+        return [(name, module) for name, module in named if name in kept]
     specs: Iterable[ModuleSpec] = [modules] if isinstance(modules, str | type) else modules
     by_name = dict(named)
     chosen = set()
@@ -404,4 +496,5 @@ def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] 
                 f"{', '.join(repr(n) for n, m in named if _trackable(m)) or 'none'}."
             )
         chosen.update(hits)
+    _check_tied(model, [name for name, _ in named if name in chosen], explicit=True)
     return [(name, module) for name, module in named if name in chosen]

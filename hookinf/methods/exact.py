@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hookinf.capture import Step
 from hookinf.damping import Damping
-from hookinf.errors import ConfigurationError, CurvatureError
+from hookinf.errors import ConfigurationError, CurvatureError, DataError
 from hookinf.layers.base import LayerAdapter
 from hookinf.methods.base import Method, Preconditioner
 
@@ -82,7 +82,7 @@ class Exact(Method):
                 gram = flat.T @ flat
                 grams[name] = grams[name] + gram if name in grams else gram
         if count == 0:
-            raise CurvatureError("method 'exact' needs at least one training example; the training data was empty.")
+            raise DataError("train is empty: pass at least one batch of training examples.")
         factors: dict[str, Tensor] = {}
         lambdas: dict[str, float] = {}
         for name, gram in grams.items():
@@ -92,7 +92,11 @@ class Exact(Method):
             lambdas[name] = lam
             block.diagonal().add_(lam)
             chol, info = torch.linalg.cholesky_ex(block)
-            if int(info) != 0:
+            # Cholesky can "succeed" on a singular block through a rounding-sized pivot, so also refuse pivots
+            # below numpy.linalg.matrix_rank's tolerance, and λ ≈ 0 when rank(G_l) ≤ n < d_l is certain.
+            tol = dim * torch.finfo(block.dtype).eps * float(block.diagonal().max())
+            tiny_pivot = int(info) == 0 and float(chol.diagonal().min()) ** 2 <= tol
+            if int(info) != 0 or tiny_pivot or (count < dim and lam <= tol):
                 raise CurvatureError(
                     f"layer '{name}': the damped Gauss-Newton block G + λI (λ={lam:.3g}, {damping}) is not positive "
                     f"definite, so it cannot be inverted; its gradients are (nearly) zero or the damping is 0. "
