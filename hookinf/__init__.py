@@ -6,6 +6,7 @@ influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` 
 """
 
 from hookinf.capture import LayerCapture, Step
+from hookinf.curvature import Curvature, LayerShape, load
 from hookinf.damping import Damping
 from hookinf.errors import (
     CaptureError,
@@ -19,8 +20,8 @@ from hookinf.errors import (
     PatternMatchError,
     UnsupportedModuleError,
 )
-from hookinf.influence import influence, self_influence
-from hookinf.methods import Exact, Identity, Method, Preconditioner
+from hookinf.influence import fit, influence, self_influence
+from hookinf.methods import EKFAC, KFAC, Exact, Identity, Method
 from hookinf.scores import Scores, TopK
 from hookinf.watch import Watch, watch
 
@@ -28,8 +29,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     # one-call helpers
+    "fit",
     "influence",
     "self_influence",
+    "load",
     # capture
     "watch",
     "Watch",
@@ -37,9 +40,12 @@ __all__ = [
     "LayerCapture",
     # methods and configuration
     "Method",
-    "Preconditioner",
     "Exact",
     "Identity",
+    "KFAC",
+    "EKFAC",
+    "Curvature",
+    "LayerShape",
     "Damping",
     # results
     "Scores",

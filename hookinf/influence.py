@@ -1,4 +1,4 @@
-"""One-call helpers: :func:`influence` and :func:`self_influence`.
+"""One-call helpers: :func:`fit`, :func:`influence` and :func:`self_influence`.
 
 Both compute, for every tracked layer ``l``,
 
@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
+from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping, as_damping
-from hookinf.errors import CaptureError, DataError
-from hookinf.methods import Method, Preconditioner, resolve_method
+from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.methods import Method, resolve_method
 from hookinf.progress import track
 from hookinf.scores import Scores
 from hookinf.watch import ModuleSpec, Watch
@@ -35,45 +36,83 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum (a scalar)."""
 
 
+def fit(
+    model: nn.Module,
+    train: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    method: str | Method = "ekfac",
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    damping: float | Damping = 0.1,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Curvature:
+    """Fits a method's curvature over the training data, streaming (memory does not grow with ``len(train)``).
+
+    Args:
+        model: the trained model (left unchanged; run in eval mode during the passes).
+        train: batches of training examples (iterated once, twice for ``ekfac``; same order each time).
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        method: ``"ekfac"`` (default), ``"kfac"``, ``"exact"`` (small layers), ``"identity"``, or a
+            :class:`hookinf.Method` such as ``hookinf.EKFAC(basis=...)``.
+        modules: which layers to track (see :func:`hookinf.watch`).
+        damping: relative damping (see :mod:`hookinf.damping`), or ``hookinf.Damping(absolute=...)``; stored with
+            the curvature.
+        dtype: the dtype statistics accumulate in; default float64 for a float64 model and float32 otherwise.
+        progress: show rich progress bars (one per pass).
+
+    Returns:
+        The fitted :class:`hookinf.Curvature`; pass it as ``method=`` to :func:`influence` /
+        :func:`self_influence` to reuse it, or :meth:`~hookinf.Curvature.save` it.
+    """
+    resolved = resolve_method(method)
+    damp = as_damping(damping)
+    _check_reiterable(train, "train")
+    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = _Passes(model, w, loss_fn, progress)
+        return passes.curvature(resolved, train, damp, dtype)
+
+
 def influence(
     model: nn.Module,
     train: Iterable[Any],
     query: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method = "exact",
+    method: str | Method | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
-    damping: float | Damping = 0.1,
+    damping: float | Damping | None = None,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on every query, per layer.
 
     Args:
         model: the trained model (left unchanged; run in eval mode during the passes).
-        train: batches of training examples, iterated twice for ``exact`` (fit, then scores) in the same order;
-            column ``j`` of the scores is the ``j``-th example in that order. A shuffling DataLoader is refused.
+        train: batches of training examples, iterated once per pass in the same order (a fit pass or two, then
+            the scoring pass); column ``j`` of the scores is the ``j``-th example in that order. A shuffling
+            DataLoader is refused.
         query: batches of query examples; row ``q`` of the scores is the ``q``-th query.
         loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
-        method: ``"exact"`` (explicit damped blocks), ``"identity"`` (TracIn-style dot products) or a
-            :class:`hookinf.Method` instance such as ``hookinf.Exact(max_dim=...)``.
+        method: ``"exact"`` (explicit damped blocks), ``"kfac"``, ``"ekfac"``, ``"identity"`` (TracIn-style dot
+            products), a :class:`hookinf.Method` such as ``hookinf.Exact(max_dim=...)``, or a fitted
+            :class:`hookinf.Curvature` (from :func:`fit` or :func:`hookinf.load`), which is reused without refitting.
         modules: which layers to track (see :func:`hookinf.watch`).
-        damping: relative damping ``λ_l = damping × tr(G_l)/d_l``, or ``hookinf.Damping(absolute=...)``.
+        damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
+            means 0.1, or the damping a fitted curvature was fitted with.
         progress: show rich progress bars.
 
     Returns:
         :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64).
     """
-    resolved = resolve_method(method)
-    damp = as_damping(damping)
     _check_reiterable(train, "train")
     _check_reiterable(query, "query")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        preconditioner = passes.fit(resolved, train, damp)
+        curvature = passes.curvature(method, train, damping, None)
         queries: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(query, "query gradients"):
             for name, capture in step.layers.items():
-                queries[name].append(preconditioner.apply(name, capture.gradients()).flatten(1))
+                queries[name].append(curvature.apply(name, capture.gradients()).flatten(1))
         if not queries[w.layers[0]]:
             raise DataError("query is empty: pass at least one batch of query examples.")
         stacked = {name: torch.cat(parts) for name, parts in queries.items()}  # [n_query, d_l]
@@ -82,11 +121,11 @@ def influence(
             for name, capture in step.layers.items():
                 train_grads = capture.gradients().flatten(1).double()  # [B, d_l]
                 columns[name].append(-(stacked[name] @ train_grads.T))
-        passes.check_count(train, preconditioner)
+        passes.check_count()
         if not columns[w.layers[0]]:
             raise DataError("train is empty: pass at least one batch of training examples.")
         per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
-    return Scores(per_layer=per_layer, method=resolved.name, damping=dict(preconditioner.damping))
+    return Scores(per_layer=per_layer, method=curvature.method, damping=curvature.lambdas)
 
 
 def self_influence(
@@ -94,9 +133,9 @@ def self_influence(
     train: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method = "exact",
+    method: str | Method | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
-    damping: float | Damping = 0.1,
+    damping: float | Damping | None = None,
     progress: bool = True,
 ) -> Tensor:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
@@ -107,20 +146,18 @@ def self_influence(
     Returns:
         ``[n_train]`` float64 tensor, in the order of ``train``.
     """
-    resolved = resolve_method(method)
-    damp = as_damping(damping)
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        preconditioner = passes.fit(resolved, train, damp)
+        curvature = passes.curvature(method, train, damping, None)
         values: list[Tensor] = []
         for step in passes.steps(train, "self-influence"):
             total = torch.zeros(step.batch_size, dtype=torch.float64)
             for name, capture in step.layers.items():
                 grads = capture.gradients()
-                total += (preconditioner.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
+                total += (curvature.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
             values.append(total)
-        passes.check_count(train, preconditioner)
+        passes.check_count()
         if not values:
             raise DataError("train is empty: pass at least one batch of training examples.")
     return torch.cat(values)
@@ -135,12 +172,28 @@ class _Passes:
         self.loss_fn = loss_fn
         self.progress = progress
         self.params = [p for m in w.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
-        self.counts: list[int] = []
+        self.shapes = {name: LayerShape.of(adapter) for name, adapter in w.adapters.items()}
+        self.counts: dict[int, set[int]] = {}  # id(data) → example counts of its passes
 
-    def fit(self, method: Method, train: Iterable[Any], damping: Damping) -> Preconditioner:
-        method.check(self.watch.adapters)
-        steps: Iterable[Step] = self.steps(train, f"fit {method.name}") if method.needs_fit else ()
-        return method.fit(steps, self.watch.adapters, damping)
+    def curvature(
+        self,
+        method: str | Method | Curvature,
+        train: Iterable[Any],
+        damping: float | Damping | None,
+        dtype: torch.dtype | None,
+    ) -> Curvature:
+        """A fitted curvature (checked against the model) or a fit of ``method`` over ``train``."""
+        if isinstance(method, Curvature):
+            method.check_compatible(self.shapes)
+            return method if damping is None else method.with_damping(as_damping(damping))
+        resolved = resolve_method(method)
+        damp = as_damping(0.1 if damping is None else damping)
+        resolved.check(self.shapes)
+        if dtype is None:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        elif dtype not in (torch.float32, torch.float64):
+            raise ConfigurationError(f"dtype={dtype} for statistics must be torch.float32 or torch.float64.")
+        return resolved.fit(lambda description: self.steps(train, description), self.shapes, damp, dtype)
 
     def steps(self, data: Iterable[Any], description: str) -> Iterator[Step]:
         seen = 0
@@ -173,18 +226,16 @@ class _Passes:
                 )
             seen += step.batch_size
             yield step
-        self.counts.append(seen)
+        self.counts.setdefault(id(data), set()).add(seen)
 
-    def check_count(self, data: Iterable[Any], preconditioner: Preconditioner) -> None:
+    def check_count(self) -> None:
         """Refuses a ``train`` that yielded a different number of examples on different passes."""
-        counts = set(self.counts[-1:])
-        if preconditioner.num_examples:
-            counts.add(preconditioner.num_examples)
-        if len(counts) > 1:
-            raise DataError(
-                f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples in the "
-                f"same order each time it is iterated (no shuffling, no random augmentation of the count)."
-            )
+        for counts in self.counts.values():
+            if len(counts) > 1:
+                raise DataError(
+                    f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples "
+                    f"in the same order each time it is iterated (no shuffling, no random augmentation of the count)."
+                )
 
 
 def _check_reiterable(data: Iterable[Any], what: str) -> None:

@@ -1,11 +1,29 @@
-"""Evaluation metrics for attributions (pure functions on tensors)."""
+"""Evaluation metrics for attributions (pure functions on tensors).
+
+* :func:`auc` and :func:`detection_aucs`: how well a signal (self-influence, mean influence on held-out queries)
+  detects known-bad training examples such as flipped labels (DataInf, Kwon et al. 2023, §4.2).
+* :func:`spearman`, :func:`lds` and :func:`lds_per_layer`: the linear datamodeling score (Park et al. 2023, TRAK,
+  §2.2), which asks whether influence scores predict how the query losses change when the model is retrained on
+  random subsets of the training set; :func:`retrain_subsets` drives that retraining.
+
+Everything here is plain torch (no scipy or scikit-learn), computed in float64.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError
+from hookinf.progress import track
+from hookinf.scores import Scores
+
+TrainFn = Callable[[Tensor], Tensor]
+"""``train_fn(mask)``: retrains on the examples where ``mask [n_train]`` is True; returns query losses ``[n_query]``."""
 
 
 def auc(scores: Tensor, positives: Tensor) -> float:
@@ -40,3 +58,384 @@ def auc(scores: Tensor, positives: Tensor) -> float:
         ranks = (sums / counts)[inverse]
     u = float(ranks[positives].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def detection_aucs(
+    self_influence: Tensor | None,
+    scores: Scores | Tensor | None,
+    flipped: Tensor,
+) -> dict[str, float]:
+    """AUCs of the influence signals for detecting known-bad training examples (e.g. flipped labels).
+
+    The DataInf paper (Kwon et al. 2023, §4.2) ranks training examples by how suspicious they look and reports the
+    AUC against the known flips. Two signals are scored, each only if given:
+
+    * ``"self_influence"``: ``g(z)ᵀ (G + λI)⁻¹ g(z)``, large for examples the model finds hard to fit.
+    * ``"mean_query_influence"``: ``(1/n_query) Σ_q scores.total[q, j]``. In hookinf's sign convention a positive
+      score is harmful (up-weighting ``j`` raises the query's loss), so mislabeled examples should score high.
+
+    Args:
+        self_influence: ``[n_train]`` self-influence, or ``None`` to skip that signal.
+        scores: :class:`~hookinf.Scores` or a ``[n_query, n_train]`` tensor of influence on held-out queries, or
+            ``None`` to skip that signal.
+        flipped: ``[n_train]`` booleans, True for the known-bad examples.
+
+    Returns:
+        Signal name → AUC in ``[0, 1]`` (0.5 is chance), for the signals given, in the order above.
+
+    Raises:
+        ConfigurationError: neither signal is given, a shape does not match ``flipped``, or ``flipped`` is all True
+            or all False.
+    """
+    if self_influence is None and scores is None:
+        raise ConfigurationError("detection_aucs needs self_influence, scores or both; both are None.")
+    flags = _as_tensor(flipped, "flipped")
+    if flags.dim() != 1:
+        raise ConfigurationError(f"detection_aucs: flipped must be [n_train]; got shape {list(flags.shape)}.")
+    if flags.dtype != torch.bool:
+        raise ConfigurationError(f"detection_aucs: flipped must be a bool tensor; got {flags.dtype} (use .bool()).")
+    n_train = flags.shape[0]
+    result: dict[str, float] = {}
+    if self_influence is not None:
+        values = _as_tensor(self_influence, "self_influence")
+        if values.shape != (n_train,):
+            raise ConfigurationError(
+                f"detection_aucs: self_influence has shape {list(values.shape)} but flipped has [{n_train}] entries; "
+                f"both must be [n_train]."
+            )
+        result["self_influence"] = auc(values, flags)
+    if scores is not None:
+        total = _total(scores, "detection_aucs")
+        if total.shape[1] != n_train:
+            raise ConfigurationError(
+                f"detection_aucs: scores are [n_query={total.shape[0]}, n_train={total.shape[1]}] but flipped has "
+                f"{n_train} entries; flipped must have one entry per training example (column) of the scores."
+            )
+        result["mean_query_influence"] = auc(total.double().mean(dim=0), flags)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- Spearman
+def spearman(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
+    """Spearman rank correlation of ``x`` and ``y`` along ``dim``, tied values getting their average rank.
+
+    It is the Pearson correlation of the ranks (what ``scipy.stats.spearmanr`` computes for each pair of rows). A
+    row in which ``x`` or ``y`` is constant has no rank correlation: its result is NaN (and :func:`lds` counts
+    such rows as skipped).
+
+    Args:
+        x: ``[..., n, ...]`` values; any real dtype.
+        y: the same shape as ``x``.
+        dim: the dimension of length ``n >= 2`` to correlate along.
+
+    Returns:
+        float64 tensor of ``x``'s shape without ``dim``: the correlations in ``[-1, 1]``, NaN for constant rows.
+
+    Raises:
+        ConfigurationError: the shapes differ, ``dim`` is out of range, fewer than 2 values along ``dim``, or NaN in
+            the inputs.
+    """
+    xs = _as_tensor(x, "spearman: x")
+    ys = _as_tensor(y, "spearman: y")
+    if xs.shape != ys.shape:
+        raise ConfigurationError(f"spearman: x {list(xs.shape)} and y {list(ys.shape)} must have the same shape.")
+    if xs.dim() == 0:
+        raise ConfigurationError("spearman needs tensors with at least one dimension; got scalars.")
+    if not -xs.dim() <= dim < xs.dim():
+        raise ConfigurationError(f"spearman: dim={dim} is out of range for tensors of shape {list(xs.shape)}.")
+    n = xs.shape[dim]
+    if n < 2:
+        raise ConfigurationError(f"spearman needs at least 2 values along dim={dim}; shape is {list(xs.shape)}.")
+    for name, value in (("x", xs), ("y", ys)):
+        if value.is_floating_point() and bool(value.isnan().any()):
+            raise ConfigurationError(f"spearman: {name} holds NaN; ranks are undefined.")
+    rank_x, constant_x = _average_ranks(xs.double().movedim(dim, -1).contiguous())
+    rank_y, constant_y = _average_ranks(ys.double().movedim(dim, -1).contiguous())
+    # Averaged ranks are half-integers whose mean is exactly (n + 1) / 2, so these sums are exact for any
+    # realistic n and a perfect (anti-)correlation comes out as exactly ±1.
+    centre = (n + 1) / 2
+    rank_x -= centre
+    rank_y -= centre
+    covariance = (rank_x * rank_y).sum(dim=-1)
+    scale = ((rank_x * rank_x).sum(dim=-1) * (rank_y * rank_y).sum(dim=-1)).sqrt()
+    rho = (covariance / scale).clamp(-1.0, 1.0)
+    return rho.masked_fill(constant_x | constant_y, math.nan)
+
+
+def _average_ranks(values: Tensor) -> tuple[Tensor, Tensor]:
+    """1-based ranks along the last dim with ties averaged, and which rows are constant.
+
+    Args:
+        values: ``[..., n]`` float64, contiguous, no NaN.
+
+    Returns:
+        ``(ranks [..., n] float64, constant [...] bool)``.
+    """
+    ordered = values.sort(dim=-1).values
+    # An element with `below` smaller values and `upto` values <= itself shares ranks below+1 ... upto.
+    below = torch.searchsorted(ordered, values, side="left")
+    upto = torch.searchsorted(ordered, values, side="right")
+    ranks = (below + upto + 1).double() / 2
+    return ranks, ordered[..., 0] == ordered[..., -1]
+
+
+# ---------------------------------------------------------------------------------------------------- LDS
+@dataclass(frozen=True, eq=False)
+class LDSResult:
+    """The linear datamodeling score of a set of influence scores (see :func:`lds`).
+
+    Attributes:
+        mean: mean over the queries that were not skipped of the per-query Spearman correlation; 1 is a perfect
+            ranking of the subsets, 0 chance, negative a reversed sign. NaN when every query was skipped.
+        per_query: ``[n_query]`` float64 Spearman correlation per query; NaN for skipped queries.
+        skipped: how many queries were left out of ``mean`` because their predicted or measured losses are
+            constant across the subsets (no rank correlation exists).
+    """
+
+    mean: float
+    per_query: Tensor
+    skipped: int
+
+    @property
+    def n_query(self) -> int:
+        """Number of queries, skipped ones included."""
+        return int(self.per_query.shape[0])
+
+    def __repr__(self) -> str:
+        kept = self.per_query[~self.per_query.isnan()]
+        text = f"LDSResult(mean={self.mean:.4f}, n_query={self.n_query}, skipped={self.skipped}"
+        if kept.numel():
+            low, high = float(kept.min()), float(kept.max())
+            median = float(kept.quantile(0.5))
+            text += f"; per query min {low:.4f}, median {median:.4f}, max {high:.4f}"
+        return text + ")"
+
+
+def lds(scores: Scores | Tensor, subset_masks: Tensor, subset_query_losses: Tensor) -> LDSResult:
+    """Linear datamodeling score: do the influence scores rank retrained models' query losses correctly?
+
+    The LDS of Park et al. 2023 (TRAK, §2.2; also used by kronfluence and dattri). For ``K`` random subsets
+    ``S_k`` of the training set, a model was retrained on each; ``L_q(S_k)`` is its loss on query ``q``. The scores
+    define the additive datamodel prediction
+
+        ĝ_q(S) = Σ_{j ∈ S} scores[q, j]
+
+    and the score of query ``q`` is the Spearman correlation over the subsets of ``ĝ_q(S_k)`` with ``L_q(S_k)``;
+    the LDS is its mean over queries.
+
+    Sign. hookinf's scores are ``I(q, j) = dL_q/dε`` for up-weighting training example ``j`` by ``ε``: positive is
+    harmful. Training on ``S`` instead of the full set ``D`` removes each ``j ∉ S``, i.e. sets its weight from 1 to
+    0 (``ε = −1`` for a summed objective, ``−1/n`` for a mean one, a positive constant ``c`` either way), so to first
+    order
+
+        L_q(S) ≈ L_q(D) − c Σ_{j ∉ S} I(q, j) = [L_q(D) − c Σ_{j ∈ D} I(q, j)] + c Σ_{j ∈ S} I(q, j)
+               = const_q + c ĝ_q(S).
+
+    The prediction therefore rises with the measured *loss*, and good hookinf scores give an LDS near **+1**
+    (Spearman ignores ``c`` and ``const_q``). Negated scores give exactly the negated LDS, and so does summing over
+    the left-out examples ``j ∉ S`` instead. TRAK correlates "helpful-positive" scores with a model *output*
+    (margin) — both signs flipped, the same positive LDS for good scores; scores from a library whose positive sign
+    means helpful must be negated before they are compared with losses here.
+
+    Args:
+        scores: :class:`~hookinf.Scores` (its ``total`` is used) or a ``[n_query, n_train]`` tensor, hookinf's sign
+            (positive = harmful).
+        subset_masks: ``[n_subsets, n_train]`` bool; row ``k`` marks the training examples the ``k``-th retrained
+            model saw (``n_subsets >= 2``; TRAK uses 50–100 or more).
+        subset_query_losses: ``[n_subsets, n_query]``; entry ``[k, q]`` is the ``k``-th retrained model's loss on
+            query ``q`` (averaging several retraining seeds per subset reduces noise).
+
+    Returns:
+        :class:`LDSResult` with the mean, the per-query correlations ``[n_query]`` and how many queries were skipped
+        because their prediction or their measured loss is constant across the subsets.
+
+    Raises:
+        ConfigurationError: shapes that do not fit together, masks that are not bool, fewer than 2 subsets, or NaN /
+            infinity in the scores or losses.
+    """
+    total = _total(scores, "lds")
+    masks, losses = _check_subsets(total, subset_masks, subset_query_losses)
+    return _lds(total, masks, losses)
+
+
+def lds_per_layer(scores: Scores, subset_masks: Tensor, subset_query_losses: Tensor) -> dict[str, LDSResult]:
+    """The :func:`lds` of each layer's part of the scores alone: which layers' influence predicts retraining.
+
+    Args:
+        scores: :class:`~hookinf.Scores`; each ``per_layer[l]`` (``[n_query, n_train]``) is scored on its own.
+        subset_masks: ``[n_subsets, n_train]`` bool, as for :func:`lds`.
+        subset_query_losses: ``[n_subsets, n_query]``, as for :func:`lds`.
+
+    Returns:
+        Layer name (model order) → :class:`LDSResult`. A layer whose part is zero for a query has that query skipped.
+
+    Raises:
+        ConfigurationError: as :func:`lds`, or ``scores`` is not a :class:`~hookinf.Scores`.
+    """
+    if not isinstance(scores, Scores):
+        raise ConfigurationError(
+            f"lds_per_layer needs hookinf.Scores (with per-layer parts); got {type(scores).__name__}. "
+            "Use lds() for a plain [n_query, n_train] tensor."
+        )
+    total = _total(scores, "lds_per_layer")
+    masks, losses = _check_subsets(total, subset_masks, subset_query_losses)
+    result: dict[str, LDSResult] = {}
+    for name, part in scores.per_layer.items():
+        _check_finite(part, f"lds_per_layer: scores.per_layer[{name!r}]")
+        result[name] = _lds(part.detach().double(), masks, losses)
+    return result
+
+
+def _lds(total: Tensor, masks: Tensor, losses: Tensor) -> LDSResult:
+    """LDS of ``total [n_query, n_train]`` float64 against checked ``masks`` and ``losses`` (same device)."""
+    predictions = masks.to(total.dtype) @ total.T  # [n_subsets, n_query]
+    per_query = spearman(predictions, losses, dim=0).cpu()
+    kept = ~per_query.isnan()
+    skipped = int((~kept).sum())
+    mean = float(per_query[kept].mean()) if bool(kept.any()) else math.nan
+    return LDSResult(mean=mean, per_query=per_query, skipped=skipped)
+
+
+def _check_subsets(total: Tensor, subset_masks: Tensor, subset_query_losses: Tensor) -> tuple[Tensor, Tensor]:
+    """Validates the retraining results against ``total [n_query, n_train]``; returns them float64 on its device."""
+    n_query, n_train = total.shape
+    masks = _as_tensor(subset_masks, "lds: subset_masks")
+    losses = _as_tensor(subset_query_losses, "lds: subset_query_losses")
+    if masks.dim() != 2:
+        raise ConfigurationError(f"lds: subset_masks must be [n_subsets, n_train]; got shape {list(masks.shape)}.")
+    if masks.dtype != torch.bool:
+        raise ConfigurationError(
+            f"lds: subset_masks must be a bool tensor (True = the retrained model saw that example); got "
+            f"{masks.dtype} (use .bool())."
+        )
+    if masks.shape[1] != n_train:
+        raise ConfigurationError(
+            f"lds: subset_masks cover {masks.shape[1]} training examples but the scores have n_train={n_train} "
+            f"columns; each mask needs one entry per training example, in the scores' column order."
+        )
+    if losses.dim() != 2:
+        raise ConfigurationError(
+            f"lds: subset_query_losses must be [n_subsets, n_query]; got shape {list(losses.shape)}."
+        )
+    if losses.shape[0] != masks.shape[0]:
+        raise ConfigurationError(
+            f"lds: subset_masks has {masks.shape[0]} subsets (rows) but subset_query_losses has {losses.shape[0]}; "
+            "they need one row per retrained model, in the same order."
+        )
+    if losses.shape[1] != n_query:
+        raise ConfigurationError(
+            f"lds: subset_query_losses has {losses.shape[1]} queries (columns) but the scores have n_query={n_query} "
+            "rows; each retrained model needs one loss per query, in the scores' row order."
+        )
+    if masks.shape[0] < 2:
+        raise ConfigurationError(
+            f"lds needs at least 2 subsets to rank; got {masks.shape[0]} (TRAK uses 50–100 or more)."
+        )
+    _check_finite(losses, "lds: subset_query_losses")
+    return masks.to(total.device), losses.to(device=total.device, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- retraining
+def retrain_subsets(
+    train_fn: TrainFn,
+    n_train: int,
+    *,
+    n_subsets: int = 50,
+    fraction: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Retrains on random subsets of the training set and collects the query losses, the input of :func:`lds`.
+
+    All masks are drawn first from a ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched, and
+    whatever randomness ``train_fn`` uses does not change them); each selects exactly ``round(fraction × n_train)``
+    examples uniformly at random (Python's ``round``). Then ``train_fn`` is called once per mask, in order.
+
+    Args:
+        train_fn: ``train_fn(mask)`` with ``mask [n_train]`` bool (a copy, safe to modify): trains a model on the
+            examples where ``mask`` is True and returns its losses on the queries, ``[n_query]``; the same
+            ``n_query`` on every call.
+        n_train: number of training examples (the scores' columns).
+        n_subsets: how many subsets (retrained models), at least 2.
+        fraction: the share of the training set in each subset, in ``(0, 1)``.
+        seed: seeds the masks.
+        progress: show a rich progress bar (only when the output is a terminal).
+
+    Returns:
+        ``(subset_masks [n_subsets, n_train] bool, subset_query_losses [n_subsets, n_query] float64)`` on the CPU.
+
+    Raises:
+        ConfigurationError: invalid ``n_train``, ``n_subsets`` or ``fraction`` (including a fraction that rounds to
+            no example or to all of them), or ``train_fn`` returning something other than a finite ``[n_query]``
+            tensor of the same shape on every call (raised at the first bad call, naming it).
+    """
+    for name, value in (("n_train", n_train), ("n_subsets", n_subsets), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"retrain_subsets: {name}={value!r} must be an integer.")
+    if n_subsets < 2:
+        raise ConfigurationError(f"retrain_subsets: n_subsets={n_subsets} must be at least 2 (LDS ranks subsets).")
+    if n_train < 2:
+        raise ConfigurationError(f"retrain_subsets: n_train={n_train} must be at least 2.")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        raise ConfigurationError(f"retrain_subsets: fraction={fraction!r} must be a number strictly between 0 and 1.")
+    size = round(fraction * n_train)
+    if not 0 < size < n_train:
+        raise ConfigurationError(
+            f"retrain_subsets: fraction={fraction} of n_train={n_train} rounds to {size} examples per subset; it must "
+            f"keep at least one example and leave at least one out."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(n_train, generator=gen)[:size]] = True
+    losses: list[Tensor] = []
+    for index in track(range(n_subsets), f"retrain {n_subsets} subsets", enabled=progress):
+        result = train_fn(masks[index].clone())
+        if not isinstance(result, Tensor):
+            raise ConfigurationError(
+                f"retrain_subsets: train_fn must return a tensor of query losses [n_query]; subset {index} returned "
+                f"{type(result).__name__}."
+            )
+        if result.dim() != 1:
+            raise ConfigurationError(
+                f"retrain_subsets: train_fn must return query losses of shape [n_query]; subset {index} returned shape "
+                f"{list(result.shape)} (for a single query return shape [1])."
+            )
+        if losses and result.shape != losses[0].shape:
+            raise ConfigurationError(
+                f"retrain_subsets: train_fn returned {result.shape[0]} query losses for subset {index} but "
+                f"{losses[0].shape[0]} for subset 0; it must return the same queries on every call."
+            )
+        result = result.detach().to(device="cpu", dtype=torch.float64)
+        _check_finite(result, f"retrain_subsets: train_fn's losses for subset {index}")
+        losses.append(result)
+    return masks, torch.stack(losses)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _as_tensor(value: object, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ConfigurationError(f"{what} must be a torch.Tensor; got {type(value).__name__}.")
+    return value.detach()
+
+
+def _total(scores: Scores | Tensor, caller: str) -> Tensor:
+    """The ``[n_query, n_train]`` float64 total of a :class:`Scores` or a tensor, checked."""
+    if isinstance(scores, Scores):
+        total = scores.total.detach()
+    elif isinstance(scores, Tensor):
+        total = scores.detach()
+    else:
+        raise ConfigurationError(
+            f"{caller}: scores must be hookinf.Scores or a [n_query, n_train] tensor; got {type(scores).__name__}."
+        )
+    if total.dim() != 2:
+        raise ConfigurationError(f"{caller}: scores must be [n_query, n_train]; got shape {list(total.shape)}.")
+    _check_finite(total, f"{caller}: scores")
+    return total.double()
+
+
+def _check_finite(values: Tensor, what: str) -> None:
+    if values.is_floating_point() and not bool(values.isfinite().all()):
+        bad = int((~values.isfinite()).sum())
+        raise ConfigurationError(f"{what} hold {bad} NaN or infinite values; every entry must be finite.")

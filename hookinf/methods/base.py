@@ -1,43 +1,23 @@
-"""What every influence method provides: a fit over training steps that yields a :class:`Preconditioner`.
+"""What every influence method provides: a fit over training passes that yields a :class:`~hookinf.Curvature`.
 
-A preconditioner applies ``(G_l + λ_l I)⁻¹`` (or the method's approximation of it) to per-example gradients of
-layer ``l`` given as matrices ``[N, O, I]``. Scores are then ``−⟨P_l g_l(z_q), g_l(z)⟩`` per layer.
+A method reads the training data through ``passes(description)``, which runs one pass and yields the captured
+:class:`~hookinf.capture.Step` objects (per-example factors ``a`` ``[B, S, I]`` and ``δ`` ``[B, S, O]`` of every
+layer). Multi-pass methods (EK-FAC) call it more than once; the data is iterated in the same order each time.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-from torch import Tensor
+import torch
 
 from hookinf.capture import Step
+from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping
-from hookinf.layers.base import LayerAdapter
 
-
-class Preconditioner(ABC):
-    """A fitted inverse-curvature approximation, per layer.
-
-    Attributes:
-        damping: ``λ_l`` per layer as used (empty for methods without curvature).
-        num_examples: number of training examples the fit saw (0 when it needs none).
-    """
-
-    damping: dict[str, float]
-    num_examples: int
-
-    @abstractmethod
-    def apply(self, layer: str, grads: Tensor) -> Tensor:
-        """Applies the layer's inverse-curvature approximation.
-
-        Args:
-            layer: layer name.
-            grads: ``[N, O, I]`` gradient matrices.
-
-        Returns:
-            ``[N, O, I]``, the preconditioned gradients, in float64.
-        """
+Passes = Callable[[str], Iterable[Step]]
+"""``passes(description)`` runs one pass over the training data and yields its steps."""
 
 
 class Method(ABC):
@@ -45,12 +25,23 @@ class Method(ABC):
 
     #: the name used by ``method=`` and in reports.
     name: str
-    #: whether :meth:`fit` reads the training data (``False`` lets the helpers skip that pass).
-    needs_fit: bool = True
 
-    def check(self, adapters: Mapping[str, LayerAdapter]) -> None:  # noqa: B027 - optional hook
+    def check(self, shapes: Mapping[str, LayerShape]) -> None:  # noqa: B027 - optional hook
         """Refuses layers the method cannot handle before any data is read (default: accepts all)."""
 
     @abstractmethod
-    def fit(self, steps: Iterable[Step], adapters: Mapping[str, LayerAdapter], damping: Damping) -> Preconditioner:
-        """Builds the preconditioner from the training steps (per-example gradient factors of every layer)."""
+    def fit(
+        self,
+        passes: Passes,
+        shapes: Mapping[str, LayerShape],
+        damping: Damping,
+        dtype: torch.dtype,
+    ) -> Curvature:
+        """Accumulates the method's statistics over the training data.
+
+        Args:
+            passes: runs a pass over the training data (see the module docstring).
+            shapes: tracked layers and their gradient shapes, in model order.
+            damping: the damping rule stored with the curvature.
+            dtype: the dtype statistics accumulate in (float64 for float64 models, float32 at least otherwise).
+        """

@@ -6,34 +6,45 @@ Influence is then ``−Σ_l ⟨g_l(z_q), g_l(z)⟩`` (Pruthi et al. 2020, TracIn
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from hookinf.capture import Step
+from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping
-from hookinf.layers.base import LayerAdapter
-from hookinf.methods.base import Method, Preconditioner
+from hookinf.methods.base import Method, Passes
 
 
-class IdentityPreconditioner(Preconditioner):
-    """Returns gradients unchanged (in float64)."""
+class IdentityCurvature(Curvature):
+    """Returns gradients unchanged; holds no statistics and no damping."""
 
-    def __init__(self) -> None:
-        self.damping = {}
-        self.num_examples = 0
+    method = "identity"
 
-    def apply(self, layer: str, grads: Tensor) -> Tensor:
-        """Returns ``grads`` as float64."""
-        return grads.double()
+    @property
+    def lambdas(self) -> dict[str, float]:
+        """Empty: the identity method has no damping."""
+        return {}
+
+    def _prepare(self, layer: str) -> None:
+        return None
+
+    def _apply(self, prepared: Any, grads: Tensor) -> Tensor:
+        return grads
+
+    def _lambda(self, prepared: Any) -> float:
+        return 0.0
+
+    def _eigen_range(self, layer: str) -> tuple[float, float]:
+        return 1.0, 1.0
 
 
 class Identity(Method):
-    """The identity method (no fit, no damping)."""
+    """The identity method (no pass over the data, no damping)."""
 
     name = "identity"
-    needs_fit = False
 
-    def fit(self, steps: Iterable[Step], adapters: Mapping[str, LayerAdapter], damping: Damping) -> Preconditioner:
-        """Returns the identity; ``steps`` is not read."""
-        return IdentityPreconditioner()
+    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
+        """Returns the identity without reading the data."""
+        return IdentityCurvature(shapes, damping, 0, {})

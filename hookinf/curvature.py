@@ -1,0 +1,311 @@
+"""``Curvature``: fitted, additive per-layer statistics that precondition gradients with ``(G_l + λ_l I)⁻¹``.
+
+A curvature holds *sums* and *counts* (never averages), so fits over shards of the data merge by addition
+(:meth:`Curvature.merge`), plus the damping rule. The damped factorisation each method needs (a Cholesky factor, an
+eigendecomposition) is derived lazily and cached. Curvatures are saved as a directory holding one safetensors file
+and a JSON manifest (:meth:`Curvature.save`, :func:`load`); writes are atomic (temporary file, then rename; the
+manifest last, naming the tensor file by its content hash), so an interrupted save leaves the previous state or the
+new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from hookinf.damping import Damping
+from hookinf.errors import CurvatureError, HookinfError
+from hookinf.layers.base import LayerAdapter
+
+FORMAT_VERSION = 1
+_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A tracked layer's gradient shape ``(O, I)`` (``I`` counts the bias column) and parameter shapes."""
+
+    out_features: int
+    in_features: int
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def dim(self) -> int:
+        """``d_l = O × I``."""
+        return self.out_features * self.in_features
+
+    @classmethod
+    def of(cls, adapter: LayerAdapter) -> LayerShape:
+        """The shape of an adapter's layer."""
+        out_features, in_features = adapter.shape
+        weight = ("weight", tuple(adapter.weight_shape))
+        params = (weight, ("bias", (out_features,))) if adapter.has_bias else (weight,)
+        return cls(out_features, in_features, params)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"out": self.out_features, "in": self.in_features, "params": [[n, list(s)] for n, s in self.params]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LayerShape:
+        """Inverse of :meth:`to_json`."""
+        params = tuple((str(n), tuple(int(x) for x in s)) for n, s in data["params"])
+        return cls(int(data["out"]), int(data["in"]), params)
+
+
+class Curvature(ABC):
+    """Fitted per-layer curvature of one method; applies ``(G_l + λ_l I)⁻¹`` to gradient matrices.
+
+    Args:
+        layers: layer name → shape, in model order.
+        damping: the damping rule (``λ_l`` is derived from the statistics).
+        num_examples: number of training examples the statistics sum over.
+        tensors: the additive statistics, keyed ``"<layer>/<statistic>"`` (layer names may contain dots).
+    """
+
+    #: the method's name (``"exact"``, ``"kfac"``, ...); also the key used to load a saved curvature.
+    method: ClassVar[str]
+    #: the statistics every layer carries (keys after ``"<layer>/"``).
+    statistics: ClassVar[tuple[str, ...]] = ()
+    _registry: ClassVar[dict[str, type[Curvature]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            Curvature._registry[cls.method] = cls
+
+    def __init__(
+        self,
+        layers: Mapping[str, LayerShape],
+        damping: Damping,
+        num_examples: int,
+        tensors: Mapping[str, Tensor],
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.layers = dict(layers)
+        self.damping = damping
+        self.num_examples = int(num_examples)
+        self.tensors = dict(tensors)
+        self.extra: dict[str, Any] = dict(extra or {})
+        self._cache: dict[str, Any] = {}
+        missing = [f"{n}/{s}" for n in self.layers for s in self.statistics if f"{n}/{s}" not in self.tensors]
+        if missing:
+            raise CurvatureError(f"{self.method} curvature is missing statistics {missing[:3]}.")
+
+    # ------------------------------------------------------------------ the maths, per method
+    @abstractmethod
+    def _prepare(self, layer: str) -> Any:
+        """Derives what :meth:`_apply` needs for one layer (factorisation, ``λ_l``); cached."""
+
+    @abstractmethod
+    def _apply(self, prepared: Any, grads: Tensor) -> Tensor:
+        """``(G_l + λ_l I)⁻¹`` on ``[N, O, I]`` float64 gradients."""
+
+    @abstractmethod
+    def _lambda(self, prepared: Any) -> float:
+        """``λ_l`` of a prepared layer."""
+
+    @abstractmethod
+    def _eigen_range(self, layer: str) -> tuple[float, float]:
+        """Smallest and largest eigenvalue of the (undamped) approximate block (for the summary table)."""
+
+    # ------------------------------------------------------------------ public use
+    def apply(self, layer: str, grads: Tensor) -> Tensor:
+        """Applies ``(G_l + λ_l I)⁻¹`` to per-example gradients.
+
+        Args:
+            layer: layer name.
+            grads: ``[N, O, I]`` gradient matrices.
+
+        Returns:
+            ``[N, O, I]`` float64.
+        """
+        return self._apply(self._prepared(layer), grads.to(torch.float64))
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        """``λ_l`` per layer, as used by :meth:`apply`."""
+        return {name: self._lambda(self._prepared(name)) for name in self.layers}
+
+    def with_damping(self, damping: Damping) -> Self:
+        """The same statistics under another damping rule (cheap: only the factorisation is redone)."""
+        return type(self)(self.layers, damping, self.num_examples, self.tensors, self.extra)
+
+    def _prepared(self, layer: str) -> Any:
+        if layer not in self.layers:
+            raise CurvatureError(f"this {self.method} curvature has no layer '{layer}'; it has {list(self.layers)}.")
+        if layer not in self._cache:
+            self._cache[layer] = self._prepare(layer)
+        return self._cache[layer]
+
+    def stat(self, layer: str, name: str) -> Tensor:
+        """One statistic of one layer."""
+        return self.tensors[f"{layer}/{name}"]
+
+    def check_compatible(self, shapes: Mapping[str, LayerShape]) -> None:
+        """Refuses a model whose tracked layers differ from the ones this curvature was fitted on.
+
+        Raises:
+            CurvatureError: names the first layer that is missing, extra or of another shape.
+        """
+        for name, shape in shapes.items():
+            if name not in self.layers:
+                raise CurvatureError(
+                    f"layer '{name}' of the model is not in this {self.method} curvature (fitted on "
+                    f"{list(self.layers)}); refit, or track the same layers with modules=."
+                )
+            if self.layers[name] != shape:
+                raise CurvatureError(
+                    f"layer '{name}' has gradient shape {shape.out_features}×{shape.in_features} in the model but "
+                    f"{self.layers[name].out_features}×{self.layers[name].in_features} in this {self.method} "
+                    f"curvature: it was fitted on a different model. Refit it."
+                )
+        extra = [name for name in self.layers if name not in shapes]
+        if extra:
+            raise CurvatureError(
+                f"this {self.method} curvature has layer '{extra[0]}', which the model does not track; track the same "
+                f"layers (modules={list(self.layers)}) or refit."
+            )
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, other: Curvature) -> Self:
+        """Statistics of both fits, as if fitted on the union of their data (sums and counts add)."""
+        if type(other) is not type(self):
+            raise CurvatureError(f"cannot merge a {other.method} curvature into a {self.method} curvature.")
+        if other.layers != self.layers:
+            raise CurvatureError("cannot merge curvatures fitted on different layers or layer shapes.")
+        if other.damping != self.damping:
+            raise CurvatureError(f"cannot merge curvatures with different damping ({self.damping} vs {other.damping}).")
+        tensors = self._merge_tensors(other)
+        return type(self)(self.layers, self.damping, self.num_examples + other.num_examples, tensors, self.extra)
+
+    def _merge_tensors(self, other: Curvature) -> dict[str, Tensor]:
+        return {key: value + other.tensors[key] for key, value in self.tensors.items()}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Saves to the directory ``path`` (created when missing) atomically; returns the path."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {key: value.contiguous() for key, value in self.tensors.items()}
+        digest = _digest(tensors)
+        tensor_file = f"curvature-{digest}.safetensors"
+        _atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, str(tmp)))
+        manifest = {
+            "format": "hookinf.curvature",
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "tensors": tensor_file,
+            "damping": {"relative": self.damping.relative, "absolute": self.damping.absolute},
+            "num_examples": self.num_examples,
+            "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
+            "layers": {name: shape.to_json() for name, shape in self.layers.items()},
+            "fingerprint": fingerprint(self.layers),
+            "extra": self.extra,
+        }
+        text = json.dumps(manifest, indent=2)
+        _atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        for stale in directory.glob("curvature-*.safetensors"):
+            if stale.name != tensor_file:
+                stale.unlink(missing_ok=True)
+        return directory
+
+    # ------------------------------------------------------------------ display
+    def summary_table(self) -> Table:
+        """Per layer: shape, examples, ``λ_l``, eigenvalue range and condition number of the damped block."""
+        table = Table(title=f"{self.method} curvature over {self.num_examples} examples ({self.damping} damping)")
+        for column in ("layer", "O×I", "d", "λ", "eigenvalues", "condition (damped)"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for name, shape in self.layers.items():
+            low, high = self._eigen_range(name)
+            lam = self._lambda(self._prepared(name))
+            cond = (high + lam) / (low + lam) if low + lam > 0 else math.inf
+            table.add_row(
+                name or "<model>",
+                f"{shape.out_features}×{shape.in_features}",
+                str(shape.dim),
+                f"{lam:.3g}",
+                f"[{low:.2e}, {high:.2e}]",
+                f"{cond:.3g}",
+            )
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.summary_table()
+
+    def __repr__(self) -> str:
+        console = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed by Console
+        console.print(self.summary_table())
+        return console.export_text().rstrip()
+
+
+def fingerprint(layers: Mapping[str, LayerShape]) -> str:
+    """A short hash of the tracked layers' names and parameter shapes (identifies the model architecture)."""
+    text = json.dumps({name: shape.to_json() for name, shape in layers.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load(path: str | os.PathLike[str]) -> Curvature:
+    """Loads a curvature saved by :meth:`Curvature.save`.
+
+    Raises:
+        HookinfError: the directory holds no curvature, or a corrupt one (the message names the file).
+    """
+    directory = Path(path)
+    manifest_path = directory / _MANIFEST
+    if not manifest_path.is_file():
+        raise HookinfError(f"{directory}: no hookinf curvature here (missing {_MANIFEST}).")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != "hookinf.curvature":
+            raise ValueError("not a hookinf curvature manifest")
+        cls = Curvature._registry[manifest["method"]]
+        tensors = load_file(str(directory / manifest["tensors"]))
+        layers = {name: LayerShape.from_json(data) for name, data in manifest["layers"].items()}
+        damping = Damping(**manifest["damping"])
+        num_examples = int(manifest["num_examples"])
+        extra = manifest.get("extra", {})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HookinfError(f"{directory}: corrupt hookinf curvature ({type(err).__name__}: {err}).") from err
+    return cls(layers, damping, num_examples, tensors, extra)
+
+
+def _digest(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Writes through ``write(tmp_path)`` to a temporary file in the same directory, fsyncs, then renames."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

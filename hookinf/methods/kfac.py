@@ -1,0 +1,259 @@
+"""``kfac`` and ``ekfac``: Kronecker-factored curvature and its eigenvalue correction.
+
+K-FAC (Martens & Grosse 2015; for convolutions and shared positions, Grosse & Martens 2016, "KFC") approximates
+each layer's block by a Kronecker product of two small matrices built from the captured factors:
+
+    A_l = (1/T) Σ_i Σ_t a_{i,t} a_{i,t}ᵀ    [I, I]      (T: total positions t over all examples)
+    S_l = (1/n) Σ_i Σ_t δ_{i,t} δ_{i,t}ᵀ    [O, O]      (n: examples)
+    G_l ≈ S_l ⊗ A_l
+
+so for a layer without shared positions (``S = 1``) ``G_l ≈ E[δδᵀ] ⊗ E[aaᵀ]``, and for ``T/n`` positions per
+example the product carries the KFC factor ``1/(T/n)`` of spatially uncorrelated derivatives (the same
+normalisation as kronfluence: activations averaged over positions, output gradients over examples). With the
+eigendecompositions ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ`` (float64), a gradient matrix ``g`` ``[O, I]`` is
+preconditioned without forming any ``d × d`` matrix:
+
+    (G_l + λ_l I)⁻¹ vec(g) = vec( Q_S [ (Q_Sᵀ g Q_A) ⊘ (λ_S λ_Aᵀ + λ_l) ] Q_Aᵀ ).
+
+EK-FAC (George et al. 2018; Grosse et al. 2023, §2.2.3) keeps the eigenbasis and replaces ``λ_S λ_Aᵀ`` by the
+exact second moments of the per-example gradients in that basis, measured in a second pass:
+
+    Λ_{oi} = (1/n) Σ_i ((Q_Sᵀ g_i Q_A)_{oi})²,
+
+which are the diagonal of the exact ``G_l`` in the Kronecker eigenbasis. Damping (:mod:`hookinf.damping`): K-FAC
+uses ``λ_l = damping × mean(λ_S ⊗ λ_A) = damping × tr(S_l) tr(A_l)/d_l``; EK-FAC ``damping × mean(Λ)``, which
+equals ``damping × tr(G_l)/d_l`` — the same ``λ_l`` as ``exact``.
+
+Index conventions: ``b`` examples, ``s`` positions, ``o``/``p`` output features, ``i``/``j`` input features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hookinf.capture import LayerCapture
+from hookinf.curvature import Curvature, LayerShape
+from hookinf.damping import Damping
+from hookinf.errors import CurvatureError, DataError
+from hookinf.linalg import einsum
+from hookinf.methods.base import Method, Passes
+
+
+@dataclass(frozen=True)
+class _Eigen:
+    q_a: Tensor  # [I, I]
+    q_s: Tensor  # [O, O]
+    eigen: Tensor  # [O, I] (K-FAC: λ_S λ_Aᵀ; EK-FAC: corrected)
+    lam: float
+
+
+def _eigh(matrix: Tensor, layer: str, what: str) -> tuple[Tensor, Tensor]:
+    matrix = matrix.to(torch.float64)
+    if not bool(torch.isfinite(matrix).all()):
+        raise CurvatureError(
+            f"layer '{layer}': the {what} factor holds NaN or infinity (non-finite activations or gradients in the "
+            f"fit pass); check the data and the loss."
+        )
+    try:
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    except RuntimeError as err:  # LAPACK failed to converge
+        raise CurvatureError(f"layer '{layer}': eigendecomposition of the {what} factor failed ({err}).") from err
+    return values.clamp_min(0.0), vectors
+
+
+def _precondition(prepared: _Eigen, grads: Tensor) -> Tensor:
+    rotated = prepared.q_s.T @ grads @ prepared.q_a  # [N, O, I] in the eigenbasis
+    rotated = rotated / (prepared.eigen + prepared.lam)
+    return prepared.q_s @ rotated @ prepared.q_a.T
+
+
+def _check_positive(layer: str, eigen: Tensor, lam: float, damping: Damping) -> None:
+    if float(eigen.min()) + lam <= 0:
+        raise CurvatureError(
+            f"layer '{layer}': the damped curvature has a zero eigenvalue (λ={lam:.3g}, {damping}), so it cannot be "
+            f"inverted. Use a positive damping (e.g. damping=0.1 or hookinf.Damping(absolute=1e-3))."
+        )
+
+
+class KFACCurvature(Curvature):
+    """Statistics per layer: ``A`` (Σ a aᵀ) ``[I, I]``, ``S`` (Σ δ δᵀ) ``[O, O]``, ``positions`` (T, a scalar)."""
+
+    method = "kfac"
+    statistics = ("A", "S", "positions")
+
+    def factors(self, layer: str) -> tuple[Tensor, Tensor]:
+        """``(A_l, S_l)`` as defined in the module docstring, float64."""
+        positions = float(self.stat(layer, "positions"))
+        a = self.stat(layer, "A").to(torch.float64) / max(positions, 1.0)
+        s = self.stat(layer, "S").to(torch.float64) / max(self.num_examples, 1)
+        return a, s
+
+    def eigenbasis(self, layer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(λ_A, Q_A, λ_S, Q_S)`` of the layer's factors (float64)."""
+        a, s = self.factors(layer)
+        lam_a, q_a = _eigh(a, layer, "activation (A)")
+        lam_s, q_s = _eigh(s, layer, "output-gradient (S)")
+        return lam_a, q_a, lam_s, q_s
+
+    def _prepare(self, layer: str) -> _Eigen:
+        lam_a, q_a, lam_s, q_s = self.eigenbasis(layer)
+        eigen = lam_s[:, None] * lam_a[None, :]
+        lam = self.damping.value(float(lam_s.mean()) * float(lam_a.mean()))
+        _check_positive(layer, eigen, lam, self.damping)
+        return _Eigen(q_a, q_s, eigen, lam)
+
+    def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
+        return _precondition(prepared, grads)
+
+    def _lambda(self, prepared: _Eigen) -> float:
+        return prepared.lam
+
+    def _eigen_range(self, layer: str) -> tuple[float, float]:
+        eigen = self._prepared(layer).eigen
+        return float(eigen.min()), float(eigen.max())
+
+
+class EKFACCurvature(Curvature):
+    """K-FAC's statistics and eigenbasis plus the corrected eigenvalue sums.
+
+    Statistics per layer: ``A``, ``S``, ``positions`` (as K-FAC), ``QA`` ``[I, I]`` and ``QS`` ``[O, O]`` (the
+    eigenbasis), ``eigen`` ``[O, I]`` (Σ over examples of squared rotated gradients) and ``corrected`` (the number
+    of examples ``eigen`` sums over).
+    """
+
+    method = "ekfac"
+    statistics = ("A", "S", "positions", "QA", "QS", "eigen", "corrected")
+
+    def _prepare(self, layer: str) -> _Eigen:
+        count = float(self.stat(layer, "corrected"))
+        eigen = self.stat(layer, "eigen").to(torch.float64) / max(count, 1.0)
+        if not bool(torch.isfinite(eigen).all()):
+            raise CurvatureError(f"layer '{layer}': EK-FAC's corrected eigenvalues hold NaN or infinity.")
+        lam = self.damping.value(float(eigen.mean()))
+        _check_positive(layer, eigen, lam, self.damping)
+        q_a = self.stat(layer, "QA").to(torch.float64)
+        q_s = self.stat(layer, "QS").to(torch.float64)
+        return _Eigen(q_a, q_s, eigen, lam)
+
+    def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
+        return _precondition(prepared, grads)
+
+    def _lambda(self, prepared: _Eigen) -> float:
+        return prepared.lam
+
+    def _eigen_range(self, layer: str) -> tuple[float, float]:
+        eigen = self._prepared(layer).eigen
+        return float(eigen.min()), float(eigen.max())
+
+    def _merge_tensors(self, other: Curvature) -> dict[str, Tensor]:
+        for name in self.layers:
+            for basis in ("QA", "QS"):
+                if not torch.equal(self.stat(name, basis), other.stat(name, basis)):
+                    raise CurvatureError(
+                        f"cannot merge EK-FAC fits of layer '{name}': their eigenbases differ (each shard computed "
+                        f"its own). Merge the K-FAC factors instead — fit(..., method='kfac') per shard, then "
+                        f"merge — and run the correction pass of every shard on the merged basis: "
+                        f"fit(..., method=hookinf.EKFAC(basis=merged_kfac)); those fits merge."
+                    )
+        merged = super()._merge_tensors(other)
+        for name in self.layers:
+            for basis in ("QA", "QS"):
+                merged[f"{name}/{basis}"] = self.stat(name, basis)
+        return merged
+
+
+def _factor_sums(capture: LayerCapture, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    a = capture.a.reshape(-1, capture.a.shape[-1]).to(dtype)  # [B·S, I]
+    d = capture.delta.reshape(-1, capture.delta.shape[-1]).to(dtype)  # [B·S, O]
+    return a.T @ a, d.T @ d
+
+
+def fit_factors(
+    passes: Passes, shapes: Mapping[str, LayerShape], dtype: torch.dtype, description: str
+) -> tuple[dict[str, Tensor], int]:
+    """One pass accumulating ``A`` / ``S`` sums and position counts per layer; returns ``(tensors, n)``."""
+    tensors: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        tensors[f"{name}/A"] = torch.zeros(shape.in_features, shape.in_features, dtype=dtype)
+        tensors[f"{name}/S"] = torch.zeros(shape.out_features, shape.out_features, dtype=dtype)
+        tensors[f"{name}/positions"] = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for step in passes(description):
+        count += step.batch_size
+        for name, capture in step.layers.items():
+            a_sum, s_sum = _factor_sums(capture, dtype)
+            tensors[f"{name}/A"] += a_sum
+            tensors[f"{name}/S"] += s_sum
+            tensors[f"{name}/positions"] += capture.a.shape[0] * capture.a.shape[1]
+    if count == 0:
+        raise DataError("train is empty: pass at least one batch of training examples.")
+    return tensors, count
+
+
+@dataclass(frozen=True)
+class KFAC(Method):
+    """K-FAC: one pass accumulating the Kronecker factors ``A_l`` and ``S_l``."""
+
+    name = "kfac"
+
+    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
+        """Accumulates the factors over one pass."""
+        tensors, count = fit_factors(passes, shapes, dtype, "fit kfac factors")
+        return KFACCurvature(shapes, damping, count, tensors)
+
+
+@dataclass(frozen=True)
+class EKFAC(Method):
+    """EK-FAC: K-FAC's factors (pass 1, or ``basis``), their eigenbasis, then the eigenvalue correction (pass 2).
+
+    Attributes:
+        basis: an already fitted ``kfac`` (or ``ekfac``) curvature whose factors and eigenbasis to use; the fit
+            then runs only the correction pass. Fits that share a basis can be merged (distributed fitting).
+    """
+
+    basis: Curvature | None = None
+    name = "ekfac"
+
+    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
+        """Runs the factor pass (unless ``basis`` is given) and the correction pass."""
+        if self.basis is None:
+            tensors, count = fit_factors(passes, shapes, dtype, "fit ekfac factors (pass 1/2)")
+            kfac = KFACCurvature(shapes, damping, count, tensors)
+        elif isinstance(self.basis, KFACCurvature | EKFACCurvature):
+            self.basis.check_compatible(shapes)
+            kfac = KFACCurvature(
+                shapes,
+                damping,
+                self.basis.num_examples,
+                {k: v for k, v in self.basis.tensors.items() if k.rsplit("/", 1)[1] in KFACCurvature.statistics},
+            )
+        else:
+            raise CurvatureError(f"EKFAC(basis=...) takes a kfac or ekfac curvature, not {type(self.basis).__name__}.")
+        tensors = dict(kfac.tensors)
+        bases: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, shape in shapes.items():
+            if isinstance(self.basis, EKFACCurvature):
+                q_a, q_s = self.basis.stat(name, "QA"), self.basis.stat(name, "QS")
+            else:
+                _, q_a, _, q_s = kfac.eigenbasis(name)
+            bases[name] = (q_a.to(dtype), q_s.to(dtype))
+            tensors[f"{name}/QA"], tensors[f"{name}/QS"] = bases[name]
+            tensors[f"{name}/eigen"] = torch.zeros(shape.out_features, shape.in_features, dtype=dtype)
+            tensors[f"{name}/corrected"] = torch.zeros((), dtype=torch.float64)
+        corrected = 0
+        for step in passes("fit ekfac correction (pass 2/2)"):
+            corrected += step.batch_size
+            for name, capture in step.layers.items():
+                q_a, q_s = bases[name]
+                a = capture.a.to(dtype) @ q_a  # [B, S, I] in A's eigenbasis
+                d = capture.delta.to(dtype) @ q_s  # [B, S, O] in S's eigenbasis
+                rotated = einsum("bso,bsi->boi", d, a)  # Q_Sᵀ g_b Q_A
+                tensors[f"{name}/eigen"] += rotated.square().sum(dim=0)
+                tensors[f"{name}/corrected"] += capture.batch_size
+        if corrected == 0:
+            raise DataError("train is empty: pass at least one batch of training examples.")
+        return EKFACCurvature(shapes, damping, kfac.num_examples, tensors)
