@@ -21,6 +21,7 @@ from hookinf.errors import (
     UnsupportedModuleError,
 )
 from hookinf.influence import fit, influence, self_influence
+from hookinf.losses import CrossEntropy, SampledLoss
 from hookinf.methods import EKFAC, KFAC, Exact, Identity, Method
 from hookinf.scores import Scores, TopK
 from hookinf.watch import Watch, watch
@@ -47,6 +48,8 @@ __all__ = [
     "Curvature",
     "LayerShape",
     "Damping",
+    "CrossEntropy",
+    "SampledLoss",
     # results
     "Scores",
     "TopK",

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hookinf.damping import Damping
-from hookinf.errors import CurvatureError, HookinfError
+from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
 from hookinf.layers.base import LayerAdapter
 
 FORMAT_VERSION = 1
@@ -251,6 +251,18 @@ class Curvature(ABC):
         console = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed by Console
         console.print(self.summary_table())
         return console.export_text().rstrip()
+
+
+def statistics_dtype(params: Iterable[Tensor], dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype statistics accumulate in: ``dtype`` if given, else float64 for a float64 model, else float32.
+
+    Low-precision covariances (bf16/fp16) give broken eigenvectors, so statistics never accumulate below float32.
+    """
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ConfigurationError(f"dtype={dtype} for statistics must be torch.float32 or torch.float64.")
+        return dtype
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def fingerprint(layers: Mapping[str, LayerShape]) -> str:

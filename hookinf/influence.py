@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
-from hookinf.curvature import Curvature, LayerShape
+from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
-from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.errors import CaptureError, DataError
+from hookinf.losses import Fisher, SampledLoss, check_fisher
 from hookinf.methods import Method, resolve_method
 from hookinf.progress import track
 from hookinf.scores import Scores
@@ -44,6 +45,7 @@ def fit(
     method: str | Method = "ekfac",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping = 0.1,
+    fisher: Fisher = "empirical",
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> Curvature:
@@ -58,6 +60,9 @@ def fit(
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping (see :mod:`hookinf.damping`), or ``hookinf.Damping(absolute=...)``; stored with
             the curvature.
+        fisher: ``"empirical"`` (gradients at the given labels, the default) or ``"sampled"`` (labels drawn from
+            the model, the true Fisher; needs a loss with a ``sampled`` method such as :class:`hookinf.CrossEntropy`).
+            Scores always use the given labels.
         dtype: the dtype statistics accumulate in; default float64 for a float64 model and float32 otherwise.
         progress: show rich progress bars (one per pass).
 
@@ -70,7 +75,7 @@ def fit(
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        return passes.curvature(resolved, train, damp, dtype)
+        return passes.curvature(resolved, train, damp, dtype, fisher)
 
 
 def influence(
@@ -82,6 +87,7 @@ def influence(
     method: str | Method | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
+    fisher: Fisher = "empirical",
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on every query, per layer.
@@ -99,6 +105,7 @@ def influence(
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
+        fisher: which labels the curvature's gradients use, see :func:`fit` (ignored for a fitted curvature).
         progress: show rich progress bars.
 
     Returns:
@@ -108,7 +115,7 @@ def influence(
     _check_reiterable(query, "query")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        curvature = passes.curvature(method, train, damping, None)
+        curvature = passes.curvature(method, train, damping, None, fisher)
         queries: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(query, "query gradients"):
             for name, capture in step.layers.items():
@@ -136,6 +143,7 @@ def self_influence(
     method: str | Method | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
+    fisher: Fisher = "empirical",
     progress: bool = True,
 ) -> Tensor:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
@@ -149,7 +157,7 @@ def self_influence(
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        curvature = passes.curvature(method, train, damping, None)
+        curvature = passes.curvature(method, train, damping, None, fisher)
         values: list[Tensor] = []
         for step in passes.steps(train, "self-influence"):
             total = torch.zeros(step.batch_size, dtype=torch.float64)
@@ -181,26 +189,31 @@ class _Passes:
         train: Iterable[Any],
         damping: float | Damping | None,
         dtype: torch.dtype | None,
+        fisher: Fisher,
     ) -> Curvature:
         """A fitted curvature (checked against the model) or a fit of ``method`` over ``train``."""
+        check_fisher(fisher, self.loss_fn)
         if isinstance(method, Curvature):
             method.check_compatible(self.shapes)
             return method if damping is None else method.with_damping(as_damping(damping))
         resolved = resolve_method(method)
         damp = as_damping(0.1 if damping is None else damping)
         resolved.check(self.shapes)
-        if dtype is None:
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        elif dtype not in (torch.float32, torch.float64):
-            raise ConfigurationError(f"dtype={dtype} for statistics must be torch.float32 or torch.float64.")
-        return resolved.fit(lambda description: self.steps(train, description), self.shapes, damp, dtype)
+        dtype = statistics_dtype(self.params, dtype)
+        generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
+        return resolved.fit(lambda description: self.steps(train, description, generator), self.shapes, damp, dtype)
 
-    def steps(self, data: Iterable[Any], description: str) -> Iterator[Step]:
+    def steps(self, data: Iterable[Any], description: str, sample: torch.Generator | None = None) -> Iterator[Step]:
+        """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher)."""
         seen = 0
         for batch in track(data, description, enabled=self.progress):
             before = self.watch.steps
             with torch.enable_grad():
-                losses = self.loss_fn(self.model, batch)
+                if sample is not None:
+                    assert isinstance(self.loss_fn, SampledLoss)
+                    losses = self.loss_fn.sampled(self.model, batch, sample)
+                else:
+                    losses = self.loss_fn(self.model, batch)
                 if not isinstance(losses, Tensor) or losses.dim() > 1:
                     shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise DataError(

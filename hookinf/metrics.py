@@ -389,7 +389,7 @@ def retrain_subsets(
     for row in masks:
         row[torch.randperm(n_train, generator=gen)[:size]] = True
     losses: list[Tensor] = []
-    for index in track(range(n_subsets), f"retrain {n_subsets} subsets", enabled=progress):
+    for index in track(range(n_subsets), f"retrain {n_subsets} subsets", enabled=progress, unit="models"):
         result = train_fn(masks[index].clone())
         if not isinstance(result, Tensor):
             raise ConfigurationError(

@@ -11,12 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, *, enabled: bool) -> Iterator[T]:
-    """Yields ``items`` while showing a transient progress bar (batches done / total when known).
+def track(items: Iterable[T], description: str, *, enabled: bool, unit: str = "batches") -> Iterator[T]:
+    """Yields ``items`` while showing a transient progress bar (items done / total when known).
 
     Args:
-        items: the batches.
+        items: the batches (or other work items).
         description: what the pass does (``"fit exact"``, ``"score"``).
+        unit: what one item is, shown after the count.
         enabled: ``False`` shows nothing; nothing is shown either when the output is not a terminal (logs, CI).
     """
     console = Console(stderr=True)
@@ -28,7 +29,7 @@ def track(items: Iterable[T], description: str, *, enabled: bool) -> Iterator[T]
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("batches"),
+        TextColumn(unit),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as bar:

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import LayerCapture, Step
+from hookinf.curvature import Curvature, LayerShape, statistics_dtype
+from hookinf.damping import Damping, as_damping
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
@@ -44,6 +46,8 @@ from hookinf.errors import (
     UnsupportedModuleError,
 )
 from hookinf.layers import LayerAdapter, adapter_for, is_supported, supported_types
+from hookinf.methods import Method, resolve_method
+from hookinf.methods.base import Accumulator
 
 LossReduction = Literal["mean", "sum"]
 ModuleSpec = str | type[nn.Module]
@@ -58,6 +62,8 @@ def watch(
     *,
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     loss_reduction: LossReduction = "mean",
+    fit: str | Method | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Watch:
     """Captures per-example, per-layer gradient factors while the user's own code runs.
 
@@ -79,6 +85,11 @@ def watch(
             they are gradients of each example's own loss; ``"sum"`` takes them as they are. For a language model
             whose loss averages over all *tokens* of the batch, pass ``"sum"`` and compute the loss as the sum over
             examples of each example's mean token loss (or the sum of token losses, to attribute per token).
+        fit: also accumulate a method's curvature statistics from every step of the loop (``"kfac"``,
+            ``"exact"``, ``"identity"``, or ``hookinf.EKFAC(basis=kfac_curvature)`` for EK-FAC's correction pass);
+            :meth:`Watch.curvature` returns the result. Run the loop at fixed weights (e.g. a zero learning rate, or
+            an evaluation pass) for the statistics of one model, as :func:`hookinf.fit` computes them.
+        dtype: the dtype the statistics accumulate in (default: float64 for a float64 model, else float32).
 
     Returns:
         A :class:`Watch` to enter with ``with``.
@@ -89,7 +100,7 @@ def watch(
         PatternMatchError: an entry of ``modules`` matches no trackable module.
         UnsupportedModuleError: a module named in ``modules`` cannot be tracked.
     """
-    return Watch(model, modules=modules, loss_reduction=loss_reduction)
+    return Watch(model, modules=modules, loss_reduction=loss_reduction, fit=fit, dtype=dtype)
 
 
 @dataclass(eq=False)
@@ -126,6 +137,8 @@ class Watch:
         *,
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
         loss_reduction: LossReduction = "mean",
+        fit: str | Method | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if loss_reduction not in get_args(LossReduction):
             raise ConfigurationError(
@@ -137,6 +150,13 @@ class Watch:
         self._modules: dict[str, nn.Module] = dict(selected)
         self._adapters: dict[str, LayerAdapter] = {name: adapter_for(name, mod) for name, mod in selected}
         self.layers: tuple[str, ...] = tuple(self._adapters)
+        self._accumulator: Accumulator | None = None
+        if fit is not None:
+            method = resolve_method(fit)
+            params = [p for m in self._modules.values() for p in m.parameters(recurse=False)]
+            shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
+            method.check(shapes)
+            self._accumulator = method.accumulator(shapes, statistics_dtype(params, dtype))
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
@@ -216,6 +236,20 @@ class Watch:
         """Number of steps completed so far."""
         self._finish_step()
         return self._steps
+
+    def curvature(self, damping: float | Damping = 0.1) -> Curvature:
+        """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).
+
+        Args:
+            damping: the damping rule stored with it (see :func:`hookinf.fit`).
+        """
+        if self._accumulator is None:
+            raise ConfigurationError(
+                "this watch accumulates no statistics: create it with hookinf.watch(model, fit='kfac') (or 'exact', "
+                "or hookinf.EKFAC(basis=...))."
+            )
+        self._finish_step()
+        return self._accumulator.finish(as_damping(damping))
 
     def per_example_gradients(self) -> dict[str, Tensor]:
         """The last step's per-example gradients per layer as matrices ``[B, O, I]`` (bias as the last column).
@@ -337,6 +371,8 @@ class Watch:
         assert batch_size is not None
         self._last_step = Step(index=self._steps, batch_size=batch_size, layers=layers)
         self._steps += 1
+        if self._accumulator is not None:
+            self._accumulator.update(self._last_step)
 
 
 _MISSING_HINT = (

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hookinf.capture import Step
 from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping
-from hookinf.errors import ConfigurationError, CurvatureError, DataError
-from hookinf.methods.base import Method, Passes
+from hookinf.errors import ConfigurationError, CurvatureError
+from hookinf.methods.base import Accumulator, Method
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,24 @@ class Exact(Method):
                     f"layer with modules=[...], or raise max_dim."
                 )
 
-    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
-        """Accumulates ``Σ_i vec(g_i) vec(g_i)ᵀ`` per layer over one pass."""
+    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+        """Accumulates ``Σ_i vec(g_i) vec(g_i)ᵀ`` per layer."""
         self.check(shapes)
-        grams = {name: torch.zeros(s.dim, s.dim, dtype=dtype) for name, s in shapes.items()}
-        count = 0
-        for step in passes(f"fit {self.name}"):
-            count += step.batch_size
-            for name, capture in step.layers.items():
-                flat = capture.gradients().reshape(step.batch_size, -1).to(dtype)
-                grams[name].addmm_(flat.T, flat)
-        if count == 0:
-            raise DataError("train is empty: pass at least one batch of training examples.")
-        return ExactCurvature(shapes, damping, count, {f"{name}/gram": gram for name, gram in grams.items()})
+        return _GramAccumulator(shapes, dtype)
+
+
+class _GramAccumulator(Accumulator):
+    def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shapes = dict(shapes)
+        self.grams = {name: torch.zeros(s.dim, s.dim, dtype=dtype) for name, s in shapes.items()}
+
+    def _update(self, step: Step) -> None:
+        for name, capture in step.layers.items():
+            flat = capture.gradients().reshape(step.batch_size, -1).to(self.grams[name].dtype)
+            self.grams[name].addmm_(flat.T, flat)
+
+    def finish(self, damping: Damping) -> Curvature:
+        self._require_data()
+        tensors = {f"{name}/gram": gram.clone() for name, gram in self.grams.items()}
+        return ExactCurvature(self.shapes, damping, self.count, tensors)

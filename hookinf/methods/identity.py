@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hookinf.capture import Step
 from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping
-from hookinf.methods.base import Method, Passes
+from hookinf.methods.base import Accumulator, Method, Passes
 
 
 class IdentityCurvature(Curvature):
@@ -40,10 +41,26 @@ class IdentityCurvature(Curvature):
         return 1.0, 1.0
 
 
+class _NoStatistics(Accumulator):
+    def __init__(self, shapes: Mapping[str, LayerShape]) -> None:
+        super().__init__()
+        self.shapes = dict(shapes)
+
+    def _update(self, step: Step) -> None:
+        return None
+
+    def finish(self, damping: Damping) -> Curvature:
+        return IdentityCurvature(self.shapes, damping, self.count, {})
+
+
 class Identity(Method):
     """The identity method (no pass over the data, no damping)."""
 
     name = "identity"
+
+    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+        """Counts examples and nothing else."""
+        return _NoStatistics(shapes)
 
     def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
         """Returns the identity without reading the data."""

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hookinf.capture import LayerCapture
+from hookinf.capture import Step
 from hookinf.curvature import Curvature, LayerShape
 from hookinf.damping import Damping
-from hookinf.errors import CurvatureError, DataError
+from hookinf.errors import ConfigurationError, CurvatureError
 from hookinf.linalg import einsum
-from hookinf.methods.base import Method, Passes
+from hookinf.methods.base import Accumulator, Method, Passes
 
 
 @dataclass(frozen=True)
@@ -166,32 +166,68 @@ class EKFACCurvature(Curvature):
         return merged
 
 
-def _factor_sums(capture: LayerCapture, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    a = capture.a.reshape(-1, capture.a.shape[-1]).to(dtype)  # [B·S, I]
-    d = capture.delta.reshape(-1, capture.delta.shape[-1]).to(dtype)  # [B·S, O]
-    return a.T @ a, d.T @ d
+class _FactorAccumulator(Accumulator):
+    """Sums ``Σ a aᵀ``, ``Σ δ δᵀ`` and position counts per layer."""
 
+    def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shapes = dict(shapes)
+        self.tensors: dict[str, Tensor] = {}
+        for name, shape in shapes.items():
+            self.tensors[f"{name}/A"] = torch.zeros(shape.in_features, shape.in_features, dtype=dtype)
+            self.tensors[f"{name}/S"] = torch.zeros(shape.out_features, shape.out_features, dtype=dtype)
+            self.tensors[f"{name}/positions"] = torch.zeros((), dtype=torch.float64)
 
-def fit_factors(
-    passes: Passes, shapes: Mapping[str, LayerShape], dtype: torch.dtype, description: str
-) -> tuple[dict[str, Tensor], int]:
-    """One pass accumulating ``A`` / ``S`` sums and position counts per layer; returns ``(tensors, n)``."""
-    tensors: dict[str, Tensor] = {}
-    for name, shape in shapes.items():
-        tensors[f"{name}/A"] = torch.zeros(shape.in_features, shape.in_features, dtype=dtype)
-        tensors[f"{name}/S"] = torch.zeros(shape.out_features, shape.out_features, dtype=dtype)
-        tensors[f"{name}/positions"] = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for step in passes(description):
-        count += step.batch_size
+    def _update(self, step: Step) -> None:
         for name, capture in step.layers.items():
-            a_sum, s_sum = _factor_sums(capture, dtype)
-            tensors[f"{name}/A"] += a_sum
-            tensors[f"{name}/S"] += s_sum
-            tensors[f"{name}/positions"] += capture.a.shape[0] * capture.a.shape[1]
-    if count == 0:
-        raise DataError("train is empty: pass at least one batch of training examples.")
-    return tensors, count
+            a_sum = self.tensors[f"{name}/A"]
+            a = capture.a.reshape(-1, capture.a.shape[-1]).to(a_sum.dtype)  # [B·S, I]
+            d = capture.delta.reshape(-1, capture.delta.shape[-1]).to(a_sum.dtype)  # [B·S, O]
+            a_sum.addmm_(a.T, a)
+            self.tensors[f"{name}/S"].addmm_(d.T, d)
+            self.tensors[f"{name}/positions"] += a.shape[0]
+
+    def finish(self, damping: Damping) -> KFACCurvature:
+        self._require_data()
+        tensors = {key: value.clone() for key, value in self.tensors.items()}
+        return KFACCurvature(self.shapes, damping, self.count, tensors)
+
+
+class _CorrectionAccumulator(Accumulator):
+    """Sums ``(Q_Sᵀ g_b Q_A)²`` per layer in a fixed eigenbasis (EK-FAC's second pass)."""
+
+    def __init__(self, basis: KFACCurvature | EKFACCurvature, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.basis = basis
+        self.shapes = dict(basis.layers)
+        self.tensors = {key: value for key, value in basis.tensors.items() if key.rsplit("/", 1)[1] in _KFAC_STATS}
+        self.rotations: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, shape in self.shapes.items():
+            if isinstance(basis, EKFACCurvature):
+                q_a, q_s = basis.stat(name, "QA"), basis.stat(name, "QS")
+            else:
+                _, q_a, _, q_s = basis.eigenbasis(name)
+            self.rotations[name] = (q_a.to(dtype), q_s.to(dtype))
+            self.tensors[f"{name}/QA"], self.tensors[f"{name}/QS"] = self.rotations[name]
+            self.tensors[f"{name}/eigen"] = torch.zeros(shape.out_features, shape.in_features, dtype=dtype)
+            self.tensors[f"{name}/corrected"] = torch.zeros((), dtype=torch.float64)
+
+    def _update(self, step: Step) -> None:
+        for name, capture in step.layers.items():
+            q_a, q_s = self.rotations[name]
+            a = capture.a.to(q_a.dtype) @ q_a  # [B, S, I] in A's eigenbasis
+            d = capture.delta.to(q_s.dtype) @ q_s  # [B, S, O] in S's eigenbasis
+            rotated = einsum("bso,bsi->boi", d, a)  # Q_Sᵀ g_b Q_A
+            self.tensors[f"{name}/eigen"] += rotated.square().sum(dim=0)
+            self.tensors[f"{name}/corrected"] += capture.batch_size
+
+    def finish(self, damping: Damping) -> EKFACCurvature:
+        self._require_data()
+        tensors = {key: value.clone() for key, value in self.tensors.items()}
+        return EKFACCurvature(self.shapes, damping, self.basis.num_examples, tensors)
+
+
+_KFAC_STATS = frozenset(KFACCurvature.statistics)
 
 
 @dataclass(frozen=True)
@@ -200,10 +236,9 @@ class KFAC(Method):
 
     name = "kfac"
 
-    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
-        """Accumulates the factors over one pass."""
-        tensors, count = fit_factors(passes, shapes, dtype, "fit kfac factors")
-        return KFACCurvature(shapes, damping, count, tensors)
+    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+        """Accumulates the factors."""
+        return _FactorAccumulator(shapes, dtype)
 
 
 @dataclass(frozen=True)
@@ -212,48 +247,45 @@ class EKFAC(Method):
 
     Attributes:
         basis: an already fitted ``kfac`` (or ``ekfac``) curvature whose factors and eigenbasis to use; the fit
-            then runs only the correction pass. Fits that share a basis can be merged (distributed fitting).
+            then runs only the correction pass (so it also works from one loop of the user's, see
+            :func:`hookinf.watch`). Fits that share a basis merge (distributed fitting).
     """
 
     basis: Curvature | None = None
     name = "ekfac"
 
+    def __post_init__(self) -> None:
+        if self.basis is not None and not isinstance(self.basis, KFACCurvature | EKFACCurvature):
+            raise ConfigurationError(
+                f"EKFAC(basis=...) takes a fitted kfac or ekfac curvature, not {type(self.basis).__name__}."
+            )
+
+    def check(self, shapes: Mapping[str, LayerShape]) -> None:
+        """With a ``basis``, the model's layers must be the basis's."""
+        if self.basis is not None:
+            self.basis.check_compatible(shapes)
+
+    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+        """The correction pass over a given ``basis`` (EK-FAC without a basis needs two passes)."""
+        if not isinstance(self.basis, KFACCurvature | EKFACCurvature):
+            raise ConfigurationError(
+                "EK-FAC needs two passes over the data (factors, then the eigenvalue correction), which one loop "
+                "cannot give: collect method='kfac' in a first loop, then hookinf.EKFAC(basis=that_curvature) in a "
+                "second one — or call hookinf.fit(..., method='ekfac'), which runs both passes."
+            )
+        self.check(shapes)
+        return _CorrectionAccumulator(self.basis, dtype)
+
     def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
         """Runs the factor pass (unless ``basis`` is given) and the correction pass."""
-        if self.basis is None:
-            tensors, count = fit_factors(passes, shapes, dtype, "fit ekfac factors (pass 1/2)")
-            kfac = KFACCurvature(shapes, damping, count, tensors)
-        elif isinstance(self.basis, KFACCurvature | EKFACCurvature):
-            self.basis.check_compatible(shapes)
-            kfac = KFACCurvature(
-                shapes,
-                damping,
-                self.basis.num_examples,
-                {k: v for k, v in self.basis.tensors.items() if k.rsplit("/", 1)[1] in KFACCurvature.statistics},
-            )
-        else:
-            raise CurvatureError(f"EKFAC(basis=...) takes a kfac or ekfac curvature, not {type(self.basis).__name__}.")
-        tensors = dict(kfac.tensors)
-        bases: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, shape in shapes.items():
-            if isinstance(self.basis, EKFACCurvature):
-                q_a, q_s = self.basis.stat(name, "QA"), self.basis.stat(name, "QS")
-            else:
-                _, q_a, _, q_s = kfac.eigenbasis(name)
-            bases[name] = (q_a.to(dtype), q_s.to(dtype))
-            tensors[f"{name}/QA"], tensors[f"{name}/QS"] = bases[name]
-            tensors[f"{name}/eigen"] = torch.zeros(shape.out_features, shape.in_features, dtype=dtype)
-            tensors[f"{name}/corrected"] = torch.zeros((), dtype=torch.float64)
-        corrected = 0
+        self.check(shapes)
+        basis = self.basis
+        if basis is None:
+            factors = _FactorAccumulator(shapes, dtype)
+            for step in passes("fit ekfac factors (pass 1/2)"):
+                factors.update(step)
+            basis = factors.finish(damping)
+        correction = EKFAC(basis=basis).accumulator(shapes, dtype)
         for step in passes("fit ekfac correction (pass 2/2)"):
-            corrected += step.batch_size
-            for name, capture in step.layers.items():
-                q_a, q_s = bases[name]
-                a = capture.a.to(dtype) @ q_a  # [B, S, I] in A's eigenbasis
-                d = capture.delta.to(dtype) @ q_s  # [B, S, O] in S's eigenbasis
-                rotated = einsum("bso,bsi->boi", d, a)  # Q_Sᵀ g_b Q_A
-                tensors[f"{name}/eigen"] += rotated.square().sum(dim=0)
-                tensors[f"{name}/corrected"] += capture.batch_size
-        if corrected == 0:
-            raise DataError("train is empty: pass at least one batch of training examples.")
-        return EKFACCurvature(shapes, damping, kfac.num_examples, tensors)
+            correction.update(step)
+        return correction.finish(damping)
