@@ -22,7 +22,7 @@ from hookinf.errors import (
 )
 from hookinf.influence import fit, influence, self_influence
 from hookinf.losses import CrossEntropy, SampledLoss
-from hookinf.methods import EKFAC, KFAC, Exact, Identity, Method
+from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK
 from hookinf.watch import Watch, watch
 
@@ -45,6 +45,9 @@ __all__ = [
     "Identity",
     "KFAC",
     "EKFAC",
+    "QueryMethod",
+    "DataInf",
+    "LiSSA",
     "Curvature",
     "LayerShape",
     "Damping",

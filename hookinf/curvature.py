@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Self
 import torch
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -291,7 +292,7 @@ def load(path: str | os.PathLike[str]) -> Curvature:
         damping = Damping(**manifest["damping"])
         num_examples = int(manifest["num_examples"])
         extra = manifest.get("extra", {})
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise HookinfError(f"{directory}: corrupt hookinf curvature ({type(err).__name__}: {err}).") from err
     return cls(layers, damping, num_examples, tensors, extra)
 
@@ -300,7 +301,7 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
         h.update(key.encode())
-        h.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

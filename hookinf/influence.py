@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,9 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from hookinf.capture import Step
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
-from hookinf.errors import CaptureError, DataError
+from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.losses import Fisher, SampledLoss, check_fisher
-from hookinf.methods import Method, resolve_method
+from hookinf.methods import Method, Passes, Preconditioned, QueryMethod, resolve_method
 from hookinf.progress import track
 from hookinf.scores import Scores
 from hookinf.watch import ModuleSpec, Watch
@@ -71,11 +72,18 @@ def fit(
         :func:`self_influence` to reuse it, or :meth:`~hookinf.Curvature.save` it.
     """
     resolved = resolve_method(method)
+    if not isinstance(resolved, Method):
+        raise ConfigurationError(
+            f"method={resolved.name!r} has no curvature to fit: it streams over the training data for each set of "
+            f"queries. Pass it to hookinf.influence(...) directly, or fit 'ekfac', 'kfac' or 'exact'."
+        )
     damp = as_damping(damping)
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        return passes.curvature(resolved, train, damp, dtype, fisher)
+        curvature = passes.curvature(resolved, train, damp, dtype, fisher)
+        assert isinstance(curvature, Curvature)
+        return curvature
 
 
 def influence(
@@ -84,7 +92,7 @@ def influence(
     query: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | Curvature = "exact",
+    method: str | Method | QueryMethod | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
@@ -115,14 +123,15 @@ def influence(
     _check_reiterable(query, "query")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        curvature = passes.curvature(method, train, damping, None, fisher)
-        queries: dict[str, list[Tensor]] = {name: [] for name in w.layers}
+        solver = passes.curvature(method, train, damping, None, fisher)
+        raw: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(query, "query gradients"):
             for name, capture in step.layers.items():
-                queries[name].append(curvature.apply(name, capture.gradients()).flatten(1))
-        if not queries[w.layers[0]]:
+                raw[name].append(capture.gradients())
+        if not raw[w.layers[0]]:
             raise DataError("query is empty: pass at least one batch of query examples.")
-        stacked = {name: torch.cat(parts) for name, parts in queries.items()}  # [n_query, d_l]
+        pre = passes.precondition(solver, {name: torch.cat(parts) for name, parts in raw.items()}, train)
+        stacked = {name: grads.flatten(1) for name, grads in pre.grads.items()}  # [n_query, d_l]
         columns: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(train, "scores"):
             for name, capture in step.layers.items():
@@ -132,7 +141,7 @@ def influence(
         if not columns[w.layers[0]]:
             raise DataError("train is empty: pass at least one batch of training examples.")
         per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
-    return Scores(per_layer=per_layer, method=curvature.method, damping=curvature.lambdas)
+    return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas)
 
 
 def self_influence(
@@ -140,7 +149,7 @@ def self_influence(
     train: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | Curvature = "exact",
+    method: str | Method | QueryMethod | Curvature = "exact",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
@@ -157,14 +166,20 @@ def self_influence(
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
         passes = _Passes(model, w, loss_fn, progress)
-        curvature = passes.curvature(method, train, damping, None, fisher)
+        solver = passes.curvature(method, train, damping, None, fisher)
         values: list[Tensor] = []
-        for step in passes.steps(train, "self-influence"):
-            total = torch.zeros(step.batch_size, dtype=torch.float64)
-            for name, capture in step.layers.items():
-                grads = capture.gradients()
-                total += (curvature.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
-            values.append(total)
+        if isinstance(solver, Curvature):
+            for step in passes.steps(train, "self-influence"):
+                total = torch.zeros(step.batch_size, dtype=torch.float64)
+                for name, capture in step.layers.items():
+                    grads = capture.gradients()
+                    total += (solver.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
+                values.append(total)
+        else:  # a query method: precondition chunks of training gradients as if they were queries
+            for chunk in _chunks(passes.steps(train, "self-influence"), _SELF_CHUNK):
+                pre = passes.precondition(solver, chunk, train)
+                parts = [(pre.grads[n] * chunk[n].double()).flatten(1).sum(dim=1) for n in chunk]
+                values.append(torch.stack(parts).sum(dim=0))
         passes.check_count()
         if not values:
             raise DataError("train is empty: pass at least one batch of training examples.")
@@ -185,13 +200,16 @@ class _Passes:
 
     def curvature(
         self,
-        method: str | Method | Curvature,
+        method: str | Method | QueryMethod | Curvature,
         train: Iterable[Any],
         damping: float | Damping | None,
         dtype: torch.dtype | None,
         fisher: Fisher,
-    ) -> Curvature:
-        """A fitted curvature (checked against the model) or a fit of ``method`` over ``train``."""
+    ) -> Curvature | _Streaming:
+        """What preconditions the queries: a fitted curvature (checked), a fit of ``method``, or a query method.
+
+        A query method (DataInf, LiSSA) comes back bound to the passes over ``train`` it will stream over.
+        """
         check_fisher(fisher, self.loss_fn)
         if isinstance(method, Curvature):
             method.check_compatible(self.shapes)
@@ -199,9 +217,22 @@ class _Passes:
         resolved = resolve_method(method)
         damp = as_damping(0.1 if damping is None else damping)
         resolved.check(self.shapes)
-        dtype = statistics_dtype(self.params, dtype)
         generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
-        return resolved.fit(lambda description: self.steps(train, description, generator), self.shapes, damp, dtype)
+
+        def passes(description: str) -> Iterator[Step]:
+            return self.steps(train, description, generator)
+
+        if isinstance(resolved, QueryMethod):
+            return _Streaming(resolved, passes, damp)
+        return resolved.fit(passes, self.shapes, damp, statistics_dtype(self.params, dtype))
+
+    def precondition(
+        self, solver: Curvature | _Streaming, queries: dict[str, Tensor], train: Iterable[Any]
+    ) -> Preconditioned:
+        """``(G_l + λ_l I)⁻¹`` (or the method's approximation) applied to ``[n, O, I]`` gradients per layer."""
+        if isinstance(solver, Curvature):
+            return Preconditioned({n: solver.apply(n, q) for n, q in queries.items()}, solver.lambdas)
+        return solver.method.precondition(queries, solver.passes, self.shapes, solver.damping)
 
     def steps(self, data: Iterable[Any], description: str, sample: torch.Generator | None = None) -> Iterator[Step]:
         """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher)."""
@@ -249,6 +280,37 @@ class _Passes:
                     f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples "
                     f"in the same order each time it is iterated (no shuffling, no random augmentation of the count)."
                 )
+
+
+@dataclass(frozen=True)
+class _Streaming:
+    """A query method bound to the training passes it streams over."""
+
+    method: QueryMethod
+    passes: Passes
+    damping: Damping
+
+
+_SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
+
+
+def _name(solver: Curvature | _Streaming) -> str:
+    return solver.method.name if isinstance(solver, _Streaming) else solver.method
+
+
+def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
+    """Per-example gradients ``{layer: [n, O, I]}`` of consecutive steps, about ``size`` examples at a time."""
+    held: dict[str, list[Tensor]] = {}
+    count = 0
+    for step in steps:
+        for name, grads in step.gradients().items():
+            held.setdefault(name, []).append(grads)
+        count += step.batch_size
+        if count >= size:
+            yield {name: torch.cat(parts) for name, parts in held.items()}
+            held, count = {}, 0
+    if count:
+        yield {name: torch.cat(parts) for name, parts in held.items()}
 
 
 def _check_reiterable(data: Iterable[Any], what: str) -> None:

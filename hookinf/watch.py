@@ -153,6 +153,11 @@ class Watch:
         self._accumulator: Accumulator | None = None
         if fit is not None:
             method = resolve_method(fit)
+            if not isinstance(method, Method):
+                raise ConfigurationError(
+                    f"watch(fit={method.name!r}): {method.name} has no statistics to accumulate in advance (it streams "
+                    f"over the training data for each set of queries); use 'kfac', 'exact' or hookinf.EKFAC(basis=...)."
+                )
             params = [p for m in self._modules.values() for p in m.parameters(recurse=False)]
             shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
             method.check(shapes)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from hookinf.errors import ConfigurationError
-from hookinf.methods.base import Method, Passes
+from hookinf.methods.base import Method, Passes, Preconditioned, QueryMethod
+from hookinf.methods.datainf import DataInf
 from hookinf.methods.exact import Exact, ExactCurvature
 from hookinf.methods.identity import Identity, IdentityCurvature
 from hookinf.methods.kfac import EKFAC, KFAC, EKFACCurvature, KFACCurvature
+from hookinf.methods.lissa import LiSSA
 
 __all__ = [
     "EKFAC",
+    "DataInf",
+    "LiSSA",
+    "Preconditioned",
+    "QueryMethod",
     "KFAC",
     "EKFACCurvature",
     "Exact",
@@ -22,12 +28,19 @@ __all__ = [
     "resolve_method",
 ]
 
-_BY_NAME: dict[str, type[Method]] = {"exact": Exact, "identity": Identity, "kfac": KFAC, "ekfac": EKFAC}
+_BY_NAME: dict[str, type[Method] | type[QueryMethod]] = {
+    "exact": Exact,
+    "identity": Identity,
+    "kfac": KFAC,
+    "ekfac": EKFAC,
+    "datainf": DataInf,
+    "lissa": LiSSA,
+}
 
 
-def resolve_method(method: str | Method) -> Method:
-    """Turns ``method="exact"`` (etc.) into a :class:`Method`; a :class:`Method` is returned as is."""
-    if isinstance(method, Method):
+def resolve_method(method: str | Method | QueryMethod) -> Method | QueryMethod:
+    """Turns ``method="exact"`` (etc.) into a method object; a method object is returned as is."""
+    if isinstance(method, Method | QueryMethod):
         return method
     if isinstance(method, str) and method in _BY_NAME:
         return _BY_NAME[method]()

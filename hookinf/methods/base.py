@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from hookinf.capture import Step
 from hookinf.curvature import Curvature, LayerShape
@@ -80,3 +82,82 @@ class Method(ABC):
         for step in passes(f"fit {self.name}"):
             accumulator.update(step)
         return accumulator.finish(damping)
+
+
+@dataclass(frozen=True)
+class Preconditioned:
+    """Query gradients after ``(G_l + λ_l I)⁻¹`` (or a method's approximation of it).
+
+    Attributes:
+        grads: layer → ``[n_query, O, I]`` float64.
+        lambdas: layer → ``λ_l`` as used.
+    """
+
+    grads: dict[str, Tensor]
+    lambdas: dict[str, float]
+
+
+class QueryMethod(ABC):
+    """A method that preconditions a given set of query gradients with passes over the training data.
+
+    DataInf's closed form and LiSSA's recursion depend on the query vectors, so nothing is fitted in advance: each
+    call of :meth:`precondition` streams over the training data (memory ``O(n_query × d_l)``, not ``O(n d_l)``).
+    """
+
+    #: the name used by ``method=`` and in reports.
+    name: str
+
+    def check(self, shapes: Mapping[str, LayerShape]) -> None:  # noqa: B027 - optional hook
+        """Refuses layers the method cannot handle before any data is read (default: accepts all)."""
+
+    @abstractmethod
+    def precondition(
+        self,
+        queries: Mapping[str, Tensor],
+        passes: Passes,
+        shapes: Mapping[str, LayerShape],
+        damping: Damping,
+    ) -> Preconditioned:
+        """Applies the method's inverse curvature to query gradients.
+
+        Args:
+            queries: layer → ``[n_query, O, I]`` query gradients (float64).
+            passes: runs a pass over the training data.
+            shapes: tracked layers, in model order.
+            damping: the damping rule.
+        """
+
+
+@dataclass(frozen=True)
+class NormStatistics:
+    """Per-layer sums over the training data of squared per-example gradient norms.
+
+    Attributes:
+        count: ``n``.
+        sum_sq: layer → ``Σ_i ‖g_i‖²`` (``n · tr(G_l)``).
+        max_sq: layer → ``max_i ‖g_i‖²``.
+    """
+
+    count: int
+    sum_sq: dict[str, float]
+    max_sq: dict[str, float]
+
+    def lambdas(self, shapes: Mapping[str, LayerShape], damping: Damping) -> dict[str, float]:
+        """``λ_l = damping × tr(G_l)/d_l`` per layer (or the absolute value)."""
+        return {name: damping.value(self.sum_sq[name] / (self.count * shape.dim)) for name, shape in shapes.items()}
+
+
+def gradient_norms(passes: Passes, shapes: Mapping[str, LayerShape], description: str) -> NormStatistics:
+    """One pass computing :class:`NormStatistics` (for the relative damping and LiSSA's scale)."""
+    sum_sq = dict.fromkeys(shapes, 0.0)
+    max_sq = dict.fromkeys(shapes, 0.0)
+    count = 0
+    for step in passes(description):
+        count += step.batch_size
+        for name, capture in step.layers.items():
+            norms = capture.gradients().double().flatten(1).square().sum(dim=1)
+            sum_sq[name] += float(norms.sum())
+            max_sq[name] = max(max_sq[name], float(norms.max()))
+    if count == 0:
+        raise DataError("train is empty: pass at least one batch of training examples.")
+    return NormStatistics(count, sum_sq, max_sq)

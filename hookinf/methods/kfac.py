@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -149,21 +150,30 @@ class EKFACCurvature(Curvature):
         eigen = self._prepared(layer).eigen
         return float(eigen.min()), float(eigen.max())
 
-    def _merge_tensors(self, other: Curvature) -> dict[str, Tensor]:
+    def merge(self, other: Curvature) -> Self:
+        """Adds the eigenvalue corrections of two fits made on the same K-FAC basis (e.g. shards of the data).
+
+        EK-FAC fits merge only when both ran their correction pass on the same factors and eigenbasis
+        (``hookinf.EKFAC(basis=merged_kfac)``): the factors are kept, the corrections and their counts add.
+        """
+        if not isinstance(other, EKFACCurvature) or other.layers != self.layers:
+            return super().merge(other)  # raises the generic error
+        if other.damping != self.damping:
+            raise CurvatureError(f"cannot merge curvatures with different damping ({self.damping} vs {other.damping}).")
         for name in self.layers:
-            for basis in ("QA", "QS"):
-                if not torch.equal(self.stat(name, basis), other.stat(name, basis)):
+            for key in ("A", "S", "positions", "QA", "QS"):
+                if not torch.equal(self.stat(name, key), other.stat(name, key)):
                     raise CurvatureError(
-                        f"cannot merge EK-FAC fits of layer '{name}': their eigenbases differ (each shard computed "
-                        f"its own). Merge the K-FAC factors instead — fit(..., method='kfac') per shard, then "
-                        f"merge — and run the correction pass of every shard on the merged basis: "
+                        f"cannot merge EK-FAC fits of layer '{name}': they were corrected in different eigenbases "
+                        f"(each fit computed its own). Merge the K-FAC factors instead — fit(..., method='kfac') per "
+                        f"shard, then merge — and run the correction pass of every shard on the merged basis: "
                         f"fit(..., method=hookinf.EKFAC(basis=merged_kfac)); those fits merge."
                     )
-        merged = super()._merge_tensors(other)
+        tensors = dict(self.tensors)
         for name in self.layers:
-            for basis in ("QA", "QS"):
-                merged[f"{name}/{basis}"] = self.stat(name, basis)
-        return merged
+            for key in ("eigen", "corrected"):
+                tensors[f"{name}/{key}"] = self.stat(name, key) + other.stat(name, key)
+        return type(self)(self.layers, self.damping, self.num_examples, tensors, self.extra)
 
 
 class _FactorAccumulator(Accumulator):
@@ -207,7 +217,8 @@ class _CorrectionAccumulator(Accumulator):
                 q_a, q_s = basis.stat(name, "QA"), basis.stat(name, "QS")
             else:
                 _, q_a, _, q_s = basis.eigenbasis(name)
-            self.rotations[name] = (q_a.to(dtype), q_s.to(dtype))
+            # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
+            self.rotations[name] = (q_a.to(dtype).contiguous(), q_s.to(dtype).contiguous())
             self.tensors[f"{name}/QA"], self.tensors[f"{name}/QS"] = self.rotations[name]
             self.tensors[f"{name}/eigen"] = torch.zeros(shape.out_features, shape.in_features, dtype=dtype)
             self.tensors[f"{name}/corrected"] = torch.zeros((), dtype=torch.float64)
