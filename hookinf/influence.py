@@ -32,6 +32,7 @@ from hookinf.losses import Fisher, SampledLoss, check_fisher
 from hookinf.methods import Method, Passes, Preconditioned, QueryMethod, resolve_method
 from hookinf.progress import track
 from hookinf.scores import Scores
+from hookinf.scoring import LowRank, layer_scores
 from hookinf.watch import ModuleSpec, Watch
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -96,6 +97,8 @@ def influence(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
+    per_token: bool = False,
+    query_rank: int | None = None,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on every query, per layer.
@@ -114,6 +117,12 @@ def influence(
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
         fisher: which labels the curvature's gradients use, see :func:`fit` (ignored for a fitted curvature).
+        per_token: also split each training example's score over its positions (tokens): ``Scores.per_token``
+            ``[n_query, n_train, T]`` per layer, summing over ``T`` to ``per_layer`` (shorter sequences are padded
+            with zeros). Every tracked layer must see the same positions (one call per forward, same ``T``).
+        query_rank: approximate each layer's preconditioned query gradient by its best rank-``k`` matrix (SVD),
+            so that scoring costs ``O(T k (O + I))`` per pair and layer instead of ``O(O I)`` (Grosse et al. 2023,
+            §3.2); ``None`` keeps them exact.
         progress: show rich progress bars.
 
     Returns:
@@ -131,16 +140,25 @@ def influence(
         if not raw[w.layers[0]]:
             raise DataError("query is empty: pass at least one batch of query examples.")
         pre = passes.precondition(solver, {name: torch.cat(parts) for name, parts in raw.items()}, train)
-        stacked = {name: grads.flatten(1) for name, grads in pre.grads.items()}  # [n_query, d_l]
+        queries: dict[str, Tensor | LowRank] = (
+            {name: LowRank.of(q, query_rank) for name, q in pre.grads.items()}
+            if query_rank is not None
+            else dict(pre.grads)
+        )
         columns: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(train, "scores"):
+            if per_token:
+                _check_positions(step)
             for name, capture in step.layers.items():
-                train_grads = capture.gradients().flatten(1).double()  # [B, d_l]
-                columns[name].append(-(stacked[name] @ train_grads.T))
+                columns[name].append(layer_scores(queries[name], capture, per_token=per_token))
         passes.check_count()
         if not columns[w.layers[0]]:
             raise DataError("train is empty: pass at least one batch of training examples.")
-        per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
+    if per_token:
+        tokens = {name: _pad_cat(parts) for name, parts in columns.items()}  # [n_query, n_train, T]
+        per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
+        return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, per_token=tokens)
+    per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
     return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas)
 
 
@@ -311,6 +329,22 @@ def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
             held, count = {}, 0
     if count:
         yield {name: torch.cat(parts) for name, parts in held.items()}
+
+
+def _check_positions(step: Step) -> None:
+    sizes = {name: int(capture.a.shape[1]) for name, capture in step.layers.items()}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"'{n}': {s}" for n, s in sizes.items())
+        raise ConfigurationError(
+            f"per_token=True needs every tracked layer to see the same positions (tokens); the layers see {shown}. "
+            f"Track only the layers applied once per token with modules=[...] (not convolutions or reused modules)."
+        )
+
+
+def _pad_cat(parts: list[Tensor]) -> Tensor:
+    """Concatenates ``[n_query, B, S_k]`` blocks along B, zero-padding the position axis to the longest."""
+    longest = max(part.shape[2] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, longest - part.shape[2])) for part in parts], dim=1)
 
 
 def _check_reiterable(data: Iterable[Any], what: str) -> None:

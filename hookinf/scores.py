@@ -42,12 +42,15 @@ class Scores:
         per_layer: layer name (model order) → ``[n_query, n_train]`` contribution of that layer.
         method: the method's name (``"exact"``, ``"identity"``, ...).
         damping: ``λ_l`` per layer as used (empty for ``identity``).
+        per_token: with ``influence(..., per_token=True)``, layer → ``[n_query, n_train, T]`` scores split over
+            the training examples' positions (summing over ``T`` to ``per_layer``); otherwise ``None``.
         total: ``[n_query, n_train]``, the sum of the per-layer parts.
     """
 
     per_layer: dict[str, Tensor]
     method: str
     damping: dict[str, float] = field(default_factory=dict)
+    per_token: dict[str, Tensor] | None = field(default=None, repr=False)
     total: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +60,12 @@ class Scores:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ConfigurationError(f"per-layer scores must all be [n_query, n_train]; got shapes {sorted(shapes)}.")
         object.__setattr__(self, "total", torch.stack(list(self.per_layer.values())).sum(dim=0))
+
+    def token_scores(self) -> Tensor:
+        """``[n_query, n_train, T]``: per-token scores summed over layers (needs ``per_token=True``)."""
+        if self.per_token is None:
+            raise ConfigurationError("these scores have no per-token split: compute them with per_token=True.")
+        return torch.stack(list(self.per_token.values())).sum(dim=0)
 
     @property
     def layers(self) -> tuple[str, ...]:

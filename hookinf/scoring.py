@@ -1,0 +1,63 @@
+"""Scoring training steps against preconditioned queries, straight from the captured factors (pure functions).
+
+For one layer with preconditioned query matrices ``Q̃_q`` ``[O, I]`` and a training example's factors ``a`` ``[S, I]``
+and ``δ`` ``[S, O]``, the score is ``−⟨Q̃_q, Σ_s δ_s a_sᵀ⟩ = −Σ_s δ_sᵀ Q̃_q a_s``: each term is the part of the
+score carried by position ``s`` (a token), so per-token scores sum to the example's score (Grosse et al. 2023,
+§3.3, token-wise attribution). With a rank-``k`` approximation ``Q̃_q ≈ Σ_r σ_r u_r v_rᵀ`` (Grosse et al. 2023,
+§3.2, low-rank query gradients) the score is ``−Σ_s Σ_r σ_r (δ_s·u_r)(v_r·a_s)``: ``O(S k (O + I))`` per pair.
+
+Index conventions: ``q`` queries, ``b`` training examples, ``s`` positions, ``o``/``i`` output/input features,
+``k`` rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hookinf.capture import LayerCapture
+from hookinf.errors import ConfigurationError
+from hookinf.linalg import einsum
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Rank-``k`` factors of preconditioned query matrices: ``Q̃_q ≈ left_q @ right_qᵀ``.
+
+    Attributes:
+        left: ``[n_query, O, k]`` (``U_k diag(σ_k)``).
+        right: ``[n_query, I, k]`` (``V_k``).
+    """
+
+    left: Tensor
+    right: Tensor
+
+    @classmethod
+    def of(cls, queries: Tensor, rank: int) -> LowRank:
+        """Truncated SVD of each query matrix ``[n_query, O, I]`` (rank clipped to ``min(O, I)``)."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ConfigurationError(f"query_rank={rank!r} must be a positive integer or None.")
+        u, sigma, vh = torch.linalg.svd(queries, full_matrices=False)
+        k = min(rank, sigma.shape[-1])
+        return cls(u[..., :k] * sigma[..., None, :k], vh[..., :k, :].transpose(-1, -2))
+
+
+def layer_scores(queries: Tensor | LowRank, capture: LayerCapture, *, per_token: bool = False) -> Tensor:
+    """``−⟨Q̃_q, g_b⟩`` for every query and training example of a step (one layer), float64.
+
+    Args:
+        queries: preconditioned query matrices ``[n_query, O, I]`` or their :class:`LowRank` factors.
+        capture: the training step's factors for this layer.
+        per_token: keep the position axis.
+
+    Returns:
+        ``[n_query, B]``, or ``[n_query, B, S]`` with ``per_token``.
+    """
+    a = capture.a.double()
+    delta = capture.delta.double()
+    out = "qbs" if per_token else "qb"
+    if isinstance(queries, LowRank):
+        return -einsum(f"bso,qok,bsi,qik->{out}", delta, queries.left, a, queries.right)
+    return -einsum(f"qoi,bso,bsi->{out}", queries, delta, a)
