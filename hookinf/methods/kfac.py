@@ -73,7 +73,11 @@ def _precondition(prepared: _Eigen, grads: Tensor) -> Tensor:
 
 
 def _check_positive(layer: str, eigen: Tensor, lam: float, damping: Damping) -> None:
-    if float(eigen.min()) + lam <= 0:
+    # Rounding turns an exact zero direction (e.g. the last layer under cross-entropy, whose output gradients sum to
+    # zero over classes) into ±1e-20, so refuse damped eigenvalues below numpy.linalg.matrix_rank's tolerance.
+    damped = eigen + lam
+    tol = eigen.numel() * torch.finfo(torch.float64).eps * float(damped.max())
+    if float(damped.min()) <= tol:
         raise CurvatureError(
             f"layer '{layer}': the damped curvature has a zero eigenvalue (λ={lam:.3g}, {damping}), so it cannot be "
             f"inverted. Use a positive damping (e.g. damping=0.1 or hookinf.Damping(absolute=1e-3))."
