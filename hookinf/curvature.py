@@ -227,9 +227,9 @@ class Curvature(ABC):
 
     # ------------------------------------------------------------------ display
     def summary_table(self) -> Table:
-        """Per layer: shape, examples, ``λ_l``, eigenvalue range and condition number of the damped block."""
+        """Per layer: shape, positions (tokens/patches) seen, ``λ_l``, eigenvalue range, damped condition number."""
         table = Table(title=f"{self.method} curvature over {self.num_examples} examples ({self.damping} damping)")
-        for column in ("layer", "O×I", "d", "λ", "eigenvalues", "condition (damped)"):
+        for column in ("layer", "O×I", "d", "positions", "λ", "eigenvalues", "condition (damped)"):
             table.add_column(column, justify="left" if column == "layer" else "right")
         for name, shape in self.layers.items():
             low, high = self._eigen_range(name)
@@ -239,6 +239,7 @@ class Curvature(ABC):
                 name or "<model>",
                 f"{shape.out_features}×{shape.in_features}",
                 str(shape.dim),
+                f"{int(self.stat(name, 'positions')):,}" if f"{name}/positions" in self.tensors else "—",
                 f"{lam:.3g}",
                 f"[{low:.2e}, {high:.2e}]",
                 f"{cond:.3g}",

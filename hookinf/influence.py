@@ -15,7 +15,7 @@ loss with ``torch.autograd.grad`` (so the parameters' ``.grad`` are never touche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from hookinf.damping import Damping, as_damping
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.losses import Fisher, SampledLoss, check_fisher
 from hookinf.methods import Method, Passes, Preconditioned, QueryMethod, resolve_method
-from hookinf.progress import track
+from hookinf.progress import PassProgress
 from hookinf.scores import Scores
 from hookinf.scoring import LowRank, layer_scores
 from hookinf.watch import ModuleSpec, Watch
@@ -255,40 +255,48 @@ class _Passes:
     def steps(self, data: Iterable[Any], description: str, sample: torch.Generator | None = None) -> Iterator[Step]:
         """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher)."""
         seen = 0
-        for batch in track(data, description, enabled=self.progress):
-            before = self.watch.steps
-            with torch.enable_grad():
-                if sample is not None:
-                    assert isinstance(self.loss_fn, SampledLoss)
-                    losses = self.loss_fn.sampled(self.model, batch, sample)
-                else:
-                    losses = self.loss_fn(self.model, batch)
-                if not isinstance(losses, Tensor) or losses.dim() > 1:
-                    shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                    raise DataError(
-                        f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
-                    )
-                if not losses.requires_grad:
-                    raise DataError(
-                        "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
-                        "detach the output? hookinf needs to differentiate it."
-                    )
-                torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
-            if self.watch.steps == before:
-                raise CaptureError(
-                    f"the loss of a {description} batch does not depend on any tracked layer "
-                    f"({', '.join(self.watch.layers)}); check loss_fn and modules=."
-                )
-            step = self.watch.last_step
-            assert step is not None
-            if losses.dim() == 1 and losses.shape[0] != step.batch_size:
-                raise DataError(
-                    f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
-                    f"one loss per example (shape [B]) or their sum."
-                )
-            seen += step.batch_size
-            yield step
+        total = len(data) if isinstance(data, Sized) else None
+        with PassProgress(description, total, enabled=self.progress) as bar:
+            for batch in data:
+                step = self._step(batch, description, sample)
+                seen += step.batch_size
+                yield step
+                bar.advance(step.batch_size)
         self.counts.setdefault(id(data), set()).add(seen)
+
+    def _step(self, batch: Any, description: str, sample: torch.Generator | None) -> Step:
+        """Runs ``loss_fn`` on one batch, differentiates it and returns the captured step."""
+        before = self.watch.steps
+        with torch.enable_grad():
+            if sample is not None:
+                assert isinstance(self.loss_fn, SampledLoss)
+                losses = self.loss_fn.sampled(self.model, batch, sample)
+            else:
+                losses = self.loss_fn(self.model, batch)
+            if not isinstance(losses, Tensor) or losses.dim() > 1:
+                shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise DataError(
+                    f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
+                )
+            if not losses.requires_grad:
+                raise DataError(
+                    "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
+                    "detach the output? hookinf needs to differentiate it."
+                )
+            torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
+        if self.watch.steps == before:
+            raise CaptureError(
+                f"the loss of a {description} batch does not depend on any tracked layer "
+                f"({', '.join(self.watch.layers)}); check loss_fn and modules=."
+            )
+        step = self.watch.last_step
+        assert step is not None
+        if losses.dim() == 1 and losses.shape[0] != step.batch_size:
+            raise DataError(
+                f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
+                f"one loss per example (shape [B]) or their sum."
+            )
+        return step
 
     def check_count(self) -> None:
         """Refuses a ``train`` that yielded a different number of examples on different passes."""

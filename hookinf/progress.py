@@ -37,3 +37,44 @@ def track(items: Iterable[T], description: str, *, enabled: bool, unit: str = "b
         for item in items:
             yield item
             bar.advance(task)
+
+
+class PassProgress:
+    """A transient progress bar for one pass over data: batches done / total and examples per second.
+
+    Use as a context manager; call :meth:`advance` after each batch with its number of examples. Shows nothing when
+    disabled or when the output is not a terminal.
+    """
+
+    def __init__(self, description: str, total: int | None, *, enabled: bool) -> None:
+        console = Console(stderr=True)
+        self._bar: Progress | None = None
+        if enabled and console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("batches · {task.fields[examples]} examples · {task.fields[rate]} ex/s"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            self._task = self._bar.add_task(description, total=total, examples=0, rate="—")
+        self._examples = 0
+
+    def __enter__(self) -> PassProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, examples: int) -> None:
+        """Marks one batch of ``examples`` examples as done."""
+        self._examples += examples
+        if self._bar is not None:
+            elapsed = self._bar.tasks[0].elapsed or 0.0
+            rate = f"{self._examples / elapsed:,.0f}" if elapsed > 0 else "—"
+            self._bar.update(self._task, advance=1, examples=self._examples, rate=rate)
