@@ -6,6 +6,7 @@ influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` 
 """
 
 from hookinf.capture import LayerCapture, Step
+from hookinf.compress import Compressor, Dropout, Gaussian, LoGra
 from hookinf.curvature import Curvature, LayerShape, load
 from hookinf.damping import Damping
 from hookinf.errors import (
@@ -53,6 +54,11 @@ __all__ = [
     "Damping",
     "CrossEntropy",
     "SampledLoss",
+    # compression
+    "Compressor",
+    "LoGra",
+    "Dropout",
+    "Gaussian",
     # results
     "Scores",
     "TopK",

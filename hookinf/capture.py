@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from hookinf.errors import ConfigurationError
 from hookinf.layers.base import LayerAdapter
 from hookinf.linalg import per_example_gradients
 
@@ -24,13 +25,14 @@ class LayerCapture:
         name: the layer's qualified name in ``model.named_modules()``.
         a: activations ``[B, S, I]`` (ones column last when the layer has a tracked bias).
         delta: output gradients ``[B, S, O]``, per-example scaled.
-        adapter: the layer's adapter (maps gradient matrices back to parameter shapes).
+        adapter: the layer's adapter (maps gradient matrices back to parameter shapes); ``None`` for a compressed
+            capture, whose gradient lives in the compressed space.
     """
 
     name: str
     a: Tensor
     delta: Tensor
-    adapter: LayerAdapter = field(repr=False)
+    adapter: LayerAdapter | None = field(repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +45,8 @@ class LayerCapture:
 
     def param_gradients(self) -> dict[str, Tensor]:
         """Per-example gradients in the layer's parameter shapes: ``{"weight": [B, *w.shape], "bias": [B, O]}``."""
+        if self.adapter is None:
+            raise ConfigurationError(f"layer '{self.name}': a compressed capture has no parameter-shaped gradients.")
         return self.adapter.param_gradients(self.gradients())
 
 

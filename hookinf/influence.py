@@ -25,9 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
+from hookinf.compress import Compressor, LoGra
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
-from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.errors import CaptureError, ConfigurationError, CurvatureError, DataError
 from hookinf.losses import Fisher, SampledLoss, check_fisher
 from hookinf.methods import Method, Passes, Preconditioned, QueryMethod, resolve_method
 from hookinf.progress import PassProgress
@@ -48,6 +49,7 @@ def fit(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping = 0.1,
     fisher: Fisher = "empirical",
+    compress: Compressor | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> Curvature:
@@ -65,6 +67,8 @@ def fit(
         fisher: ``"empirical"`` (gradients at the given labels, the default) or ``"sampled"`` (labels drawn from
             the model, the true Fisher; needs a loss with a ``sampled`` method such as :class:`hookinf.CrossEntropy`).
             Scores always use the given labels.
+        compress: fit in a compressed gradient space (``hookinf.LoGra``, ``hookinf.Dropout``,
+            ``hookinf.Gaussian``); the curvature remembers the compressor and must be used with the same one.
         dtype: the dtype statistics accumulate in; default float64 for a float64 model and float32 otherwise.
         progress: show rich progress bars (one per pass).
 
@@ -81,7 +85,7 @@ def fit(
     damp = as_damping(damping)
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress)
+        passes = _Passes(model, w, loss_fn, progress, compress)
         curvature = passes.curvature(resolved, train, damp, dtype, fisher)
         assert isinstance(curvature, Curvature)
         return curvature
@@ -97,6 +101,7 @@ def influence(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
+    compress: Compressor | None = None,
     per_token: bool = False,
     query_rank: int | None = None,
     progress: bool = True,
@@ -117,6 +122,10 @@ def influence(
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
         fisher: which labels the curvature's gradients use, see :func:`fit` (ignored for a fitted curvature).
+        compress: compute influence in a compressed gradient space: ``hookinf.LoGra(r_in, r_out)`` (projected
+            factors; every method, K-FAC/EK-FAC included, runs on them), ``hookinf.Dropout(r=...)`` (kept entries)
+            or ``hookinf.Gaussian(r)``; the damping rule applies with the compressed dimension
+            (``λ'_l = damping × tr(G'_l)/r'_l``). Per-layer parts are kept.
         per_token: also split each training example's score over its positions (tokens): ``Scores.per_token``
             ``[n_query, n_train, T]`` per layer, summing over ``T`` to ``per_layer`` (shorter sequences are padded
             with zeros). Every tracked layer must see the same positions (one call per forward, same ``T``).
@@ -130,8 +139,13 @@ def influence(
     """
     _check_reiterable(train, "train")
     _check_reiterable(query, "query")
+    if per_token and compress is not None and not isinstance(compress, LoGra):
+        raise ConfigurationError(
+            f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
+            f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
+        )
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress)
+        passes = _Passes(model, w, loss_fn, progress, compress)
         solver = passes.curvature(method, train, damping, None, fisher)
         raw: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(query, "query gradients"):
@@ -171,6 +185,7 @@ def self_influence(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
+    compress: Compressor | None = None,
     progress: bool = True,
 ) -> Tensor:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
@@ -183,7 +198,7 @@ def self_influence(
     """
     _check_reiterable(train, "train")
     with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress)
+        passes = _Passes(model, w, loss_fn, progress, compress)
         solver = passes.curvature(method, train, damping, None, fisher)
         values: list[Tensor] = []
         if isinstance(solver, Curvature):
@@ -207,13 +222,23 @@ def self_influence(
 class _Passes:
     """Runs passes of ``loss_fn`` over data inside one watch and yields the captured steps."""
 
-    def __init__(self, model: nn.Module, w: Watch, loss_fn: LossFn, progress: bool) -> None:
+    def __init__(
+        self, model: nn.Module, w: Watch, loss_fn: LossFn, progress: bool, compress: Compressor | None
+    ) -> None:
         self.model = model
         self.watch = w
         self.loss_fn = loss_fn
         self.progress = progress
         self.params = [p for m in w.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
-        self.shapes = {name: LayerShape.of(adapter) for name, adapter in w.adapters.items()}
+        shapes = {name: LayerShape.of(adapter) for name, adapter in w.adapters.items()}
+        if compress is not None and not isinstance(compress, Compressor):
+            raise ConfigurationError(
+                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
+                f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
+            )
+        self.compressor = compress.bind(shapes) if compress is not None else None
+        self.shapes = self.compressor.shapes if self.compressor is not None else shapes
+        self.compress_config = compress.config() if compress is not None else None
         self.counts: dict[int, set[int]] = {}  # id(data) → example counts of its passes
 
     def curvature(
@@ -230,6 +255,12 @@ class _Passes:
         """
         check_fisher(fisher, self.loss_fn)
         if isinstance(method, Curvature):
+            fitted_with = method.extra.get("compressor")
+            if fitted_with != self.compress_config:
+                raise CurvatureError(
+                    f"this {method.method} curvature was fitted with compress={fitted_with} but is used with "
+                    f"compress={self.compress_config}; pass the same compressor as when fitting."
+                )
             method.check_compatible(self.shapes)
             return method if damping is None else method.with_damping(as_damping(damping))
         resolved = resolve_method(method)
@@ -242,7 +273,10 @@ class _Passes:
 
         if isinstance(resolved, QueryMethod):
             return _Streaming(resolved, passes, damp)
-        return resolved.fit(passes, self.shapes, damp, statistics_dtype(self.params, dtype))
+        curvature = resolved.fit(passes, self.shapes, damp, statistics_dtype(self.params, dtype))
+        if self.compress_config is not None:
+            curvature.extra["compressor"] = self.compress_config
+        return curvature
 
     def precondition(
         self, solver: Curvature | _Streaming, queries: dict[str, Tensor], train: Iterable[Any]
@@ -260,7 +294,7 @@ class _Passes:
             for batch in data:
                 step = self._step(batch, description, sample)
                 seen += step.batch_size
-                yield step
+                yield self.compressor.compress(step) if self.compressor is not None else step
                 bar.advance(step.batch_size)
         self.counts.setdefault(id(data), set()).add(seen)
 

@@ -1,0 +1,88 @@
+"""Gradient compressors: per layer, a seeded map from captured factors to a compressed gradient.
+
+A compressor is configured once (a frozen dataclass: ranks, seed) and *bound* to the tracked layers' shapes, which
+draws each layer's projection from ``(seed, layer name)`` in float64 (so a float32 and a float64 model get the same
+projection up to rounding). A bound compressor maps every :class:`~hookinf.capture.LayerCapture` of a step to a
+compressed capture of the same canonical form, so every influence method runs unchanged in the compressed space:
+
+* LoGra keeps the factor structure: ``a' = a P_inᵀ`` ``[B, S, r_in]``, ``δ' = δ P_outᵀ`` ``[B, S, r_out]``, and
+  the compressed gradient is ``Σ_s δ'_s a'_sᵀ = P_out g P_inᵀ`` (``(P_out ⊗ P_in) vec(g)``).
+* Dropout and Gaussian give a vector ``g'`` ``[B, r]`` stored as ``δ' = g'`` ``[B, 1, r]`` with ``a' = 1``
+  ``[B, 1, 1]``, i.e. an ``[r, 1]`` gradient matrix.
+
+Each bound compressor exposes what it did (:meth:`BoundCompressor.projection`, the explicit ``[r, d]`` matrix) so
+tests can check it against the projection of a ``torch.func`` gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hookinf.capture import LayerCapture, Step
+from hookinf.curvature import LayerShape
+
+
+def layer_generator(seed: int, layer: str) -> torch.Generator:
+    """A generator seeded from ``seed`` and the layer's name (stable across runs and processes)."""
+    digest = hashlib.sha256(f"{seed}:{layer}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class Compressor(ABC):
+    """Configuration of a compressor (ranks, seed); :meth:`bind` draws the per-layer projections."""
+
+    #: short name used in manifests and reports.
+    kind: str
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready configuration (identifies the compressor in stores and curvatures)."""
+        return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
+
+    @abstractmethod
+    def bind(self, shapes: Mapping[str, LayerShape]) -> BoundCompressor:
+        """Draws the projections for the given layers."""
+
+
+class BoundCompressor(ABC):
+    """A compressor with its projections drawn for specific layers.
+
+    Attributes:
+        compressor: the configuration.
+        shapes: compressed layer shapes ``(O', I')`` per layer, in model order.
+    """
+
+    def __init__(self, compressor: Compressor, shapes: Mapping[str, LayerShape]) -> None:
+        self.compressor = compressor
+        self.original = dict(shapes)
+        self.shapes: dict[str, LayerShape] = {}
+
+    def compress(self, step: Step) -> Step:
+        """The step with every layer's factors replaced by their compressed form."""
+        layers = {name: self.compress_layer(capture) for name, capture in step.layers.items()}
+        return Step(index=step.index, batch_size=step.batch_size, layers=layers)
+
+    @abstractmethod
+    def compress_layer(self, capture: LayerCapture) -> LayerCapture:
+        """Compressed factors of one layer."""
+
+    @abstractmethod
+    def projection(self, layer: str) -> Tensor:
+        """The explicit ``[r, d]`` matrix (float64) with ``vec(compressed g) = projection @ vec(g)``."""
+
+
+def vector_capture(name: str, compressed: Tensor) -> LayerCapture:
+    """A ``[B, r]`` compressed gradient in canonical form: ``δ' = g'`` ``[B, 1, r]``, ``a' = 1`` ``[B, 1, 1]``."""
+    ones = compressed.new_ones(compressed.shape[0], 1, 1)
+    return LayerCapture(name=name, a=ones, delta=compressed[:, None, :], adapter=None)
+
+
+def vector_shape(r: int) -> LayerShape:
+    """The :class:`LayerShape` of an ``r``-dimensional compressed gradient."""
+    return LayerShape(r, 1, ())

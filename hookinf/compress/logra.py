@@ -1,0 +1,90 @@
+"""LoGra (Choe et al. 2024, "What is your data worth to GPT?"): Kronecker-factored projection of the factors.
+
+Per layer, ``P_in ∈ R^{r_in × I}`` (``I`` counts the bias coordinate) and ``P_out ∈ R^{r_out × O}``; an example's
+compressed gradient is ``Σ_s (P_out δ_s)(P_in a_s)ᵀ = P_out g P_inᵀ``, i.e. ``(P_out ⊗ P_in) vec(g)``, at a cost of
+``O(S (I r_in + O r_out))`` per example — no full gradient is ever formed. Because the projected factors keep the
+canonical ``[B, S, ·]`` form, K-FAC and EK-FAC can be fitted on them directly (LogIX's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hookinf.capture import LayerCapture
+from hookinf.compress.base import BoundCompressor, Compressor, layer_generator
+from hookinf.curvature import LayerShape
+from hookinf.errors import ConfigurationError
+
+
+def draw(rows: int, cols: int, init: str, generator: torch.Generator) -> Tensor:
+    """A ``[rows, cols]`` float64 projection: Gaussian ``N(0, 1/rows)`` or with orthonormal rows."""
+    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    if init == "gaussian":
+        return gaussian / math.sqrt(rows)
+    q, r = torch.linalg.qr(gaussian.T)  # [cols, rows] with orthonormal columns
+    basis: Tensor = q * torch.sign(torch.diagonal(r))  # sign fix: a unique, seed-determined basis
+    return basis.T
+
+
+@dataclass(frozen=True)
+class LoGra(Compressor):
+    """LoGra's per-layer projections ``P_in`` ``[r_in, I]`` and ``P_out`` ``[r_out, O]``.
+
+    Attributes:
+        r_in: input rank (clipped to each layer's ``I``).
+        r_out: output rank (clipped to each layer's ``O``).
+        init: ``"gaussian"`` (entries ``N(0, 1/r)``) or ``"orthogonal"`` (orthonormal rows; at full rank the
+            projection is orthogonal and influence is unchanged).
+        seed: seeds every layer's projections (combined with the layer's name).
+    """
+
+    r_in: int
+    r_out: int
+    init: Literal["gaussian", "orthogonal"] = "gaussian"
+    seed: int = 0
+    kind = "logra"
+
+    def __post_init__(self) -> None:
+        for name in ("r_in", "r_out"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"LoGra({name}={value!r}) must be a positive integer.")
+        if self.init not in ("gaussian", "orthogonal"):
+            raise ConfigurationError(f"LoGra(init={self.init!r}) must be 'gaussian' or 'orthogonal'.")
+
+    def bind(self, shapes: Mapping[str, LayerShape]) -> BoundLoGra:
+        """Draws ``P_in`` and ``P_out`` for each layer."""
+        return BoundLoGra(self, shapes)
+
+
+class BoundLoGra(BoundCompressor):
+    """LoGra projections drawn for specific layers."""
+
+    compressor: LoGra
+
+    def __init__(self, compressor: LoGra, shapes: Mapping[str, LayerShape]) -> None:
+        super().__init__(compressor, shapes)
+        self.p_in: dict[str, Tensor] = {}
+        self.p_out: dict[str, Tensor] = {}
+        for name, shape in shapes.items():
+            r_in, r_out = min(compressor.r_in, shape.in_features), min(compressor.r_out, shape.out_features)
+            generator = layer_generator(compressor.seed, name)
+            self.p_in[name] = draw(r_in, shape.in_features, compressor.init, generator)
+            self.p_out[name] = draw(r_out, shape.out_features, compressor.init, generator)
+            self.shapes[name] = LayerShape(r_out, r_in, ())
+
+    def compress_layer(self, capture: LayerCapture) -> LayerCapture:
+        """``a' = a P_inᵀ``, ``δ' = δ P_outᵀ``."""
+        p_in = self.p_in[capture.name].to(dtype=capture.a.dtype, device=capture.a.device)
+        p_out = self.p_out[capture.name].to(dtype=capture.delta.dtype, device=capture.delta.device)
+        return LayerCapture(name=capture.name, a=capture.a @ p_in.T, delta=capture.delta @ p_out.T, adapter=None)
+
+    def projection(self, layer: str) -> Tensor:
+        """``P_out ⊗ P_in`` ``[r_out r_in, O I]``."""
+        return torch.kron(self.p_out[layer], self.p_in[layer])
