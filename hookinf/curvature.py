@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from hookinf.damping import Damping
 from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
+from hookinf.io import atomic_write
 from hookinf.layers.base import LayerAdapter
 
 FORMAT_VERSION = 1
@@ -205,7 +205,7 @@ class Curvature(ABC):
         tensors = {key: value.contiguous() for key, value in self.tensors.items()}
         digest = _digest(tensors)
         tensor_file = f"curvature-{digest}.safetensors"
-        _atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, str(tmp)))
         manifest = {
             "format": "hookinf.curvature",
             "version": FORMAT_VERSION,
@@ -219,7 +219,7 @@ class Curvature(ABC):
             "extra": self.extra,
         }
         text = json.dumps(manifest, indent=2)
-        _atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         for stale in directory.glob("curvature-*.safetensors"):
             if stale.name != tensor_file:
                 stale.unlink(missing_ok=True)
@@ -304,22 +304,3 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
         h.update(key.encode())
         h.update(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    """Writes through ``write(tmp_path)`` to a temporary file in the same directory, fsyncs, then renames."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

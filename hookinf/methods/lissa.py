@@ -47,11 +47,13 @@ class LiSSA(QueryMethod):
     name = "lissa"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.depth, int) or self.depth < 1:
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
             raise ConfigurationError(f"LiSSA(depth={self.depth!r}) must be a positive integer.")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise ConfigurationError(f"LiSSA(scale={self.scale!r}) must be a positive number or None.")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1
+        ):
             raise ConfigurationError(f"LiSSA(batch_size={self.batch_size!r}) must be a positive integer or None.")
 
     def precondition(

@@ -1,0 +1,130 @@
+"""Logging compressed per-example gradients into a :class:`~hookinf.store.GradientStore`.
+
+:class:`GradientLogger` consumes captured steps (from :func:`log`'s own loop, or from a :func:`hookinf.watch`
+around the user's loop), compresses them with a bound compressor, buffers them and flushes a shard every
+``flush_every`` examples — so an interruption loses at most the examples since the last flush.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hookinf.capture import Step
+from hookinf.compress import BoundCompressor, Compressor
+from hookinf.curvature import LayerShape, fingerprint
+from hookinf.errors import ConfigurationError, DataError
+from hookinf.store import GradientStore, StoreError
+
+IdsFn = Callable[[Any], Sequence[int] | Tensor]
+"""``ids(batch)`` → the ids of the batch's examples."""
+
+
+class GradientLogger:
+    """Compresses steps and appends them to a store in shards.
+
+    Args:
+        path: the store's directory (created, or resumed when it holds a compatible store).
+        compress: the compressor (its configuration and seed are recorded in the store).
+        shapes: the tracked layers' (uncompressed) shapes, in model order.
+        dtype: the dtype gradients are stored in.
+        flush_every: write a shard whenever this many examples are buffered.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        compress: Compressor,
+        shapes: Mapping[str, LayerShape],
+        dtype: torch.dtype,
+        flush_every: int = 4096,
+    ) -> None:
+        if not isinstance(compress, Compressor):
+            raise ConfigurationError(
+                f"compress={compress!r} must be a hookinf compressor (hookinf.LoGra, hookinf.Dropout, "
+                f"hookinf.Gaussian)."
+            )
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
+        self.bound: BoundCompressor = compress.bind(shapes)
+        self.store = GradientStore.create(
+            path,
+            compressor=compress.config(),
+            layers=self.bound.shapes,
+            original=shapes,
+            dtype=dtype,
+            fingerprint=fingerprint(shapes),
+        )
+        self.flush_every = flush_every
+        self._stored = set(self.store.ids.tolist())
+        self._ids: list[Tensor] = []
+        self._grads: dict[str, list[Tensor]] = {name: [] for name in shapes}
+        self._held = 0
+
+    def is_stored(self, example_id: int) -> bool:
+        """Whether ``example_id`` is already in the store (or buffered)."""
+        return example_id in self._stored
+
+    def add(self, ids: Tensor, step: Step) -> None:
+        """Compresses ``step`` and buffers the examples whose ids are not stored yet."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() != step.batch_size:
+            raise DataError(f"{ids.numel()} ids were given for a batch of {step.batch_size} examples.")
+        if torch.unique(ids).numel() != ids.numel():
+            raise StoreError(f"duplicate ids in one batch: {ids.tolist()}; every example needs its own id.")
+        fresh = torch.tensor([int(i) not in self._stored for i in ids], dtype=torch.bool)
+        if not bool(fresh.any()):
+            return
+        compressed = self.bound.compress(step)
+        for name, capture in compressed.layers.items():
+            self._grads[name].append(capture.gradients().flatten(1)[fresh].detach())
+        self._ids.append(ids[fresh])
+        self._stored.update(int(i) for i in ids[fresh])
+        self._held += int(fresh.sum())
+        if self._held >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered examples as one shard (nothing when the buffer is empty)."""
+        if not self._held:
+            return
+        ids = torch.cat(self._ids)
+        grads = {name: torch.cat(parts) for name, parts in self._grads.items()}
+        self.store.append(ids, grads)
+        self._ids, self._grads, self._held = [], {name: [] for name in self._grads}, 0
+
+
+def batch_size(batch: Any) -> int:
+    """The number of examples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        for item in batch:
+            if isinstance(item, Tensor | Mapping | list | tuple):
+                return batch_size(item)
+    raise DataError(
+        f"cannot tell the number of examples in a batch of type {type(batch).__name__}; pass ids=lambda batch: ... "
+        f"returning the batch's example ids."
+    )
+
+
+def batch_ids(batch: Any, ids: IdsFn | None, position: int) -> Tensor:
+    """The batch's ids: ``ids(batch)``, or positions ``position, position + 1, ...``."""
+    if ids is None:
+        return torch.arange(position, position + batch_size(batch), dtype=torch.int64)
+    out = torch.as_tensor(ids(batch), dtype=torch.int64).reshape(-1)
+    return out
+
+
+def model_dtype(modules: Iterable[nn.Module]) -> torch.dtype:
+    """The dtype of the tracked parameters (the stored gradients keep it)."""
+    for module in modules:
+        for param in module.parameters(recurse=False):
+            return param.dtype
+    return torch.float32
