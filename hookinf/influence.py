@@ -15,29 +15,24 @@ loss with ``torch.autograd.grad`` (so the parameters' ``.grad`` are never touche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
-from hookinf.compress import Compressor, LoGra
-from hookinf.curvature import Curvature, LayerShape, statistics_dtype
+from hookinf.compress import Compressor, LoGra, from_config
+from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
-from hookinf.errors import CaptureError, ConfigurationError, CurvatureError, DataError
-from hookinf.losses import Fisher, SampledLoss, check_fisher
-from hookinf.methods import Method, Passes, Preconditioned, QueryMethod, resolve_method
-from hookinf.progress import PassProgress
+from hookinf.errors import ConfigurationError, DataError
+from hookinf.losses import Fisher
+from hookinf.methods import Method, QueryMethod, resolve_method
+from hookinf.passes import DataPasses, LossFn, Streaming, check_reiterable, eval_mode
 from hookinf.scores import Scores
 from hookinf.scoring import LowRank, layer_scores
+from hookinf.store import GradientStore
 from hookinf.watch import ModuleSpec, Watch
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum (a scalar)."""
 
 
 def fit(
@@ -83,9 +78,9 @@ def fit(
             f"queries. Pass it to hookinf.influence(...) directly, or fit 'ekfac', 'kfac' or 'exact'."
         )
     damp = as_damping(damping)
-    _check_reiterable(train, "train")
-    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress, compress)
+    check_reiterable(train, "train")
+    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = DataPasses(model, w, loss_fn, progress, compress)
         curvature = passes.curvature(resolved, train, damp, dtype, fisher)
         assert isinstance(curvature, Curvature)
         return curvature
@@ -137,15 +132,16 @@ def influence(
     Returns:
         :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64).
     """
-    _check_reiterable(train, "train")
-    _check_reiterable(query, "query")
+    compress = _store_compressor(train, compress)
+    check_reiterable(train, "train")
+    check_reiterable(query, "query")
     if per_token and compress is not None and not isinstance(compress, LoGra):
         raise ConfigurationError(
             f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
             f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
         )
-    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress, compress)
+    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = DataPasses(model, w, loss_fn, progress, compress)
         solver = passes.curvature(method, train, damping, None, fisher)
         raw: dict[str, list[Tensor]] = {name: [] for name in w.layers}
         for step in passes.steps(query, "query gradients"):
@@ -168,12 +164,13 @@ def influence(
         passes.check_count()
         if not columns[w.layers[0]]:
             raise DataError("train is empty: pass at least one batch of training examples.")
+    ids = train.ids if isinstance(train, GradientStore) else None
     if per_token:
         tokens = {name: _pad_cat(parts) for name, parts in columns.items()}  # [n_query, n_train, T]
         per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
-        return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, per_token=tokens)
+        return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, per_token=tokens, ids=ids)
     per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
-    return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas)
+    return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, ids=ids)
 
 
 def self_influence(
@@ -196,9 +193,10 @@ def self_influence(
     Returns:
         ``[n_train]`` float64 tensor, in the order of ``train``.
     """
-    _check_reiterable(train, "train")
-    with _eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = _Passes(model, w, loss_fn, progress, compress)
+    compress = _store_compressor(train, compress)
+    check_reiterable(train, "train")
+    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = DataPasses(model, w, loss_fn, progress, compress)
         solver = passes.curvature(method, train, damping, None, fisher)
         values: list[Tensor] = []
         if isinstance(solver, Curvature):
@@ -219,143 +217,11 @@ def self_influence(
     return torch.cat(values)
 
 
-class _Passes:
-    """Runs passes of ``loss_fn`` over data inside one watch and yields the captured steps."""
-
-    def __init__(
-        self, model: nn.Module, w: Watch, loss_fn: LossFn, progress: bool, compress: Compressor | None
-    ) -> None:
-        self.model = model
-        self.watch = w
-        self.loss_fn = loss_fn
-        self.progress = progress
-        self.params = [p for m in w.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
-        shapes = {name: LayerShape.of(adapter) for name, adapter in w.adapters.items()}
-        if compress is not None and not isinstance(compress, Compressor):
-            raise ConfigurationError(
-                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
-                f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
-            )
-        self.compressor = compress.bind(shapes) if compress is not None else None
-        self.shapes = self.compressor.shapes if self.compressor is not None else shapes
-        self.compress_config = compress.config() if compress is not None else None
-        self.counts: dict[int, set[int]] = {}  # id(data) → example counts of its passes
-
-    def curvature(
-        self,
-        method: str | Method | QueryMethod | Curvature,
-        train: Iterable[Any],
-        damping: float | Damping | None,
-        dtype: torch.dtype | None,
-        fisher: Fisher,
-    ) -> Curvature | _Streaming:
-        """What preconditions the queries: a fitted curvature (checked), a fit of ``method``, or a query method.
-
-        A query method (DataInf, LiSSA) comes back bound to the passes over ``train`` it will stream over.
-        """
-        check_fisher(fisher, self.loss_fn)
-        if isinstance(method, Curvature):
-            fitted_with = method.extra.get("compressor")
-            if fitted_with != self.compress_config:
-                raise CurvatureError(
-                    f"this {method.method} curvature was fitted with compress={fitted_with} but is used with "
-                    f"compress={self.compress_config}; pass the same compressor as when fitting."
-                )
-            method.check_compatible(self.shapes)
-            return method if damping is None else method.with_damping(as_damping(damping))
-        resolved = resolve_method(method)
-        damp = as_damping(0.1 if damping is None else damping)
-        resolved.check(self.shapes)
-        generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
-
-        def passes(description: str) -> Iterator[Step]:
-            return self.steps(train, description, generator)
-
-        if isinstance(resolved, QueryMethod):
-            return _Streaming(resolved, passes, damp)
-        curvature = resolved.fit(passes, self.shapes, damp, statistics_dtype(self.params, dtype))
-        if self.compress_config is not None:
-            curvature.extra["compressor"] = self.compress_config
-        return curvature
-
-    def precondition(
-        self, solver: Curvature | _Streaming, queries: dict[str, Tensor], train: Iterable[Any]
-    ) -> Preconditioned:
-        """``(G_l + λ_l I)⁻¹`` (or the method's approximation) applied to ``[n, O, I]`` gradients per layer."""
-        if isinstance(solver, Curvature):
-            return Preconditioned({n: solver.apply(n, q) for n, q in queries.items()}, solver.lambdas)
-        return solver.method.precondition(queries, solver.passes, self.shapes, solver.damping)
-
-    def steps(self, data: Iterable[Any], description: str, sample: torch.Generator | None = None) -> Iterator[Step]:
-        """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher)."""
-        seen = 0
-        total = len(data) if isinstance(data, Sized) else None
-        with PassProgress(description, total, enabled=self.progress) as bar:
-            for batch in data:
-                step = self._step(batch, description, sample)
-                seen += step.batch_size
-                yield self.compressor.compress(step) if self.compressor is not None else step
-                bar.advance(step.batch_size)
-        self.counts.setdefault(id(data), set()).add(seen)
-
-    def _step(self, batch: Any, description: str, sample: torch.Generator | None) -> Step:
-        """Runs ``loss_fn`` on one batch, differentiates it and returns the captured step."""
-        before = self.watch.steps
-        with torch.enable_grad():
-            if sample is not None:
-                assert isinstance(self.loss_fn, SampledLoss)
-                losses = self.loss_fn.sampled(self.model, batch, sample)
-            else:
-                losses = self.loss_fn(self.model, batch)
-            if not isinstance(losses, Tensor) or losses.dim() > 1:
-                shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                raise DataError(
-                    f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
-                )
-            if not losses.requires_grad:
-                raise DataError(
-                    "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
-                    "detach the output? hookinf needs to differentiate it."
-                )
-            torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
-        if self.watch.steps == before:
-            raise CaptureError(
-                f"the loss of a {description} batch does not depend on any tracked layer "
-                f"({', '.join(self.watch.layers)}); check loss_fn and modules=."
-            )
-        step = self.watch.last_step
-        assert step is not None
-        if losses.dim() == 1 and losses.shape[0] != step.batch_size:
-            raise DataError(
-                f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
-                f"one loss per example (shape [B]) or their sum."
-            )
-        return step
-
-    def check_count(self) -> None:
-        """Refuses a ``train`` that yielded a different number of examples on different passes."""
-        for counts in self.counts.values():
-            if len(counts) > 1:
-                raise DataError(
-                    f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples "
-                    f"in the same order each time it is iterated (no shuffling, no random augmentation of the count)."
-                )
-
-
-@dataclass(frozen=True)
-class _Streaming:
-    """A query method bound to the training passes it streams over."""
-
-    method: QueryMethod
-    passes: Passes
-    damping: Damping
-
-
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
 
 
-def _name(solver: Curvature | _Streaming) -> str:
-    return solver.method.name if isinstance(solver, _Streaming) else solver.method
+def _name(solver: Curvature | Streaming) -> str:
+    return solver.method.name if isinstance(solver, Streaming) else solver.method
 
 
 def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
@@ -373,6 +239,19 @@ def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
         yield {name: torch.cat(parts) for name, parts in held.items()}
 
 
+def _store_compressor(train: Iterable[Any] | GradientStore, compress: Compressor | None) -> Compressor | None:
+    """The compressor to use: a store's own (``compress``, when also given, must be the same)."""
+    if not isinstance(train, GradientStore):
+        return compress
+    stored = from_config(train.compressor)
+    if compress is not None and compress.config() != train.compressor:
+        raise ConfigurationError(
+            f"compress={compress.config()} differs from the store's compressor {train.compressor}; leave compress= "
+            f"out when scoring against a store (its own compressor is used)."
+        )
+    return stored
+
+
 def _check_positions(step: Step) -> None:
     sizes = {name: int(capture.a.shape[1]) for name, capture in step.layers.items()}
     if len(set(sizes.values())) > 1:
@@ -387,37 +266,3 @@ def _pad_cat(parts: list[Tensor]) -> Tensor:
     """Concatenates ``[n_query, B, S_k]`` blocks along B, zero-padding the position axis to the longest."""
     longest = max(part.shape[2] for part in parts)
     return torch.cat([torch.nn.functional.pad(part, (0, longest - part.shape[2])) for part in parts], dim=1)
-
-
-def _check_reiterable(data: Iterable[Any], what: str) -> None:
-    if isinstance(data, DataLoader) and _order_changes(data):
-        raise DataError(
-            f"{what} is a DataLoader whose order changes between passes (shuffle=True or a random sampler); "
-            f"hookinf iterates it more than once and column j of the scores must be the same example each time. "
-            f"Use shuffle=False and a sequential sampler."
-        )
-    if iter(data) is data:
-        raise DataError(
-            f"{what} is an iterator that can be consumed only once; pass a list of batches or a DataLoader."
-        )
-
-
-def _order_changes(loader: DataLoader[Any]) -> bool:
-    """Whether two passes over ``loader`` would visit the examples in different orders (indices only)."""
-    if isinstance(loader.sampler, RandomSampler):
-        return True
-    if isinstance(loader.dataset, IterableDataset):
-        return False
-    order: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    return list(order) != list(order)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training

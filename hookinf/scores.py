@@ -44,6 +44,8 @@ class Scores:
         damping: ``λ_l`` per layer as used (empty for ``identity``).
         per_token: with ``influence(..., per_token=True)``, layer → ``[n_query, n_train, T]`` scores split over
             the training examples' positions (summing over ``T`` to ``per_layer``); otherwise ``None``.
+        ids: ``[n_train]`` ids of the training examples (one per column) when scored against a
+            :class:`~hookinf.GradientStore`; otherwise ``None`` (column ``j`` is the ``j``-th training example).
         total: ``[n_query, n_train]``, the sum of the per-layer parts.
     """
 
@@ -51,6 +53,7 @@ class Scores:
     method: str
     damping: dict[str, float] = field(default_factory=dict)
     per_token: dict[str, Tensor] | None = field(default=None, repr=False)
+    ids: Tensor | None = field(default=None, repr=False)
     total: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class Scores:
         shapes = {tuple(t.shape) for t in self.per_layer.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ConfigurationError(f"per-layer scores must all be [n_query, n_train]; got shapes {sorted(shapes)}.")
+        if self.ids is not None and tuple(self.ids.shape) != (next(iter(shapes))[1],):
+            raise ConfigurationError(f"ids {list(self.ids.shape)} must have one id per column (n_train).")
         object.__setattr__(self, "total", torch.stack(list(self.per_layer.values())).sum(dim=0))
 
     def token_scores(self) -> Tensor:

@@ -4,5 +4,17 @@ from hookinf.compress.base import BoundCompressor, Compressor
 from hookinf.compress.dropout import Dropout
 from hookinf.compress.gaussian import Gaussian
 from hookinf.compress.logra import LoGra
+from hookinf.errors import ConfigurationError
 
-__all__ = ["BoundCompressor", "Compressor", "Dropout", "Gaussian", "LoGra"]
+__all__ = ["BoundCompressor", "Compressor", "Dropout", "Gaussian", "LoGra", "from_config"]
+
+_KINDS: dict[str, type[Compressor]] = {"logra": LoGra, "dropout": Dropout, "gaussian": Gaussian}
+
+
+def from_config(config: dict[str, object]) -> Compressor:
+    """Rebuilds a compressor from :meth:`Compressor.config` (as stored in manifests)."""
+    options = dict(config)
+    kind = options.pop("kind", None)
+    if kind not in _KINDS:
+        raise ConfigurationError(f"unknown compressor kind {kind!r}; known: {sorted(_KINDS)}.")
+    return _KINDS[str(kind)](**options)
