@@ -22,9 +22,11 @@ from hookinf.errors import (
     UnsupportedModuleError,
 )
 from hookinf.influence import fit, influence, self_influence
+from hookinf.logger import log
 from hookinf.losses import CrossEntropy, SampledLoss
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK
+from hookinf.store import GradientStore, StoreError
 from hookinf.watch import Watch, watch
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "fit",
     "influence",
     "self_influence",
+    "log",
     "load",
     # capture
     "watch",
@@ -59,6 +62,7 @@ __all__ = [
     "LoGra",
     "Dropout",
     "Gaussian",
+    "GradientStore",
     # results
     "Scores",
     "TopK",
@@ -68,6 +72,7 @@ __all__ = [
     "ConfigurationError",
     "CurvatureError",
     "DataError",
+    "StoreError",
     "NestedWatchError",
     "NonFiniteGradientError",
     "NoTrackableModuleError",

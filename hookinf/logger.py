@@ -8,7 +8,7 @@ around the user's loop), compresses them with a bound compressor, buffers them a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -18,7 +18,10 @@ from hookinf.capture import Step
 from hookinf.compress import BoundCompressor, Compressor
 from hookinf.curvature import LayerShape, fingerprint
 from hookinf.errors import ConfigurationError, DataError
+from hookinf.passes import DataPasses, LossFn, eval_mode
+from hookinf.progress import PassProgress
 from hookinf.store import GradientStore, StoreError
+from hookinf.watch import ModuleSpec, Watch
 
 IdsFn = Callable[[Any], Sequence[int] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples."""
@@ -128,3 +131,53 @@ def model_dtype(modules: Iterable[nn.Module]) -> torch.dtype:
         for param in module.parameters(recurse=False):
             return param.dtype
     return torch.float32
+
+
+def log(
+    model: nn.Module,
+    train: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    compress: Compressor,
+    path: str | os.PathLike[str],
+    ids: IdsFn | None = None,
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    flush_every: int = 4096,
+    progress: bool = True,
+) -> GradientStore:
+    """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
+
+    Args:
+        model: the model (left unchanged; run in eval mode).
+        train: batches of training examples (iterated once; a generator is fine).
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        compress: the compressor (``hookinf.LoGra(16, 16)``, ``hookinf.Dropout(r=...)``, ``hookinf.Gaussian(r)``).
+        path: the store's directory. When it already holds a store of the same compressor and model, logging
+            resumes: batches whose ids are all stored are skipped without running the model, and the store ends
+            with every id exactly once.
+        ids: ``ids(batch)`` → the batch's example ids (ints); by default an example's id is its position in
+            ``train``.
+        modules: which layers to track (see :func:`hookinf.watch`).
+        flush_every: a shard is written at least every this many examples (what an interruption can lose).
+        progress: show a rich progress bar.
+
+    Returns:
+        The :class:`GradientStore`; pass it as ``train`` to :func:`hookinf.influence` / :func:`self_influence`.
+    """
+    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
+        passes = DataPasses(model, w, loss_fn, progress=False, compress=None)
+        logger = GradientLogger(path, compress, passes.shapes, model_dtype(w.modules.values()), flush_every)
+        total = len(train) if isinstance(train, Sized) else None
+        position = 0
+        with PassProgress("log gradients", total, enabled=progress) as bar:
+            for batch in train:
+                example_ids = batch_ids(batch, ids, position)
+                position += int(example_ids.numel())
+                if all(logger.is_stored(int(i)) for i in example_ids):
+                    bar.advance(0)
+                    continue
+                step = passes.step(batch, "log")
+                logger.add(example_ids, step)
+                bar.advance(step.batch_size)
+        logger.flush()
+    return logger.store

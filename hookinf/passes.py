@@ -119,7 +119,7 @@ class DataPasses:
         total = len(data) if isinstance(data, Sized) else None
         with PassProgress(description, total, enabled=self.progress) as bar:
             for batch in data:
-                step = self._step(batch, description, sample)
+                step = self.step(batch, description, sample)
                 seen += step.batch_size
                 yield self.compressor.compress(step) if self.compressor is not None else step
                 bar.advance(step.batch_size)
@@ -143,7 +143,7 @@ class DataPasses:
                 yield step
                 bar.advance(step.batch_size)
 
-    def _step(self, batch: Any, description: str, sample: torch.Generator | None) -> Step:
+    def step(self, batch: Any, description: str, sample: torch.Generator | None = None) -> Step:
         """Runs ``loss_fn`` on one batch, differentiates it and returns the captured step."""
         before = self.watch.steps
         with torch.enable_grad():

@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import LayerCapture, Step
+from hookinf.compress import Compressor
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import (
@@ -48,6 +50,10 @@ from hookinf.errors import (
 from hookinf.layers import LayerAdapter, adapter_for, is_supported, supported_types
 from hookinf.methods import Method, resolve_method
 from hookinf.methods.base import Accumulator
+from hookinf.store import GradientStore
+
+if TYPE_CHECKING:
+    from hookinf.logger import GradientLogger
 
 LossReduction = Literal["mean", "sum"]
 ModuleSpec = str | type[nn.Module]
@@ -64,6 +70,9 @@ def watch(
     loss_reduction: LossReduction = "mean",
     fit: str | Method | None = None,
     dtype: torch.dtype | None = None,
+    log_to: str | os.PathLike[str] | None = None,
+    compress: Compressor | None = None,
+    flush_every: int = 4096,
 ) -> Watch:
     """Captures per-example, per-layer gradient factors while the user's own code runs.
 
@@ -90,6 +99,12 @@ def watch(
             :meth:`Watch.curvature` returns the result. Run the loop at fixed weights (e.g. a zero learning rate, or
             an evaluation pass) for the statistics of one model, as :func:`hookinf.fit` computes them.
         dtype: the dtype the statistics accumulate in (default: float64 for a float64 model, else float32).
+        log_to: also log every step's compressed per-example gradients into a :class:`~hookinf.GradientStore` at
+            this directory (resumed when it exists). Tag each batch with its examples' ids before its forward —
+            the one line a loop gains: ``w.tag(ids)``. Shards are flushed every ``flush_every`` examples and when
+            the block ends (also on an exception: completed steps are kept).
+        compress: the compressor for ``log_to`` (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``).
+        flush_every: see ``log_to``.
 
     Returns:
         A :class:`Watch` to enter with ``with``.
@@ -100,7 +115,16 @@ def watch(
         PatternMatchError: an entry of ``modules`` matches no trackable module.
         UnsupportedModuleError: a module named in ``modules`` cannot be tracked.
     """
-    return Watch(model, modules=modules, loss_reduction=loss_reduction, fit=fit, dtype=dtype)
+    return Watch(
+        model,
+        modules=modules,
+        loss_reduction=loss_reduction,
+        fit=fit,
+        dtype=dtype,
+        log_to=log_to,
+        compress=compress,
+        flush_every=flush_every,
+    )
 
 
 @dataclass(eq=False)
@@ -139,6 +163,9 @@ class Watch:
         loss_reduction: LossReduction = "mean",
         fit: str | Method | None = None,
         dtype: torch.dtype | None = None,
+        log_to: str | os.PathLike[str] | None = None,
+        compress: Compressor | None = None,
+        flush_every: int = 4096,
     ) -> None:
         if loss_reduction not in get_args(LossReduction):
             raise ConfigurationError(
@@ -162,6 +189,19 @@ class Watch:
             shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
             method.check(shapes)
             self._accumulator = method.accumulator(shapes, statistics_dtype(params, dtype))
+        self._logger: GradientLogger | None = None
+        self._tag: Tensor | None = None
+        if (log_to is None) != (compress is None):
+            raise ConfigurationError(
+                "watch(log_to=..., compress=...) go together: give the store's directory and its compressor "
+                "(e.g. compress=hookinf.LoGra(16, 16))."
+            )
+        if log_to is not None and compress is not None:
+            from hookinf.logger import GradientLogger, model_dtype
+
+            shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
+            dtype_ = model_dtype(self._modules.values())
+            self._logger = GradientLogger(log_to, compress, shapes, dtype_, flush_every)
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
@@ -210,6 +250,8 @@ class Watch:
 
     def _close(self) -> None:
         self._open = False
+        if self._logger is not None:
+            self._logger.flush()  # completed steps are durable even when the block raised
         for handle in self._handles + self._tensor_handles:
             handle.remove()
         self._handles.clear()
@@ -241,6 +283,20 @@ class Watch:
         """Number of steps completed so far."""
         self._finish_step()
         return self._steps
+
+    def tag(self, ids: Sequence[int] | Tensor) -> None:
+        """Names the examples of the next batch (call it before the batch's forward) for ``log_to``."""
+        if self._logger is None:
+            raise ConfigurationError("tag() names examples for a gradient store: create the watch with log_to=... .")
+        self._finish_step()  # the previous batch's step is complete once the next batch is tagged
+        self._tag = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+
+    @property
+    def store(self) -> GradientStore:
+        """The gradient store being logged (``log_to``)."""
+        if self._logger is None:
+            raise ConfigurationError("this watch logs no gradients: create it with log_to=... and compress=... .")
+        return self._logger.store
 
     def curvature(self, damping: float | Damping = 0.1) -> Curvature:
         """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).
@@ -378,6 +434,14 @@ class Watch:
         self._steps += 1
         if self._accumulator is not None:
             self._accumulator.update(self._last_step)
+        if self._logger is not None:
+            tag, self._tag = self._tag, None
+            if tag is None:
+                raise CaptureError(
+                    "a batch was logged without ids: call w.tag(ids) with the batch's example ids before its forward "
+                    "(watch(log_to=...) stores every example under its id)."
+                )
+            self._logger.add(tag, self._last_step)
 
 
 _MISSING_HINT = (
