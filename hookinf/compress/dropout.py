@@ -51,7 +51,7 @@ class Dropout(Compressor):
         if self.r is not None:
             return min(self.r, dim)
         assert self.keep is not None
-        return max(1, min(dim, math.ceil(self.keep * dim)))
+        return max(1, min(dim, math.ceil(round(self.keep * dim, 9))))  # round: 0.07 * 100 is 7.000000000000001
 
     def bind(self, shapes: Mapping[str, LayerShape]) -> BoundDropout:
         """Draws each layer's kept entries."""
