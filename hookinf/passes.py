@@ -67,15 +67,13 @@ class DataPasses:
         """
         check_fisher(fisher, self.loss_fn)
         if isinstance(method, Curvature):
-            fitted_with = method.extra.get("compressor")
-            if fitted_with != self.compress_config:
-                raise CurvatureError(
-                    f"this {method.method} curvature was fitted with compress={fitted_with} but is used with "
-                    f"compress={self.compress_config}; pass the same compressor as when fitting."
-                )
+            check_compressor(method, self.compress_config)
             method.check_compatible(self.shapes)
             return method if damping is None else method.with_damping(as_damping(damping))
         resolved = resolve_method(method)
+        basis = getattr(resolved, "basis", None)
+        if isinstance(basis, Curvature):
+            check_compressor(basis, self.compress_config, "the EKFAC(basis=...) ")
         damp = as_damping(0.1 if damping is None else damping)
         resolved.check(self.shapes)
         if isinstance(train, GradientStore) and isinstance(resolved, KFAC | EKFAC):
@@ -194,6 +192,16 @@ class Streaming:
     method: QueryMethod
     passes: Passes
     damping: Damping
+
+
+def check_compressor(curvature: Curvature, config: dict[str, Any] | None, what: str = "this ") -> None:
+    """Refuses a curvature fitted in another (or no) compressed space than the one it is used in."""
+    fitted_with = curvature.extra.get("compressor")
+    if fitted_with != config:
+        raise CurvatureError(
+            f"{what}{curvature.method} curvature was fitted with compress={fitted_with} but is used with "
+            f"compress={config}; pass the same compressor as when fitting it."
+        )
 
 
 def check_reiterable(data: Iterable[Any] | GradientStore, what: str) -> None:

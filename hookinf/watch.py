@@ -180,6 +180,12 @@ class Watch:
         self._accumulator: Accumulator | None = None
         if fit is not None:
             method = resolve_method(fit)
+            basis = getattr(method, "basis", None)
+            if isinstance(basis, Curvature) and basis.extra.get("compressor") is not None:
+                raise ConfigurationError(
+                    f"watch(fit=EKFAC(basis=...)): the basis was fitted with compress={basis.extra['compressor']}, "
+                    f"but a watch accumulates uncompressed statistics; use hookinf.fit(..., compress=...) instead."
+                )
             if not isinstance(method, Method):
                 raise ConfigurationError(
                     f"watch(fit={method.name!r}): {method.name} has no statistics to accumulate in advance (it streams "

@@ -74,9 +74,13 @@ class BoundLoGra(BoundCompressor):
         self.p_out: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             r_in, r_out = min(compressor.r_in, shape.in_features), min(compressor.r_out, shape.out_features)
-            generator = layer_generator(compressor.seed, name)
-            self.p_in[name] = draw(r_in, shape.in_features, compressor.init, generator)
-            self.p_out[name] = draw(r_out, shape.out_features, compressor.init, generator)
+            # one generator per factor, so changing r_in leaves P_out unchanged (and Gaussian ranks nest)
+            self.p_in[name] = draw(
+                r_in, shape.in_features, compressor.init, layer_generator(compressor.seed, name + "/in")
+            )
+            self.p_out[name] = draw(
+                r_out, shape.out_features, compressor.init, layer_generator(compressor.seed, name + "/out")
+            )
             self.shapes[name] = LayerShape(r_out, r_in, ())
 
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:
