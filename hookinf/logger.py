@@ -63,13 +63,14 @@ class GradientLogger:
             fingerprint=fingerprint(shapes),
         )
         self.flush_every = flush_every
-        self._stored = set(self.store.ids.tolist())
+        self._stored = set(self.store.ids.tolist())  # already in the store when logging (re)started: skipped
+        self._logged: set[int] = set()  # logged in this run: seeing one again is an error
         self._ids: list[Tensor] = []
         self._grads: dict[str, list[Tensor]] = {name: [] for name in shapes}
         self._held = 0
 
     def is_stored(self, example_id: int) -> bool:
-        """Whether ``example_id`` is already in the store (or buffered)."""
+        """Whether ``example_id`` was in the store when logging (re)started (so it is skipped)."""
         return example_id in self._stored
 
     def add(self, ids: Tensor, step: Step) -> None:
@@ -79,14 +80,22 @@ class GradientLogger:
             raise DataError(f"{ids.numel()} ids were given for a batch of {step.batch_size} examples.")
         if torch.unique(ids).numel() != ids.numel():
             raise StoreError(f"duplicate ids in one batch: {ids.tolist()}; every example needs its own id.")
+        again = [int(i) for i in ids if int(i) in self._logged]
+        if again:
+            raise StoreError(
+                f"id {again[0]} was already logged in this run: every example must have its own id, and a store holds "
+                f"one gradient per example — log one epoch per store (or give distinct ids)."
+            )
         fresh = torch.tensor([int(i) not in self._stored for i in ids], dtype=torch.bool)
         if not bool(fresh.any()):
             return
         compressed = self.bound.compress(step)
+        everything = bool(fresh.all())
         for name, capture in compressed.layers.items():
-            self._grads[name].append(capture.gradients().flatten(1)[fresh].detach())
-        self._ids.append(ids[fresh])
-        self._stored.update(int(i) for i in ids[fresh])
+            flat = capture.gradients().flatten(1).detach()
+            self._grads[name].append(flat if everything else flat[fresh])
+        self._ids.append(ids if everything else ids[fresh])
+        self._logged.update(int(i) for i in ids[fresh])
         self._held += int(fresh.sum())
         if self._held >= self.flush_every:
             self.flush()

@@ -76,7 +76,10 @@ class GradientStore:
             self.compressor: dict[str, Any] = dict(manifest["compressor"])
             self.layers = {n: LayerShape.from_json(s) for n, s in manifest["layers"].items()}
             self.original = {n: LayerShape.from_json(s) for n, s in manifest["original"].items()}
-            self.dtype: torch.dtype = getattr(torch, manifest["dtype"])
+            dtype = getattr(torch, str(manifest["dtype"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"dtype {manifest['dtype']!r} is not a torch dtype")
+            self.dtype: torch.dtype = dtype
             self.fingerprint = str(manifest["fingerprint"])
             self.shards = [Shard(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

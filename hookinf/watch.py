@@ -19,6 +19,7 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import os
@@ -40,6 +41,7 @@ from hookinf.damping import Damping, as_damping
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
+    HookinfError,
     HookinfWarning,
     NestedWatchError,
     NonFiniteGradientError,
@@ -142,6 +144,7 @@ class _Pending:
     """What the current (not yet closed) step has received."""
 
     fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    calls: list[_Call] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.fired)
@@ -251,8 +254,23 @@ class Watch:
         try:
             if exc_type is None:
                 self._finish_step()
+            elif self._pending_is_whole():
+                # the block raised between batches: the last step's backward had finished, so it is kept (its
+                # gradients are logged); never let that mask the user's exception
+                with contextlib.suppress(HookinfError):
+                    self._finish_step()
         finally:
             self._close()
+
+    def _pending_is_whole(self) -> bool:
+        """Whether the open step's backward reached every tracked layer and every forward call it made."""
+        pending = self._pending
+        return (
+            bool(pending)
+            and not _in_backward()
+            and all(name in pending.fired for name in self.layers)
+            and all(call.done for call in pending.calls)
+        )
 
     def _close(self) -> None:
         self._open = False
@@ -372,6 +390,7 @@ class Watch:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None  # no_grad / frozen path: nothing will flow back
             call = _Call(name, adapter, adapter.activations(adapter.input_tensor(args, kwargs)))
+            self._pending.calls.append(call)
             self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
             if len(self._tensor_handles) > _HANDLE_PRUNE_AT:
                 self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
