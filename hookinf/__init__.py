@@ -25,7 +25,7 @@ from hookinf.influence import fit, influence, self_influence
 from hookinf.logger import log
 from hookinf.losses import CrossEntropy, SampledLoss
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
-from hookinf.scores import Scores, TopK
+from hookinf.scores import Scores, TopK, load_scores
 from hookinf.store import GradientStore, StoreError
 from hookinf.watch import Watch, watch
 
@@ -38,6 +38,7 @@ __all__ = [
     "self_influence",
     "log",
     "load",
+    "load_scores",
     # capture
     "watch",
     "Watch",

@@ -1,14 +1,24 @@
-"""The ``hookinf`` console script (also ``python -m hookinf``)."""
+"""The ``hookinf`` console script (also ``python -m hookinf``).
+
+Commands: ``demo`` (the embedded default), ``report SCORES_DIR`` (a terminal report of saved scores), ``info PATH``
+(what a saved curvature, gradient store or scores directory holds). A missing or corrupt file is one line on stderr
+naming the path and what is wrong, and exit status 1 — never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from hookinf.errors import HookinfError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` and runs the sub-command; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hookinf",
         description="Per-layer influence functions for PyTorch: which training examples, and which layers, "
@@ -23,12 +33,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, flips and training (default 0)")
     demo.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from hookinf.demo import run
+    report = commands.add_parser(
+        "report",
+        help="print a report of scores saved with Scores.save",
+        description="Per-layer shares, how concentrated influence is, and the most harmful and helpful training "
+        "examples of the first queries.",
+    )
+    report.add_argument("scores", metavar="SCORES_DIR", help="a directory written by Scores.save")
+    report.add_argument("--queries", type=int, default=3, help="how many queries to detail (default 3)")
+    report.add_argument("--top", type=int, default=5, help="examples per query and direction (default 5)")
+    info = commands.add_parser(
+        "info",
+        help="describe a saved curvature, gradient store or scores directory",
+        description="What a directory written by Curvature.save, hookinf.log or Scores.save holds.",
+    )
+    info.add_argument("path", metavar="PATH", help="the directory")
+    return parser
 
-        run(seed=args.seed, epochs=args.epochs)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs the sub-command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "demo":
+            from hookinf.demo import run
+
+            run(seed=args.seed, epochs=args.epochs, console=console)
+        elif args.command == "report":
+            from hookinf.report import scores_report
+            from hookinf.scores import load_scores
+
+            console.print(scores_report(load_scores(args.scores), queries=args.queries, k=args.top))
+        elif args.command == "info":
+            _info(Path(args.path), console)
+    except HookinfError as err:
+        print(f"hookinf {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _info(path: Path, console: Console) -> None:
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise HookinfError(f"{path}: not a hookinf curvature, gradient store or scores directory (no manifest.json).")
+    try:
+        kind = json.loads(manifest.read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError) as err:
+        raise HookinfError(f"{manifest}: unreadable manifest ({err}).") from err
+    if kind == "hookinf.curvature":
+        from hookinf.curvature import load
+
+        console.print(load(path))
+    elif kind == "hookinf.gradient-store":
+        from hookinf.store import GradientStore
+
+        store = GradientStore(path)
+        console.print(store)
+        console.print(f"compressor: {store.compressor}; dtype: {store.dtype}; {len(store.shards)} shards")
+        ids = store.ids
+        if len(ids):
+            console.print(f"ids: {int(ids.min())} … {int(ids.max())} ({len(ids)} examples)")
+    elif kind == "hookinf.scores":
+        from hookinf.scores import load_scores
+
+        console.print(load_scores(path))
+    else:
+        raise HookinfError(f"{manifest}: unknown format {kind!r}.")
 
 
 if __name__ == "__main__":  # pragma: no cover

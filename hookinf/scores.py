@@ -7,14 +7,20 @@ are *helpful*.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hookinf.errors import ConfigurationError
+from hookinf.errors import ConfigurationError, HookinfError
+from hookinf.io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,40 @@ class Scores:
             )
         return table
 
+    def concentration(self, fraction: float = 0.01) -> float:
+        """Share of the total |influence| held by the top ``fraction`` of (query, training example) pairs.
+
+        Influence is heavy-tailed (Grosse et al. 2023, §5.2.1): a few training examples carry most of it.
+        """
+        flat = self.total.abs().flatten()
+        k = max(1, round(fraction * flat.numel()))
+        mass = float(flat.sum()) or 1.0
+        return float(flat.topk(k).values.sum()) / mass
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Saves to the directory ``path`` (safetensors + JSON manifest, written atomically); returns it."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer/{name}": part.contiguous() for name, part in self.per_layer.items()}
+        if self.per_token is not None:
+            tensors.update({f"token/{name}": part.contiguous() for name, part in self.per_token.items()})
+        if self.ids is not None:
+            tensors["ids"] = self.ids.contiguous()
+        atomic_write(directory / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
+        manifest = {
+            "format": _FORMAT,
+            "version": 1,
+            "method": self.method,
+            "layers": list(self.per_layer),
+            "damping": self.damping,
+            "shape": list(self.shape),
+            "per_token": self.per_token is not None,
+            "ids": self.ids is not None,
+        }
+        text = json.dumps(manifest, indent=2)
+        atomic_write(directory / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return directory
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         n_query, n_train = self.shape
         yield f"Scores[{self.method}]: {n_query} queries × {n_train} training examples, {len(self.layers)} layers"
@@ -132,3 +172,31 @@ class Scores:
         for name, share in self.layer_shares().items():
             lines.append(f"  {name or '<model>':<{width}}  {share:6.1%} of |influence|")
         return "\n".join(lines)
+
+
+_FORMAT = "hookinf.scores"
+
+
+def load_scores(path: str | os.PathLike[str]) -> Scores:
+    """Loads :class:`Scores` saved by :meth:`Scores.save`.
+
+    Raises:
+        HookinfError: no scores at ``path``, or corrupt ones (the message names the path).
+    """
+    directory = Path(path)
+    if not (directory / "manifest.json").is_file():
+        raise HookinfError(f"{directory}: no hookinf scores here (missing manifest.json).")
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"format is {manifest.get('format')!r}, not {_FORMAT!r}")
+        tensors = load_file(str(directory / "scores.safetensors"))
+        per_layer = {name: tensors[f"layer/{name}"] for name in manifest["layers"]}
+        per_token = {name: tensors[f"token/{name}"] for name in manifest["layers"]} if manifest["per_token"] else None
+        ids = tensors["ids"] if manifest["ids"] else None
+        damping = {str(k): float(v) for k, v in manifest["damping"].items()}
+        return Scores(
+            per_layer=per_layer, method=str(manifest["method"]), damping=damping, per_token=per_token, ids=ids
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, ConfigurationError) as err:
+        raise HookinfError(f"{directory}: corrupt hookinf scores ({type(err).__name__}: {err}).") from err

@@ -1,0 +1,92 @@
+"""The console script's report/info commands and Scores persistence."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import MODEL_CASES
+
+import hookinf
+from hookinf.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    case = MODEL_CASES["seq-linear"]()
+    train = [case.make_batch(seed) for seed in range(3)]
+    query = [case.make_batch(10)]
+    root = tmp_path_factory.mktemp("cli")
+    scores = hookinf.influence(case.model, train, query, case.loss_fn, method="ekfac", per_token=True, progress=False)
+    curvature = hookinf.fit(case.model, train, case.loss_fn, method="kfac", progress=False)
+    store = hookinf.log(
+        case.model, train, case.loss_fn, compress=hookinf.LoGra(2, 2), path=root / "store", progress=False
+    )
+    return {
+        "scores": scores,
+        "scores_dir": scores.save(root / "scores"),
+        "curvature_dir": curvature.save(root / "curvature"),
+        "store_dir": store.path,
+        "root": root,
+    }
+
+
+def test_scores_round_trip_bit_exactly(fitted):
+    loaded = hookinf.load_scores(fitted["scores_dir"])
+    original = fitted["scores"]
+    assert loaded.layers == original.layers
+    assert loaded.method == original.method
+    assert loaded.damping == original.damping
+    for name in original.layers:
+        assert torch.equal(loaded.per_layer[name], original.per_layer[name])
+        assert torch.equal(loaded.per_token[name], original.per_token[name])
+    assert torch.equal(loaded.total, original.total)
+
+
+def test_scores_with_store_ids_round_trip(fitted):
+    case = MODEL_CASES["seq-linear"]()
+    store = hookinf.GradientStore(fitted["store_dir"])
+    scores = hookinf.influence(
+        case.model, store, [case.make_batch(10)], case.loss_fn, method="identity", progress=False
+    )
+    loaded = hookinf.load_scores(scores.save(fitted["root"] / "with-ids"))
+    assert torch.equal(loaded.ids, store.ids)
+
+
+def test_report_prints_layers_concentration_and_top_examples(fitted, capsys):
+    assert main(["report", str(fitted["scores_dir"]), "--queries", "2", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "proj" in out
+    assert "head" in out
+    assert "top 1%" in out
+    assert "Query 1: most harmful" in out
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"), [("curvature_dir", "kfac curvature"), ("store_dir", "GradientStore"), ("scores_dir", "Scores")]
+)
+def test_info_describes_each_kind_of_directory(fitted, capsys, key, expected):
+    assert main(["info", str(fitted[key])]) == 0
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["info", "report"])
+def test_missing_or_corrupt_path_is_one_line_on_stderr_and_status_1(tmp_path, command):
+    for target in (tmp_path / "missing", tmp_path / "corrupt"):
+        if target.name == "corrupt":
+            target.mkdir()
+            (target / "manifest.json").write_text("{not json")
+        proc = subprocess.run(
+            [sys.executable, "-m", "hookinf", command, str(target)], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert str(target) in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_concentration_is_a_share_between_the_uniform_and_the_top_pair(fitted):
+    scores = fitted["scores"]
+    share = scores.concentration(0.01)
+    assert 0 < share <= 1
+    assert scores.concentration(1.0) == pytest.approx(1.0)
