@@ -232,8 +232,7 @@ class _CorrectionAccumulator(Accumulator):
             q_a, q_s = self.rotations[name]
             a = capture.a.to(q_a.dtype) @ q_a  # [B, S, I] in A's eigenbasis
             d = capture.delta.to(q_s.dtype) @ q_s  # [B, S, O] in S's eigenbasis
-            rotated = einsum("bso,bsi->boi", d, a)  # Q_Sᵀ g_b Q_A
-            self.tensors[f"{name}/eigen"] += rotated.square().sum(dim=0)
+            self.tensors[f"{name}/eigen"] += squared_gradient_sum(a, d)
             self.tensors[f"{name}/corrected"] += capture.batch_size
 
     def finish(self, damping: Damping) -> EKFACCurvature:
@@ -243,6 +242,29 @@ class _CorrectionAccumulator(Accumulator):
 
 
 _KFAC_STATS = frozenset(KFACCurvature.statistics)
+_CHUNK_ELEMENTS = 2**24  # per-example gradients formed at once when S > 1 (64 MiB in float32)
+
+
+def squared_gradient_sum(a: Tensor, d: Tensor) -> Tensor:
+    """``Σ_b (Σ_s d_{b,s} a_{b,s}ᵀ)²`` (elementwise square) as ``[O, I]``; no ``[B, O, I]`` tensor when ``S = 1``.
+
+    With one position, each example's gradient is the outer product ``d_b a_bᵀ``, whose elementwise square is
+    ``(d_b ∘ d_b)(a_b ∘ a_b)ᵀ``, so the sum over the batch is one matrix product ``(d ∘ d)ᵀ (a ∘ a)``: the cost of a
+    GEMM and ``O(B (O + I))`` memory. With several positions the per-example gradients are formed in chunks of
+    examples bounded to ``_CHUNK_ELEMENTS`` numbers.
+
+    Args:
+        a: ``[B, S, I]``.
+        d: ``[B, S, O]``.
+    """
+    if a.shape[1] == 1:
+        return d[:, 0].square().T @ a[:, 0].square()
+    per_chunk = max(1, _CHUNK_ELEMENTS // (d.shape[2] * a.shape[2]))
+    total = a.new_zeros(d.shape[2], a.shape[2])
+    for start in range(0, a.shape[0], per_chunk):
+        grads = einsum("bso,bsi->boi", d[start : start + per_chunk], a[start : start + per_chunk])
+        total += grads.square().sum(dim=0)
+    return total
 
 
 @dataclass(frozen=True)
