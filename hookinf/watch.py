@@ -237,8 +237,9 @@ class Watch:
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
             # Around the whole model's forward: which tracked layers ran (catches layers whose forward() is
             # never called even when no other layer produces a step).
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward_start))
-            self._handles.append(self.model.register_forward_hook(self._on_model_forward_end))
+            # closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's watch along with it
+            self._handles.append(self.model.register_forward_pre_hook(lambda m, a: self._on_model_forward_start(m, a)))
+            self._handles.append(self.model.register_forward_hook(lambda m, a, o: self._on_model_forward_end(m, a, o)))
         except BaseException:
             self._close()
             raise
@@ -362,12 +363,18 @@ class Watch:
         return f"Watch({state}, {len(self.layers)} layers, loss_reduction={self.loss_reduction!r}, steps={self._steps})"
 
     # ------------------------------------------------------------------ hooks
+    # A deep copy of the model made inside the block (an EMA twin, a checkpoint copy) carries copies of these hook
+    # entries; every hook checks that it runs on the module it was registered on, so copies are inert.
     def _on_model_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module is not self.model:
+            return None
         if self._open and torch.is_grad_enabled() and not _in_backward() and not _in_functorch():
             self._ran = set()
         return None
 
     def _on_model_forward_end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module is not self.model:
+            return None
         ran, self._ran = self._ran, None
         if ran is None or not self._open:
             return None
@@ -380,9 +387,11 @@ class Watch:
         return None
 
     def _make_forward_hook(self, name: str, adapter: LayerAdapter) -> Any:
+        owner = self._modules[name]
+
         def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self._open or _in_functorch():
-                return None  # closed, or inside a torch.func transform (the user's own vmap/grad oracle)
+            if module is not owner or not self._open or _in_functorch():
+                return None  # a deep copy's inherited hook, closed, or inside a torch.func transform
             if self._ran is not None:
                 self._ran.add(name)
             if not _in_backward():

@@ -768,3 +768,21 @@ def test_torch_func_inside_an_active_watch_is_ignored_by_the_hooks() -> None:
     assert w.steps == 1
     assert_close_mapping(inside, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="oracle inside watch")
     assert_close_mapping(got, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="capture")
+
+
+def test_a_deep_copy_made_inside_the_block_does_not_disturb_the_watch() -> None:
+    """copy.deepcopy(model) inside the block (EMA twins, checkpoints) copies hook entries; they must stay inert."""
+    case = MODEL_CASES["mlp-bias"]()
+    expected = case.oracle()
+    with watch(case.model, loss_reduction="sum") as w:
+        twin = copy.deepcopy(case.model)
+        with watch(twin, loss_reduction="sum") as inner:
+            case.loss_fn(twin, case.batch).sum().backward()
+            twin_grads = inner.per_example_param_gradients()
+        case.losses().sum().backward()
+        got = w.per_example_param_gradients()
+        assert w.steps == 1
+    case.model.zero_grad(set_to_none=True)
+    assert_close_mapping(got, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="original")
+    assert_close_mapping(twin_grads, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="twin")
+    twin(case.batch[0])  # the copy's inherited entries are inert after the block too

@@ -23,3 +23,11 @@ def test_digits_mislabeled_finds_flips_with_mlp_and_cnn():
     for model, per_method in aucs.items():
         for method, value in per_method.items():
             assert value > 0.8, (model, method, value)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_existing_loops_with_lamb_and_adahessian_capture_what_a_plain_backward_does():
+    results = load("existing_loop_optimizers").main()
+    # float64: the captured gradients equal the plain backward's up to summation order, ~1e-16.
+    for name, value in results.items():
+        assert value < 1e-10, (name, value)
