@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -68,6 +69,9 @@ class GradientLogger:
         self._ids: list[Tensor] = []
         self._grads: dict[str, list[Tensor]] = {name: [] for name in shapes}
         self._held = 0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookinf-store")
+        self._in_flight: Future[None] | None = None
+        self.closed = False
 
     def is_stored(self, example_id: int) -> bool:
         """Whether ``example_id`` was in the store when logging (re)started (so it is skipped)."""
@@ -101,13 +105,36 @@ class GradientLogger:
             self.flush()
 
     def flush(self) -> None:
-        """Writes the buffered examples as one shard (nothing when the buffer is empty)."""
+        """Hands the buffered examples to the writer thread as one shard (nothing when the buffer is empty).
+
+        Shards are written (and fsynced) in a background thread so the training step does not wait on the disk;
+        at most one shard is in flight — a second flush waits for the first, which bounds memory.
+        """
+        self._raise_writer_error()
         if not self._held:
             return
         ids = torch.cat(self._ids)
         grads = {name: torch.cat(parts) for name, parts in self._grads.items()}
-        self.store.append(ids, grads)
         self._ids, self._grads, self._held = [], {name: [] for name in self._grads}, 0
+        if self._in_flight is not None:
+            self._in_flight.result()
+        self._in_flight = self._writer.submit(self.store.append, ids, grads)
+
+    def close(self) -> None:
+        """Flushes what is buffered and waits until every shard is durable; re-raises a failed write."""
+        try:
+            self.flush()
+            if self._in_flight is not None:
+                self._in_flight.result()
+                self._in_flight = None
+        finally:
+            self._writer.shutdown(wait=True)
+            self.closed = True
+
+    def _raise_writer_error(self) -> None:
+        if self._in_flight is not None and self._in_flight.done():
+            self._in_flight.result()  # re-raises an exception of the writer thread here
+            self._in_flight = None
 
 
 def batch_size(batch: Any) -> int:
@@ -188,5 +215,5 @@ def log(
                 step = passes.step(batch, "log")
                 logger.add(example_ids, step)
                 bar.advance(step.batch_size)
-        logger.flush()
+        logger.close()
     return logger.store

@@ -209,8 +209,8 @@ class Watch:
             from hookinf.logger import GradientLogger, model_dtype
 
             shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
-            dtype_ = model_dtype(self._modules.values())
-            self._logger = GradientLogger(log_to, compress, shapes, dtype_, flush_every)
+            self._log_config = (log_to, compress, shapes, model_dtype(self._modules.values()), flush_every)
+            self._logger = GradientLogger(*self._log_config)
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
@@ -230,6 +230,10 @@ class Watch:
                     f"layer '{name}' is already tracked by another active hookinf.watch; nested watches over the "
                     f"same model are not supported. Use the outer watch, or exit it before entering a new one."
                 )
+        if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store
+            from hookinf.logger import GradientLogger
+
+            self._logger = GradientLogger(*self._log_config)
         try:
             for name, module in self._modules.items():
                 _ACTIVE[module] = self
@@ -276,7 +280,7 @@ class Watch:
     def _close(self) -> None:
         self._open = False
         if self._logger is not None:
-            self._logger.flush()  # completed steps are durable even when the block raised
+            self._logger.close()  # completed steps are durable even when the block raised
         for handle in self._handles + self._tensor_handles:
             handle.remove()
         self._handles.clear()

@@ -840,3 +840,16 @@ def test_an_id_repeated_within_one_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="already logged in this run") as info:
         log(case, data, tmp_path / "store", ids=lambda batch: range(int(batch[0].shape[0])))
     assert isinstance(info.value, HookinfError)
+
+
+def test_a_logging_watch_entered_twice_resumes_its_store(tmp_path: Path) -> None:
+    case = mlp()
+    data = batches(case, 4)
+    w = hookinf.watch(case.model, log_to=tmp_path / "store", compress=LOGRA, modules=case.modules)
+    for part, first in ((data[:2], 0), (data[2:], 8)):
+        with w:
+            for i, batch in enumerate(part):
+                w.tag(range(first + 4 * i, first + 4 * i + 4))
+                case.losses(batch).mean().backward()
+        case.model.zero_grad(set_to_none=True)
+    assert sorted(hookinf.GradientStore(tmp_path / "store").ids.tolist()) == list(range(16))
