@@ -74,6 +74,23 @@ def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float =
     raise AssertionError("\n".join(lines))
 
 
+def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    """``max|actual − expected| ≤ tol × max|expected|`` (a tolerance relative to the largest expected entry)."""
+    __tracebackhide__ = True
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    """Test tensors are tiny: intra-op threads gain nothing, and on a shared 2-core machine OpenMP spin-waits make
+    the suite several times slower. One thread for the whole session, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close_mapping(
     actual: Mapping[str, Tensor],
     expected: Mapping[str, Tensor],

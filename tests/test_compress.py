@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_CASES, ModelCase, assert_close, func_per_example_grads
+from conftest import MODEL_CASES, ModelCase, close, func_per_example_grads
 from torch import Tensor, nn
 
 import hookinf
@@ -49,22 +49,7 @@ SUM_TOL = 1e-12
 F32_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waits make the
-    module much slower; use one thread here and restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """``max|actual − expected| ≤ tol × max|expected|`` (conftest's helper reports which entries differ)."""
-    __tracebackhide__ = True
-    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
-    assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
 
 
 def oracle_matrices(model: nn.Module, loss_fn: Any, batches: Sequence[Batch], layers: Sequence[str]) -> dict:

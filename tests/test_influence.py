@@ -49,16 +49,6 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 METHODS = ("exact", "identity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waits make the
-    module ~10× slower; use one thread here and restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 def assert_close(actual: Tensor, expected: Tensor, what: str, rtol: float = RTOL) -> None:
     """Max-norm comparison relative to ``max|expected|``; on failure, says which entries differ and by how much."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_CASES, ModelCase, assert_close, func_per_example_grads, seeded
+from conftest import MODEL_CASES, ModelCase, assert_close, close, func_per_example_grads, seeded
 from torch import Tensor, nn
 
 import hookinf
@@ -46,22 +46,7 @@ STAT_TOL = 1e-12
 EIGEN_TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waits make the
-    module much slower; use one thread here and restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """``max|actual − expected| ≤ tol × max|expected|`` (conftest's helper reports which entries differ)."""
-    __tracebackhide__ = True
-    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
-    assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
 
 
 def rebatch(batches: Sequence[Batch], size: int) -> list[Batch]:

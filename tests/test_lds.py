@@ -14,14 +14,6 @@ from hookinf.metrics import LDSResult, auc, detection_aucs, lds, lds_per_layer, 
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

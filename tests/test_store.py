@@ -19,13 +19,13 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_CASES, ModelCase, assert_close, func_per_example_grads
+from conftest import MODEL_CASES, ModelCase, close, func_per_example_grads
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -55,22 +55,7 @@ COMPRESSORS: tuple[hookinf.Compressor, ...] = (LOGRA, hookinf.Dropout(r=5, seed=
 COMPRESSOR_IDS = ("logra", "dropout", "gaussian")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine OpenMP spin-waits slow the
-    module down. Use one thread here and restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """``max|actual − expected| ≤ tol × max|expected|`` (conftest's helper reports which entries differ)."""
-    __tracebackhide__ = True
-    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
-    assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
 
 
 def mlp() -> ModelCase:

@@ -84,7 +84,21 @@ def _check_positive(layer: str, eigen: Tensor, lam: float, damping: Damping) -> 
         )
 
 
-class KFACCurvature(Curvature):
+class _KroneckerCurvature(Curvature):
+    """Shared by K-FAC and EK-FAC: a Kronecker eigenbasis with one eigenvalue per ``(o, i)`` direction."""
+
+    def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
+        return _precondition(prepared, grads)
+
+    def _lambda(self, prepared: _Eigen) -> float:
+        return prepared.lam
+
+    def _eigen_range(self, layer: str) -> tuple[float, float]:
+        eigen = self._prepared(layer).eigen
+        return float(eigen.min()), float(eigen.max())
+
+
+class KFACCurvature(_KroneckerCurvature):
     """Statistics per layer: ``A`` (Σ a aᵀ) ``[I, I]``, ``S`` (Σ δ δᵀ) ``[O, O]``, ``positions`` (T, a scalar)."""
 
     method = "kfac"
@@ -111,18 +125,8 @@ class KFACCurvature(Curvature):
         _check_positive(layer, eigen, lam, self.damping)
         return _Eigen(q_a, q_s, eigen, lam)
 
-    def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
-        return _precondition(prepared, grads)
 
-    def _lambda(self, prepared: _Eigen) -> float:
-        return prepared.lam
-
-    def _eigen_range(self, layer: str) -> tuple[float, float]:
-        eigen = self._prepared(layer).eigen
-        return float(eigen.min()), float(eigen.max())
-
-
-class EKFACCurvature(Curvature):
+class EKFACCurvature(_KroneckerCurvature):
     """K-FAC's statistics and eigenbasis plus the corrected eigenvalue sums.
 
     Statistics per layer: ``A``, ``S``, ``positions`` (as K-FAC), ``QA`` ``[I, I]`` and ``QS`` ``[O, O]`` (the
@@ -143,16 +147,6 @@ class EKFACCurvature(Curvature):
         q_a = self.stat(layer, "QA").to(torch.float64)
         q_s = self.stat(layer, "QS").to(torch.float64)
         return _Eigen(q_a, q_s, eigen, lam)
-
-    def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
-        return _precondition(prepared, grads)
-
-    def _lambda(self, prepared: _Eigen) -> float:
-        return prepared.lam
-
-    def _eigen_range(self, layer: str) -> tuple[float, float]:
-        eigen = self._prepared(layer).eigen
-        return float(eigen.min()), float(eigen.max())
 
     def merge(self, other: Curvature) -> Self:
         """Adds the eigenvalue corrections of two fits made on the same K-FAC basis (e.g. shards of the data).
