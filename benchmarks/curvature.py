@@ -1,0 +1,989 @@
+"""Curvature benchmark: hookinf's K-FAC / EK-FAC against kronfluence — speed, memory, agreement and LDS, in one run.
+
+    benchmarks/setup-bench.sh                                    # once: .venv-bench with kronfluence
+    .venv-bench/bin/python benchmarks/curvature.py [--quick]     # --quick: ~1 minute, small sizes
+
+Parts (all in one process tree, same model and data for both libraries):
+
+a. Fit speed and peak memory on a 784-1024-1024-10 MLP (float32, random init, 5,000 synthetic examples, batches of
+   256): one plain SGD epoch, ``hookinf.fit(method="ekfac" | "kfac")`` and kronfluence's ``fit_all_factors``. Each
+   fit runs in a fresh subprocess (this script with ``--worker``), which reports its time, its peak RSS growth
+   (``ru_maxrss`` after the fit minus the RSS before it) and the time of a plain epoch measured in the same process
+   right after the fit (so each "÷ epoch" ratio compares two timings taken under the same machine load).
+b. Scoring speed: 100 queries against the 5,000 training examples with the fitted EK-FAC of both libraries.
+c. Agreement of hookinf's and kronfluence's scores (EK-FAC and K-FAC, same damping and Fisher) on the digits MLP
+   (``hookinf.demo.flipped_digits``, 64-32-10, float32).
+d. Attribution quality on the digits MLP with 10% flipped labels: LDS against models retrained on random halves of
+   the training set (``hookinf.metrics.retrain_subsets``) and mislabel-detection AUC, per method.
+e. LDS against damping × Fisher for ``ekfac`` and ``exact`` (which defaults hookinf should use).
+
+Without kronfluence installed every kronfluence cell reads "kronfluence not installed". A full run (not --quick)
+also writes the tables to ``benchmarks/results/curvature.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+import hookinf
+from hookinf.metrics import detection_aucs, lds, retrain_subsets, spearman
+
+try:
+    import kronfluence
+except ImportError:  # the benchmark runs without it; its columns then say so
+    kronfluence = None
+
+MISSING = "kronfluence not installed"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "curvature.md"
+DAMPINGS = (0.001, 0.01, 0.1, 1.0)
+FISHERS = ("empirical", "sampled")
+SEED = 0
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+KRON_VERSION = _dist_version("kronfluence") if kronfluence is not None else None
+
+
+def hookinf_commit() -> str:
+    """The checkout's commit, with '+changes' when hookinf/ differs from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "hookinf"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown commit"
+    if head.returncode != 0:
+        return "unknown commit"
+    return f"commit {head.stdout.strip()}" + (" +changes in hookinf/" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one run; ``--quick`` shrinks all of them."""
+
+    quick: bool = False
+    threads: int = 2
+    hidden: int = 1024  # big MLP: 784-hidden-hidden-10
+    n_big: int = 5000  # big MLP training examples
+    batch: int = 256
+    n_query_big: int = 100
+    kron_lambda_examples: int = 512  # kronfluence's EK-FAC λ pass runs on k/2 and k examples, then is extrapolated
+    epochs_timed: int = 3  # plain epochs timed after each fit (the fastest counts)
+    repeats: int = 2  # fresh processes per fit and runs per scorer (the fastest counts)
+    n_subsets: int = 100  # LDS retrained models
+    lds_epochs: int = 30  # digits training schedule (Adam, batches of 64)
+    n_query_digits: int = 100
+    lissa_depth: int = 200
+
+    @classmethod
+    def make(cls, quick: bool, threads: int) -> Config:
+        if not quick:
+            return cls(threads=threads)
+        return cls(
+            quick=True,
+            threads=threads,
+            hidden=512,
+            n_big=1024,
+            n_query_big=20,
+            kron_lambda_examples=256,
+            epochs_timed=2,
+            repeats=1,
+            n_subsets=10,
+            lds_epochs=10,
+            n_query_digits=40,
+            lissa_depth=50,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+@dataclass
+class Section:
+    """One table of the report: printed with rich, and written as markdown."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rich(self) -> Table:
+        table = Table(title=self.title, title_justify="left", caption_justify="left")
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+        for row in self.rows:
+            table.add_row(*row)
+        if self.notes:
+            table.caption = "\n".join(self.notes)
+        return table
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(self.columns) - 1)) + "|")
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+class Report:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.header: list[str] = []
+        self.sections: list[Section] = []
+
+    def line(self, text: str) -> None:
+        self.header.append(text)
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def add(self, section: Section) -> None:
+        self.sections.append(section)
+        self.console.print(section.rich())
+        self.console.print()
+
+    def markdown(self) -> str:
+        head = "# Curvature benchmark: hookinf vs kronfluence\n\n" + "\n".join(f"    {h}" for h in self.header)
+        return head + "\n\n" + "\n".join(section.markdown() for section in self.sections)
+
+
+def secs(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def log(console: Console, text: str) -> None:
+    console.print(f"[dim]… {text}[/dim]", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def rss_mib() -> float:
+    """Resident set size now (Linux /proc; elsewhere the peak so far, which understates later growth)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return peak_mib()
+
+
+def peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+@contextmanager
+def timer() -> Iterator[list[float]]:
+    out: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out.append(time.perf_counter() - start)
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    x, y = x.double().flatten(), y.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y) / (x.norm() * y.norm()))
+
+
+def rank_corr(x: Tensor, y: Tensor) -> float:
+    return float(spearman(x.double().flatten(), y.double().flatten()))
+
+
+def mean_row_spearman(x: Tensor, y: Tensor) -> float:
+    return float(spearman(x.double(), y.double(), dim=1).nanmean())
+
+
+def batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+LOSS = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
+"""Per-example cross-entropy; as hookinf's loss_fn it also enables fisher="sampled"."""
+
+
+# ---------------------------------------------------------------------------------------------------- kronfluence
+def kron_task() -> Any:
+    """kronfluence ``Task``: summed cross-entropy (sampled labels for the true Fisher), per-example CE measurement."""
+    from kronfluence.task import Task
+
+    class CrossEntropyTask(Task):
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach().double(), dim=-1), 1).squeeze(1)
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    return CrossEntropyTask()
+
+
+def kron_analyzer(model: nn.Module, output_dir: Path, name: str = "bench") -> Any:
+    """An Analyzer on a wrapped *copy* of ``model`` (kronfluence replaces modules and freezes parameters in place)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+
+    warnings.filterwarnings("ignore", module="kronfluence")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    task = kron_task()
+    wrapped = prepare_model(copy.deepcopy(model), task)
+    return Analyzer(
+        analysis_name=name,
+        model=wrapped,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        log_level=logging.WARNING,
+        output_dir=str(output_dir),
+    )
+
+
+def kron_factor_args(strategy: str, empirical: bool, lambda_examples: int | None = None) -> Any:
+    """kronfluence's default ("covariance") settings with every dtype float32 except the eigendecomposition.
+
+    The eigendecomposition stays float64 (kronfluence's default and what hookinf uses too); no AMP, no GPU.
+    """
+    from kronfluence.arguments import FactorArguments
+
+    return FactorArguments(
+        strategy=strategy,
+        use_empirical_fisher=empirical,
+        amp_dtype=None,
+        activation_covariance_dtype=torch.float32,
+        gradient_covariance_dtype=torch.float32,
+        eigendecomposition_dtype=torch.float64,
+        per_sample_gradient_dtype=torch.float32,
+        lambda_dtype=torch.float32,
+        lambda_max_examples=lambda_examples if lambda_examples is not None else 100_000,
+        covariance_max_examples=None,
+    )
+
+
+def kron_score_args(damping: float | None) -> Any:
+    """``damping=None`` is kronfluence's heuristic 0.1 × mean eigenvalue per layer, i.e. hookinf's relative 0.1."""
+    from kronfluence.arguments import ScoreArguments
+
+    return ScoreArguments(
+        damping_factor=damping,
+        amp_dtype=None,
+        per_sample_gradient_dtype=torch.float32,
+        precondition_dtype=torch.float32,
+        score_dtype=torch.float32,
+        query_gradient_svd_dtype=torch.float32,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- a. fit speed
+def big_setup(cfg: Config) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
+    """The big MLP (random init) and synthetic data: Gaussian inputs labelled by a random linear teacher."""
+    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    h = cfg.hidden
+    model = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(784, h), relu1=nn.ReLU(), fc2=nn.Linear(h, h), relu2=nn.ReLU(), fc3=nn.Linear(h, 10))
+    )
+    teacher = torch.randn(784, 10, generator=gen)
+    x = torch.randn(cfg.n_big + cfg.n_query_big, 784, generator=gen)
+    y = (x @ teacher).argmax(dim=1)
+    n = cfg.n_big
+    return model, x[:n], y[:n], x[n:], y[n:]
+
+
+def plain_epoch(model: nn.Module, train: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """One training epoch (forward, backward, SGD step) on a copy of ``model``; seconds."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    start = time.perf_counter()
+    for x, y in train:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def worker(job: str, cfg: Config, workdir: Path) -> dict[str, Any]:
+    """One measured fit in a fresh process: time, peak RSS growth, then plain epochs under the same load."""
+    torch.set_num_threads(cfg.threads)
+    model, x, y, _, _ = big_setup(cfg)
+    train = batches(x, y, cfg.batch)
+    if job.startswith("kronfluence"):
+        analyzer = kron_analyzer(model, workdir / "kron")
+        dataset = TensorDataset(x, y)
+    with torch.no_grad():  # load kernels before the baseline
+        model(x[: cfg.batch])
+    phases: dict[str, float] = {}
+    before = rss_mib()
+    start = time.perf_counter()
+    if job == "plain":
+        plain_epoch(model, train)
+    elif job in ("hookinf-ekfac", "hookinf-kfac"):
+        method = job.split("-")[1]
+        curvature = hookinf.fit(model, train, LOSS, method=method, damping=0.1, progress=False)
+        phases["fit"] = time.perf_counter() - start
+        with timer() as t:
+            curvature.lambdas  # noqa: B018 - forces the lazy preparation (K-FAC: its eigendecomposition), as kronfluence's fit does
+        phases["prepare"] = t[0]
+    elif job in ("kronfluence-ekfac", "kronfluence-kfac"):
+        strategy = job.split("-")[1]
+        common: dict[str, Any] = {"factors_name": strategy, "overwrite_output_dir": True}
+        args = kron_factor_args(strategy, empirical=True)
+        with timer() as t:
+            analyzer.fit_covariance_matrices(
+                dataset=dataset, per_device_batch_size=cfg.batch, factor_args=args, **common
+            )
+        phases["covariance"] = t[0]
+        with timer() as t:
+            analyzer.perform_eigendecomposition(factor_args=args, **common)
+        phases["eigendecomposition"] = t[0]
+        if strategy == "ekfac":  # the λ pass on k/2 and k examples; fit_all_factors runs these three phases
+            for key, k in (("lambda_half", cfg.kron_lambda_examples // 2), ("lambda", cfg.kron_lambda_examples)):
+                args = kron_factor_args(strategy, empirical=True, lambda_examples=min(k, cfg.n_big))
+                with timer() as t:
+                    analyzer.fit_lambda_matrices(
+                        dataset=dataset, per_device_batch_size=cfg.batch, factor_args=args, **common
+                    )
+                phases[key] = t[0]
+    else:
+        raise SystemExit(f"unknown worker job {job!r}")
+    seconds = time.perf_counter() - start
+    growth = peak_mib() - before
+    if job.startswith("hookinf"):
+        curvature.save(workdir / job)
+    epochs = [plain_epoch(model, train) for _ in range(cfg.epochs_timed)]
+    return {"seconds": seconds, "phases": phases, "rss_growth_mib": growth, "epoch": min(epochs)}
+
+
+def run_worker(job: str, cfg: Config, workdir: Path) -> dict[str, Any]:
+    """Runs one worker in a fresh process and returns what it measured."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", job, "--workdir", str(workdir)]
+    command += ["--config", json.dumps(asdict(cfg))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(
+            f"worker {job} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    return result
+
+
+def fastest(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest time of each kind over repeated runs of one worker, and the largest memory growth."""
+    return {
+        "seconds": min(r["seconds"] for r in runs),
+        "phases": {key: min(r["phases"][key] for r in runs) for key in runs[0]["phases"]},
+        "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
+        "epoch": min(r["epoch"] for r in runs),
+    }
+
+
+@dataclass
+class SpeedResults:
+    fit: dict[str, dict[str, Any]]
+    kron_ekfac_total: float | None  # λ pass extrapolated to all examples
+    score_hookinf: float
+    score_kron: float | None
+
+
+def part_speed(cfg: Config, workdir: Path, report: Report) -> SpeedResults:
+    console = report.console
+    jobs = ["plain", "hookinf-ekfac", "hookinf-kfac"]
+    if kronfluence is not None:
+        jobs += ["kronfluence-ekfac", "kronfluence-kfac"]
+    runs: dict[str, list[dict[str, Any]]] = {job: [] for job in jobs}
+    for round_ in range(cfg.repeats):  # rounds over all jobs, so a burst of load elsewhere rarely hits every repeat
+        for job in jobs:
+            log(console, f"worker {job} ({round_ + 1}/{cfg.repeats})")
+            runs[job].append(run_worker(job, cfg, workdir))
+    fit = {job: fastest(results) for job, results in runs.items()}
+
+    n, k = cfg.n_big, min(cfg.kron_lambda_examples, cfg.n_big)
+    kron_total: dict[str, float] = {}
+    lam_n = 0.0
+    if kronfluence is not None:
+        p = fit["kronfluence-ekfac"]["phases"]
+        half = min(cfg.kron_lambda_examples // 2, n)
+        slope = (p["lambda"] - p["lambda_half"]) / (k - half) if k > half else p["lambda"] / k
+        lam_n = p["lambda"] + slope * (n - k)  # linear in the examples: fixed cost + per-example cost
+        kron_total["ekfac"] = p["covariance"] + p["eigendecomposition"] + lam_n
+        kron_total["kfac"] = fit["kronfluence-kfac"]["seconds"]
+
+    section = Section(
+        f"a. Fit speed and memory: MLP 784-{cfg.hidden}-{cfg.hidden}-10 (float32), {n:,} examples, batch {cfg.batch}, "
+        f"{cfg.threads} threads",
+        ["fit", "time (s)", "phases (s)", "÷ plain epoch", "hookinf ÷ kronfluence", "peak RSS growth (MiB)"],
+    )
+    plain = fit["plain"]
+    section.rows.append(
+        [
+            "plain epoch (forward, backward, SGD step)",
+            f"{plain['epoch']:.3f}",
+            f"first epoch {plain['seconds']:.3f}",
+            "1.0",
+            "",
+            f"{plain['rss_growth_mib']:.0f}",
+        ]
+    )
+    for method in ("ekfac", "kfac"):
+        ours = fit[f"hookinf-{method}"]
+        p = ours["phases"]
+        kron = fit.get(f"kronfluence-{method}")
+        section.rows.append(
+            [
+                f"hookinf fit(method='{method}')",
+                secs(ours["seconds"]),
+                f"fit() {p['fit']:.2f} + prepare {p['prepare']:.2f}",
+                f"{ours['seconds'] / ours['epoch']:.1f}",
+                f"{ours['seconds'] / kron_total[method]:.3f}" if kron is not None else MISSING,
+                f"{ours['rss_growth_mib']:.0f}",
+            ]
+        )
+        if kron is None:
+            section.rows.append([f"kronfluence {method}", MISSING, "", "", "", MISSING])
+            continue
+        p = kron["phases"]
+        phase = f"cov {p['covariance']:.2f} + eig {p['eigendecomposition']:.2f}"
+        shown = secs(kron_total[method])
+        if method == "ekfac":
+            phase += f" + λ {lam_n:.1f}"
+            if k < n:
+                shown += " †"
+                phase += f" († λ measured: {half:,} ex. {p['lambda_half']:.1f}, {k:,} ex. {p['lambda']:.1f})"
+        section.rows.append(
+            [
+                f"kronfluence fit_all_factors ({method})",
+                shown,
+                phase,
+                f"{kron_total[method] / kron['epoch']:.1f}",
+                "",
+                f"{kron['rss_growth_mib']:.0f}",
+            ]
+        )
+    section.notes += [
+        f"Each fit runs in a fresh subprocess, {cfg.repeats}× in rounds over all fits (the fastest run counts, and the "
+        "largest memory); "
+        f"'÷ plain epoch' divides by the fastest of {cfg.epochs_timed} plain epochs timed in that same process right "
+        "after the fit, so both timings see the same machine load.",
+        "Both libraries: empirical Fisher, float32 statistics, float64 eigendecomposition, damping 0.1 × mean "
+        "eigenvalue. hookinf's time includes forcing its lazy preparation (K-FAC: the eigendecomposition, which "
+        "kronfluence's fit performs); hookinf EK-FAC's fit() already includes its eigendecomposition.",
+        "kronfluence's time includes writing its factors to disk (it cannot be turned off); hookinf's does not "
+        "(Curvature.save takes well under a second here).",
+        "Peak RSS growth = ru_maxrss after the fit − RSS before it (model and data already loaded).",
+    ]
+    if kronfluence is not None and k < n:
+        section.notes.append(
+            f"† kronfluence's EK-FAC λ pass forms every per-example gradient [B, O, I] and rotates it with two batched "
+            f"matmuls, O(B·O·I·(O+I)) per batch; to keep the run short it ran with its own lambda_max_examples on the "
+            f"first {half:,} and {k:,} examples, and its time is extrapolated linearly (fixed cost + cost per "
+            f"example) to {n:,}. Its peak memory is as measured (it does not grow with the number of batches)."
+        )
+    report.add(section)
+
+    # ---------------------------------------------------------------- b. scoring
+    log(console, "scoring")
+    model, x, y, xq, yq = big_setup(cfg)
+    train = batches(x, y, cfg.batch)
+    query = batches(xq, yq, cfg.n_query_big)
+    curvature = hookinf.load(workdir / "hookinf-ekfac")
+    analyzer = kron_analyzer(model, workdir / "kron") if kronfluence is not None else None
+    ours_times: list[float] = []
+    kron_times: list[float] = []
+    for _ in range(cfg.repeats):  # alternating, like the fits
+        with timer() as t:
+            hookinf.influence(model, train, query, LOSS, method=curvature, progress=False)
+        ours_times.append(t[0])
+        if analyzer is not None:
+            with timer() as t:
+                analyzer.compute_pairwise_scores(
+                    scores_name="pairwise",
+                    factors_name="ekfac",
+                    query_dataset=TensorDataset(xq, yq),
+                    train_dataset=TensorDataset(x, y),
+                    per_device_query_batch_size=cfg.n_query_big,
+                    per_device_train_batch_size=cfg.batch,
+                    score_args=kron_score_args(None),
+                    overwrite_output_dir=True,
+                )
+            kron_times.append(t[0])
+    score_hookinf = min(ours_times)
+    score_kron = min(kron_times) if kron_times else None
+    section = Section(
+        f"b. Scoring speed: {cfg.n_query_big} queries × {n:,} training examples, EK-FAC (fitted above)",
+        ["scorer", "time (s)", "hookinf ÷ kronfluence"],
+    )
+    section.rows.append(
+        [
+            "hookinf.influence(method=<fitted EKFAC curvature>)",
+            secs(score_hookinf),
+            f"{score_hookinf / score_kron:.2f}" if score_kron else MISSING,
+        ]
+    )
+    section.rows.append(["kronfluence compute_pairwise_scores", secs(score_kron) if score_kron else MISSING, ""])
+    section.notes.append(
+        "Both include the query-gradient pass, preconditioning and the training pass; kronfluence also loads its "
+        "factors from disk and writes the scores. hookinf preconditions and scores in float64, kronfluence in float32. "
+        f"Fastest of {cfg.repeats} alternating runs each."
+    )
+    report.add(section)
+    return SpeedResults(fit, kron_total.get("ekfac"), score_hookinf, score_kron)
+
+
+# ---------------------------------------------------------------------------------------------------- digits
+@dataclass
+class Digits:
+    x: Tensor
+    y: Tensor
+    flipped: Tensor
+    xq: Tensor
+    yq: Tensor
+    model: nn.Module
+    train: list[tuple[Tensor, Tensor]]
+    query: list[tuple[Tensor, Tensor]]
+    accuracy: float
+
+
+def digits_mlp() -> nn.Module:
+    return nn.Sequential(OrderedDict(hidden=nn.Linear(64, 32), relu=nn.ReLU(), output=nn.Linear(32, 10)))
+
+
+def train_digits(x: Tensor, y: Tensor, epochs: int) -> nn.Module:
+    """The demo's schedule (Adam 1e-2, weight decay 1e-3, batches of 64) with a fixed seed for init and order."""
+    torch.manual_seed(SEED)
+    model = digits_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+def digits_setup(cfg: Config) -> Digits:
+    from hookinf.demo import flipped_digits
+
+    x, y, _, x_test, y_test, flipped = flipped_digits(SEED)
+    x, x_test = x.float(), x_test.float()
+    xq, yq = x_test[: cfg.n_query_digits], y_test[: cfg.n_query_digits]
+    model = train_digits(x, y, cfg.lds_epochs)
+    with torch.no_grad():
+        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    return Digits(x, y, flipped, xq, yq, model, batches(x, y, 200), batches(xq, yq, 200), accuracy)
+
+
+@dataclass
+class Attribution:
+    scores: Tensor  # [n_query, n_train], hookinf's sign (positive = harmful)
+    self_influence: Tensor  # [n_train]
+    seconds: float
+
+
+def hookinf_attribution(
+    d: Digits, method: Any, damping: float = 0.1, fisher: str = "empirical", lissa_depth: int = 200
+) -> Attribution:
+    start = time.perf_counter()
+    if method == "lissa":
+        method = hookinf.LiSSA(depth=lissa_depth)
+    if method in ("kfac", "ekfac", "exact", "identity"):
+        method = hookinf.fit(d.model, d.train, LOSS, method=method, damping=damping, fisher=fisher, progress=False)
+    kwargs: dict[str, Any] = {"method": method, "damping": damping, "fisher": fisher, "progress": False}
+    scores = hookinf.influence(d.model, d.train, d.query, LOSS, **kwargs).total
+    selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs)
+    return Attribution(scores, selfs, time.perf_counter() - start)
+
+
+def kron_attribution(
+    d: Digits, workdir: Path, strategy: str, empirical: bool, damping: float | None, name: str
+) -> Attribution:
+    """kronfluence's scores negated to hookinf's sign; its self-influence has hookinf's sign already."""
+    torch.manual_seed(SEED)  # its sampled labels (true Fisher) come from the global generator
+    start = time.perf_counter()
+    analyzer = kron_analyzer(d.model, workdir / "kron-digits", name=name)
+    train_ds, query_ds = TensorDataset(d.x, d.y), TensorDataset(d.xq, d.yq)
+    analyzer.fit_all_factors(
+        factors_name=name,
+        dataset=train_ds,
+        per_device_batch_size=200,
+        factor_args=kron_factor_args(strategy, empirical),
+        overwrite_output_dir=True,
+    )
+    common = {"factors_name": name, "score_args": kron_score_args(damping), "overwrite_output_dir": True}
+    analyzer.compute_pairwise_scores(
+        scores_name=f"{name}-pairwise",
+        query_dataset=query_ds,
+        train_dataset=train_ds,
+        per_device_query_batch_size=200,
+        per_device_train_batch_size=200,
+        **common,
+    )
+    analyzer.compute_self_scores(
+        scores_name=f"{name}-self", train_dataset=train_ds, per_device_train_batch_size=200, **common
+    )
+    pairwise = analyzer.load_pairwise_scores(f"{name}-pairwise")
+    selfs = analyzer.load_self_scores(f"{name}-self")
+    seconds = time.perf_counter() - start
+    return Attribution(-pairwise["all_modules"].double(), selfs["all_modules"].double(), seconds)
+
+
+@dataclass
+class QualityResults:
+    correlation: float | None  # EK-FAC, empirical, relative 0.1
+    lds_hookinf_ekfac: float
+    lds_kron: dict[str, float] = field(default_factory=dict)
+
+
+def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
+    console = report.console
+    log(console, "digits: training the model")
+    d = digits_setup(cfg)
+    n_train, n_flip = len(d.x), int(d.flipped.sum())
+
+    # ---------------------------------------------------------------- c. agreement
+    log(console, "digits: agreement with kronfluence")
+    section = Section(
+        f"c. Agreement with kronfluence: digits MLP 64-32-10 (float32), {n_train} train × {len(d.xq)} queries",
+        [
+            "method",
+            "Fisher",
+            "damping",
+            "Pearson",
+            "Spearman",
+            "per-query Spearman (mean)",
+            "self-influence Pearson",
+            "Pearson vs raw kronfluence",
+        ],
+    )
+    kron: dict[tuple[str, str, str], Attribution] = {}
+    ours: dict[tuple[str, str, str], Attribution] = {}
+    correlation = None
+    settings = [
+        ("ekfac", "empirical", "relative 0.1"),
+        ("ekfac", "empirical", "absolute 0.001"),
+        ("ekfac", "sampled", "relative 0.1"),
+        ("kfac", "empirical", "relative 0.1"),
+        ("kfac", "sampled", "relative 0.1"),
+    ]
+    for method, fisher, damping in settings:
+        key = (method, fisher, damping)
+        ours_damping: Any = 0.1 if damping == "relative 0.1" else hookinf.Damping(absolute=0.001)
+        ours[key] = hookinf_attribution(d, method, damping=ours_damping, fisher=fisher)
+        if kronfluence is None:
+            section.rows.append([method, fisher, damping] + [MISSING] * 5)
+            continue
+        kron_damping = None if damping == "relative 0.1" else 0.001
+        name = f"{method}-{fisher}-{damping.replace(' ', '')}"
+        kron[key] = k = kron_attribution(d, workdir, method, fisher == "empirical", kron_damping, name)
+        a = ours[key]
+        r = pearson(a.scores, k.scores)
+        if key == ("ekfac", "empirical", "relative 0.1"):
+            correlation = r
+        section.rows.append(
+            [
+                method,
+                fisher,
+                damping,
+                f"{r:.5f}",
+                f"{rank_corr(a.scores, k.scores):.5f}",
+                f"{mean_row_spearman(a.scores, k.scores):.5f}",
+                f"{pearson(a.self_influence, k.self_influence):.5f}",
+                f"{pearson(a.scores, -k.scores):.5f}",
+            ]
+        )
+    section.notes += [
+        "Sign: kronfluence's pairwise score is +g_qᵀ(G+λI)⁻¹g_z (positive = helpful: up-weighting z lowers the query "
+        "loss); hookinf's is −g_qᵀ(G+λI)⁻¹g_z (positive = harmful). So kronfluence's scores are negated before every "
+        "comparison; the last column, against kronfluence's raw scores, shows the opposite sign. Self-influence is "
+        "+gᵀ(G+λI)⁻¹g in both.",
+        "Damping 'relative 0.1' is hookinf's damping=0.1 and kronfluence's damping_factor=None (0.1 × mean "
+        "eigenvalue per layer); 'absolute 0.001' is hookinf.Damping(absolute=0.001) and damping_factor=0.001.",
+        "Sampled Fisher: each library draws its own labels from the model, so those rows agree only up to sampling "
+        "noise (hookinf: seeded generator; kronfluence: global torch seed).",
+    ]
+    report.add(section)
+
+    # ---------------------------------------------------------------- d. LDS and AUC
+    log(console, f"digits: retraining {cfg.n_subsets} subsets for the LDS")
+
+    def train_fn(mask: Tensor) -> Tensor:
+        model = train_digits(d.x[mask], d.y[mask], cfg.lds_epochs)
+        with torch.no_grad():
+            return F.cross_entropy(model(d.xq), d.yq, reduction="none")
+
+    with timer() as t:
+        masks, losses = retrain_subsets(train_fn, n_train, n_subsets=cfg.n_subsets, fraction=0.5, seed=SEED)
+    retrain_seconds = t[0]
+
+    def quality(a: Attribution) -> tuple[str, str, str, str]:
+        result = lds(a.scores, masks, losses)
+        kept = result.per_query[~result.per_query.isnan()]
+        se = float(kept.std() / math.sqrt(kept.numel())) if kept.numel() > 1 else math.nan
+        aucs = detection_aucs(a.self_influence, a.scores, d.flipped)
+        return (
+            f"{result.mean:.4f} ± {se:.4f}",
+            f"{aucs['self_influence']:.4f}",
+            f"{aucs['mean_query_influence']:.4f}",
+            f"{a.seconds:.2f}",
+        )
+
+    def lds_mean(a: Attribution) -> float:
+        return lds(a.scores, masks, losses).mean
+
+    log(console, "digits: attribution with every method")
+    section = Section(
+        f"d. Attribution quality: digits MLP, {n_train} train ({n_flip} flipped labels), {len(d.xq)} held-out "
+        f"queries, LDS over {cfg.n_subsets} retrained 50% subsets",
+        ["method", "LDS (± s.e. over queries)", "AUC self-influence", "AUC mean query influence", "time (s)"],
+    )
+    methods: list[tuple[str, Attribution]] = []
+    for name in ("exact", "kfac", "ekfac", "datainf", "identity", "lissa"):
+        key = (name, "empirical", "relative 0.1")
+        attribution = ours.get(key) or hookinf_attribution(d, name, lissa_depth=cfg.lissa_depth)
+        methods.append((f"hookinf {name}" + (f" (depth {cfg.lissa_depth})" if name == "lissa" else ""), attribution))
+    lds_hookinf_ekfac = lds_mean(methods[2][1])
+    lds_kron: dict[str, float] = {}
+    for method_name, attribution in methods:
+        section.rows.append([method_name, *quality(attribution)])
+    if kronfluence is None:
+        section.rows.append(["kronfluence ekfac", MISSING, MISSING, MISSING, ""])
+    else:
+        defaults = kron_attribution(d, workdir, "ekfac", empirical=False, damping=1e-8, name="ekfac-defaults")
+        sampled, matched = kron[("ekfac", "sampled", "relative 0.1")], kron[("ekfac", "empirical", "relative 0.1")]
+        kron_rows = [
+            ("kronfluence ekfac (its defaults: sampled Fisher, damping 1e-8)", "defaults", defaults),
+            ("kronfluence ekfac (sampled Fisher, damping 0.1 × mean eig.)", "sampled", sampled),
+            ("kronfluence ekfac (empirical Fisher, damping 0.1 × mean eig.)", "matched", matched),
+        ]
+        for label, key_name, attribution in kron_rows:
+            try:
+                section.rows.append([label, *quality(attribution)])
+                lds_kron[key_name] = lds_mean(attribution)
+            except hookinf.HookinfError as err:  # e.g. non-finite scores at a tiny damping
+                section.rows.append([label, f"n/a ({err})", "", "", f"{attribution.seconds:.2f}"])
+    section.notes += [
+        f"Model test accuracy {d.accuracy:.1%}. Retraining: same architecture, seed {SEED}, Adam 1e-2, weight decay "
+        f"1e-3, {cfg.lds_epochs} epochs of batches of 64 ({retrain_seconds:.0f} s for {cfg.n_subsets} models). "
+        "Query loss: per-example cross-entropy. Every row uses the same masks and retrained losses.",
+        "hookinf rows: damping=0.1 (relative), fisher='empirical' (hookinf's defaults). LDS ranks subsets by "
+        "Σ_{j∈S} score[q, j] in hookinf's sign (kronfluence's negated).",
+        "AUC: flipped-label detection by self-influence, and by the mean influence on the held-out queries.",
+    ]
+    report.add(section)
+
+    # ---------------------------------------------------------------- e. damping × Fisher
+    log(console, "digits: damping × Fisher grid")
+    section = Section(
+        "e. LDS (AUC self-influence) against relative damping × Fisher — which defaults hookinf should use",
+        ["method", "Fisher", *[f"damping {x:g}" for x in DAMPINGS]],
+    )
+    best: dict[str, tuple[float, str]] = {}
+    for method in ("ekfac", "exact"):
+        for fisher in FISHERS:
+            curvature = hookinf.fit(d.model, d.train, LOSS, method=method, fisher=fisher, progress=False)
+            row = [method, fisher]
+            for damping in DAMPINGS:
+                a = hookinf_attribution(d, curvature, damping=damping, fisher=fisher)
+                value = lds_mean(a)
+                auc = detection_aucs(a.self_influence, None, d.flipped)["self_influence"]
+                row.append(f"{value:.4f} ({auc:.3f})")
+                if value > best.get(method, (-math.inf, ""))[0]:
+                    best[method] = (value, f"damping={damping:g}, fisher='{fisher}'")
+            section.rows.append(row)
+    for method, (value, where) in best.items():
+        section.notes.append(
+            f"{method}: best LDS {value:.4f} at {where} (hookinf's defaults: damping=0.1, 'empirical')."
+        )
+    report.add(section)
+    return QualityResults(correlation, lds_hookinf_ekfac, lds_kron)
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+def part_targets(cfg: Config, speed: SpeedResults, quality: QualityResults, report: Report) -> None:
+    section = Section("Targets", ["target", "measured", "holds"])
+    ekfac = speed.fit["hookinf-ekfac"]
+    epochs = ekfac["seconds"] / ekfac["epoch"]
+    section.rows.append(
+        [f"hookinf EK-FAC fit ≤ 5 plain epochs ({cfg.n_big:,} examples)", f"{epochs:.1f} epochs", yes(epochs <= 5)]
+    )
+    for method in ("ekfac", "kfac"):
+        kron = speed.fit.get(f"kronfluence-{method}")
+        if kron is None:
+            section.rows.append([f"hookinf {method} fit ≤ kronfluence's", MISSING, ""])
+            continue
+        theirs = speed.kron_ekfac_total if method == "ekfac" else kron["seconds"]
+        ours = speed.fit[f"hookinf-{method}"]["seconds"]
+        section.rows.append(
+            [f"hookinf {method} fit ≤ kronfluence's", f"{ours:.1f} s vs {theirs:.1f} s", yes(ours <= theirs)]
+        )
+    if speed.score_kron is None:
+        section.rows.append(["scoring ≤ kronfluence's", MISSING, ""])
+    else:
+        section.rows.append(
+            [
+                "EK-FAC scoring ≤ kronfluence's",
+                f"{speed.score_hookinf:.1f} s vs {speed.score_kron:.1f} s",
+                yes(speed.score_hookinf <= speed.score_kron),
+            ]
+        )
+    if quality.correlation is None:
+        section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (same damping/Fisher)", MISSING, ""])
+    else:
+        r = quality.correlation
+        section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (empirical, 0.1)", f"{r:.5f}", yes(r >= 0.99)])
+    ours_lds = quality.lds_hookinf_ekfac
+    if not quality.lds_kron:
+        section.rows.append(["LDS hookinf EK-FAC ≥ kronfluence EK-FAC", MISSING, ""])
+    for name, theirs in quality.lds_kron.items():
+        section.rows.append(
+            [
+                f"LDS hookinf EK-FAC (defaults) ≥ kronfluence EK-FAC ({name})",
+                f"{ours_lds:.4f} vs {theirs:.4f}",
+                yes(ours_lds >= theirs),
+            ]
+        )
+    report.add(section)
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def profile(cfg: Config, console: Console) -> None:
+    """Where hookinf's EK-FAC fit and scoring spend their time: torch.profiler operators with their Python stack."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(cfg.threads)
+    model, x, y, xq, yq = big_setup(cfg)
+    train, query = batches(x, y, cfg.batch), batches(xq, yq, cfg.n_query_big)
+    hookinf.fit(model, train[:1], LOSS, method="ekfac", progress=False)  # warm-up
+    runs: list[tuple[str, Any]] = [
+        ("hookinf.fit(method='ekfac')", lambda: hookinf.fit(model, train, LOSS, method="ekfac", progress=False))
+    ]
+    curvature = hookinf.fit(model, train, LOSS, method="ekfac", progress=False)
+    runs.append(
+        (
+            "hookinf.influence(method=<EK-FAC curvature>)",
+            lambda: hookinf.influence(model, train, query, LOSS, method=curvature, progress=False),
+        )
+    )
+    for title, run in runs:
+        activities = [ProfilerActivity.CPU]
+        with torch_profile(activities=activities, record_shapes=True, with_stack=True) as prof, timer() as t:
+            run()
+        section = Section(
+            f"{title}: {t[0]:.2f} s wall, {cfg.threads} threads — operators by the hookinf function that ran them",
+            ["hookinf functions (caller › callee)", "operator", "input shapes", "self CPU (s)", "share"],
+        )
+        rows = _by_source(prof)
+        total = sum(seconds for *_, seconds in rows)
+        for function, op, shapes, seconds in rows[:12]:
+            section.rows.append([function, op, shapes, f"{seconds:.2f}", f"{seconds / total:.1%}"])
+        console.print(section.rich())
+
+
+def _by_source(prof: Any) -> list[tuple[str, str, str, float]]:
+    """Self CPU time of every operator, keyed by (innermost hookinf Python function, operator, input shapes)."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for event in prof.events():
+        if ".py(" in event.name:  # a Python frame, not an operator
+            continue
+        frames: list[str] = []
+        frame = event.cpu_parent
+        while frame is not None and len(frames) < 2:
+            if "/hookinf/" in frame.name and ".py(" in frame.name:
+                frames.append(frame.name.split("/hookinf/", 1)[1])
+            frame = frame.cpu_parent
+        where = " › ".join(reversed(frames)) or "(outside hookinf)"
+        key = (where, event.name, str(event.input_shapes))
+        totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total / 1e6
+    return sorted(((*key, value) for key, value in totals.items()), key=lambda row: -row[3])
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the target machine's cores)")
+    parser.add_argument("--profile", action="store_true", help="only profile hookinf's EK-FAC fit and scoring")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        cfg = Config(**json.loads(args.config))
+        print("RESULT " + json.dumps(worker(args.worker, cfg, Path(args.workdir))), flush=True)
+        return
+
+    cfg = Config.make(args.quick, args.threads)
+    torch.set_num_threads(cfg.threads)
+    console = Console(width=max(150, Console().width))
+    if args.profile:
+        profile(cfg, Console(width=400))
+        return
+    report = Report(console)
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
+    argv = [python, os.path.relpath(__file__), *sys.argv[1:]]
+    report.line(f"command: {shlex.join(argv)}")
+    report.line(
+        f"torch {torch.__version__} · kronfluence {KRON_VERSION or '— (' + MISSING + ')'} · hookinf "
+        f"{hookinf.__version__} ({hookinf_commit()}) · Python {platform.python_version()}"
+    )
+    load = os.getloadavg()
+    report.line(
+        f"{cfg.threads} torch threads · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()} · load "
+        f"average at start {load[0]:.2f} · {'--quick' if cfg.quick else 'full run'} · {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hookinf-bench-") as tmp:
+        workdir = Path(tmp)
+        speed = part_speed(cfg, workdir, report)
+        quality = part_digits(cfg, workdir, report)
+    part_targets(cfg, speed, quality, report)
+    report.line(f"total {time.perf_counter() - start:.0f} s · load average at end {os.getloadavg()[0]:.2f}")
+    if not cfg.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(report.markdown(), encoding="utf-8")
+        console.print(f"wrote {os.path.relpath(RESULTS)}")
+
+
+if __name__ == "__main__":
+    main()
