@@ -82,25 +82,27 @@ class GradientLogger:
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         if ids.numel() != step.batch_size:
             raise DataError(f"{ids.numel()} ids were given for a batch of {step.batch_size} examples.")
-        if torch.unique(ids).numel() != ids.numel():
-            raise StoreError(f"duplicate ids in one batch: {ids.tolist()}; every example needs its own id.")
-        again = [int(i) for i in ids if int(i) in self._logged]
-        if again:
+        values = ids.tolist()  # python ints: set look-ups without one tensor per element
+        if len(set(values)) != len(values):
+            raise StoreError(f"duplicate ids in one batch: {values}; every example needs its own id.")
+        again = next((i for i in values if i in self._logged), None)
+        if again is not None:
             raise StoreError(
-                f"id {again[0]} was already logged in this run: every example must have its own id, and a store holds "
+                f"id {again} was already logged in this run: every example must have its own id, and a store holds "
                 f"one gradient per example — log one epoch per store (or give distinct ids)."
             )
-        fresh = torch.tensor([int(i) not in self._stored for i in ids], dtype=torch.bool)
-        if not bool(fresh.any()):
+        keep = [i not in self._stored for i in values]
+        if not any(keep):
             return
         compressed = self.bound.compress(step)
-        everything = bool(fresh.all())
+        everything = all(keep)
+        fresh = torch.tensor(keep, dtype=torch.bool)
         for name, capture in compressed.layers.items():
             flat = capture.gradients().flatten(1).detach()
             self._grads[name].append(flat if everything else flat[fresh])
         self._ids.append(ids if everything else ids[fresh])
-        self._logged.update(int(i) for i in ids[fresh])
-        self._held += int(fresh.sum())
+        self._logged.update(i for i, k in zip(values, keep, strict=True) if k)
+        self._held += sum(keep)
         if self._held >= self.flush_every:
             self.flush()
 
@@ -209,7 +211,7 @@ def log(
             for batch in train:
                 example_ids = batch_ids(batch, ids, position)
                 position += int(example_ids.numel())
-                if all(logger.is_stored(int(i)) for i in example_ids):
+                if all(logger.is_stored(i) for i in example_ids.tolist()):
                     bar.advance(0)
                     continue
                 step = passes.step(batch, "log")
