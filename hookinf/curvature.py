@@ -133,9 +133,13 @@ class Curvature(ABC):
             grads: ``[N, O, I]`` gradient matrices.
 
         Returns:
-            ``[N, O, I]`` float64.
+            ``[N, O, I]`` in :meth:`compute_dtype` (float64, or float32 for Kronecker curvatures of float32 models).
         """
-        return self._apply(self._prepared(layer), grads.to(torch.float64))
+        return self._apply(self._prepared(layer), grads.to(self.compute_dtype(layer)))
+
+    def compute_dtype(self, layer: str) -> torch.dtype:
+        """The dtype :meth:`apply` works (and returns) in: float64 unless a method says otherwise."""
+        return torch.float64
 
     @property
     def lambdas(self) -> dict[str, float]:

@@ -130,7 +130,8 @@ def influence(
         progress: show rich progress bars.
 
     Returns:
-        :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64).
+        :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64; float32 for
+        ``kfac``/``ekfac`` on a float32 model, whose preconditioning runs in the statistics' dtype).
     """
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
@@ -204,12 +205,13 @@ def self_influence(
                 total = torch.zeros(step.batch_size, dtype=torch.float64)
                 for name, capture in step.layers.items():
                     grads = capture.gradients()
-                    total += (solver.apply(name, grads) * grads.double()).flatten(1).sum(dim=1)
+                    solved = solver.apply(name, grads)
+                    total += (solved * grads.to(solved.dtype)).flatten(1).sum(dim=1).double()
                 values.append(total)
         else:  # a query method: precondition chunks of training gradients as if they were queries
             for chunk in _chunks(passes.steps(train, "self-influence"), _SELF_CHUNK):
                 pre = passes.precondition(solver, chunk, train)
-                parts = [(pre.grads[n] * chunk[n].double()).flatten(1).sum(dim=1) for n in chunk]
+                parts = [(pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double() for n in chunk]
                 values.append(torch.stack(parts).sum(dim=0))
         passes.check_count()
         if not values:

@@ -45,7 +45,7 @@ class LowRank:
 
 
 def layer_scores(queries: Tensor | LowRank, capture: LayerCapture, *, per_token: bool = False) -> Tensor:
-    """``−⟨Q̃_q, g_b⟩`` for every query and training example of a step (one layer), float64.
+    """``−⟨Q̃_q, g_b⟩`` for every query and training example of a step (one layer), in the queries' dtype.
 
     Args:
         queries: preconditioned query matrices ``[n_query, O, I]`` or their :class:`LowRank` factors.
@@ -55,8 +55,9 @@ def layer_scores(queries: Tensor | LowRank, capture: LayerCapture, *, per_token:
     Returns:
         ``[n_query, B]``, or ``[n_query, B, S]`` with ``per_token``.
     """
-    a = capture.a.double()
-    delta = capture.delta.double()
+    dtype = queries.left.dtype if isinstance(queries, LowRank) else queries.dtype
+    a = capture.a.to(dtype)
+    delta = capture.delta.to(dtype)
     out = "qbs" if per_token else "qb"
     if isinstance(queries, LowRank):
         return -einsum(f"bso,qok,bsi,qik->{out}", delta, queries.left, a, queries.right)

@@ -85,7 +85,20 @@ def _check_positive(layer: str, eigen: Tensor, lam: float, damping: Damping) -> 
 
 
 class _KroneckerCurvature(Curvature):
-    """Shared by K-FAC and EK-FAC: a Kronecker eigenbasis with one eigenvalue per ``(o, i)`` direction."""
+    """Shared by K-FAC and EK-FAC: a Kronecker eigenbasis with one eigenvalue per ``(o, i)`` direction.
+
+    Eigendecompositions are float64; applying the preconditioner (two GEMMs per query and layer) runs in the
+    statistics' dtype — float32 for a float32 model, as its gradients carry no more precision — which halves the
+    cost of scoring large layers.
+    """
+
+    def compute_dtype(self, layer: str) -> torch.dtype:
+        """float64 for float64 statistics, float32 for float32 ones."""
+        return self.stat(layer, "A").dtype
+
+    def _cast(self, layer: str, prepared: _Eigen) -> _Eigen:
+        dtype = self.compute_dtype(layer)
+        return _Eigen(prepared.q_a.to(dtype), prepared.q_s.to(dtype), prepared.eigen.to(dtype), prepared.lam)
 
     def _apply(self, prepared: _Eigen, grads: Tensor) -> Tensor:
         return _precondition(prepared, grads)
@@ -123,7 +136,7 @@ class KFACCurvature(_KroneckerCurvature):
         eigen = lam_s[:, None] * lam_a[None, :]
         lam = self.damping.value(float(lam_s.mean()) * float(lam_a.mean()))
         _check_positive(layer, eigen, lam, self.damping)
-        return _Eigen(q_a, q_s, eigen, lam)
+        return self._cast(layer, _Eigen(q_a, q_s, eigen, lam))
 
 
 class EKFACCurvature(_KroneckerCurvature):
@@ -146,7 +159,7 @@ class EKFACCurvature(_KroneckerCurvature):
         _check_positive(layer, eigen, lam, self.damping)
         q_a = self.stat(layer, "QA").to(torch.float64)
         q_s = self.stat(layer, "QS").to(torch.float64)
-        return _Eigen(q_a, q_s, eigen, lam)
+        return self._cast(layer, _Eigen(q_a, q_s, eigen, lam))
 
     def merge(self, other: Curvature) -> Self:
         """Adds the eigenvalue corrections of two fits made on the same K-FAC basis (e.g. shards of the data).
