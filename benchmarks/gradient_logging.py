@@ -984,8 +984,8 @@ def profile(cfg: Config, console: Console) -> None:
                     for i in range(cfg.warmup):
                         runner.step(i)
                         plain.step(i)
-                    steps = range(cfg.warmup, cfg.warmup + bench.steps)
-                    title = f"{bench_name}: {bench.steps} logging steps with {compressor!r}"
+                    steps = range(cfg.warmup, cfg.warmup + 2 * bench.flush_every // bench.batch_size)  # 2 shards
+                    title = f"{bench_name}: {len(steps)} logging steps with {compressor!r}"
                     _profiled(console, title, steps, runner.step, plain.step)
         bench = gpt_bench(cfg)
         step, shapes = captured_step(bench)
@@ -1053,6 +1053,21 @@ def _profiled(
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def source_revision() -> str:
+    """`` (commit abc1234)`` of the checkout hookinf runs from, ``+ changes`` when hookinf/ differs; else ``""``."""
+    package = Path(hookinf.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (commit {commit}{' + changes' if changed else ''})"
+
+
 @contextmanager
 def workspace() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="hookinf-bench-logging-") as tmp:
@@ -1087,7 +1102,7 @@ def main() -> None:
     logix_version = f"LogIX {logix.__version__}" if logix is not None else LOGIX_MISSING
     report.line(
         f"torch {torch.__version__} · transformers {_dist_version('transformers')} · {logix_version} · "
-        f"hookinf {hookinf.__version__} · Python {platform.python_version()}"
+        f"hookinf {hookinf.__version__}{source_revision()} · Python {platform.python_version()}"
     )
     report.line(
         f"{cfg.threads} torch threads · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()} · load "
