@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,26 @@ def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
     __tracebackhide__ = True
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
+
+
+def oracle_matrices(model: nn.Module, loss_fn: Any, batches: Sequence[Batch], layers: Sequence[str]) -> dict:
+    """``{layer: [n, O, I]}`` gradient matrices from ``torch.func`` per-example gradients (bias = last column)."""
+    per_batch = [func_per_example_grads(model, loss_fn, batch) for batch in batches]
+    out: dict[str, Tensor] = {}
+    for layer in layers:
+        module = model.get_submodule(layer)
+        weight = torch.cat([g[f"{layer}.weight"] for g in per_batch])
+        n = weight.shape[0]
+        if isinstance(module, nn.Conv1d | nn.Conv2d):  # [n, O, C, *k] → [n, O, C·k] (unfold's patch order)
+            matrix = weight.reshape(n, weight.shape[1], -1)
+        elif isinstance(module, nn.Linear):  # y = x Wᵀ + b, W [O, I]
+            matrix = weight
+        else:  # GPT-2 Conv1D: y = x W + b, W [I, O]
+            matrix = weight.transpose(1, 2)
+        if f"{layer}.bias" in per_batch[0]:
+            matrix = torch.cat([matrix, torch.cat([g[f"{layer}.bias"] for g in per_batch]).unsqueeze(-1)], dim=-1)
+        out[layer] = matrix.double()
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_CASES, ModelCase, assert_close, close, func_per_example_grads, seeded
+from conftest import MODEL_CASES, ModelCase, assert_close, close, oracle_matrices, seeded
 from torch import Tensor, nn
 
 import hookinf
@@ -109,26 +109,6 @@ def align_signs(vectors: Tensor, reference: Tensor) -> Tensor:
     signs = torch.sign((vectors * reference).sum(dim=0))
     signs[signs == 0] = 1.0
     return vectors * signs
-
-
-def oracle_matrices(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], layers: Sequence[str]) -> dict:
-    """``{layer: [n, O, I]}`` gradient matrices from ``torch.func`` per-example gradients (bias = last column)."""
-    per_batch = [func_per_example_grads(model, loss_fn, batch) for batch in batches]
-    out: dict[str, Tensor] = {}
-    for layer in layers:
-        module = model.get_submodule(layer)
-        weight = torch.cat([g[f"{layer}.weight"] for g in per_batch])
-        n = weight.shape[0]
-        if isinstance(module, nn.Conv1d | nn.Conv2d):  # [n, O, C, *k] → [n, O, C·k] (unfold's patch order)
-            matrix = weight.reshape(n, weight.shape[1], -1)
-        elif isinstance(module, nn.Linear):  # y = x Wᵀ + b, W [O, I]
-            matrix = weight
-        else:  # GPT-2 Conv1D: y = x W + b, W [I, O]
-            matrix = weight.transpose(1, 2)
-        if f"{layer}.bias" in per_batch[0]:
-            matrix = torch.cat([matrix, torch.cat([g[f"{layer}.bias"] for g in per_batch]).unsqueeze(-1)], dim=-1)
-        out[layer] = matrix.double()
-    return out
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_CASES, ModelCase, close, func_per_example_grads
+from conftest import MODEL_CASES, ModelCase, close, oracle_matrices
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -105,21 +105,6 @@ def assert_same_store(actual: hookinf.GradientStore, expected: hookinf.GradientS
     assert list(grads) == list(ref_grads), f"{what}: layers differ"
     for name in ref_grads:
         close(grads[name], ref_grads[name], tol, f"{what} layer {name!r}")
-
-
-def oracle_matrices(model: nn.Module, loss_fn: Any, data: Sequence[Batch], layers: Sequence[str]) -> dict:
-    """``{layer: [n, O, I]}`` float64 gradient matrices from ``torch.func`` per-example gradients (bias last)."""
-    per_batch = [func_per_example_grads(model, loss_fn, batch) for batch in data]
-    out: dict[str, Tensor] = {}
-    for layer in layers:
-        module = model.get_submodule(layer)
-        assert isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d), f"no oracle layout for {type(module)}"
-        weight = torch.cat([g[f"{layer}.weight"] for g in per_batch])
-        matrix = weight.reshape(weight.shape[0], weight.shape[1], -1)  # Linear [n, O, I]; conv [n, O, C·Πk]
-        if f"{layer}.bias" in per_batch[0]:
-            matrix = torch.cat([matrix, torch.cat([g[f"{layer}.bias"] for g in per_batch]).unsqueeze(-1)], dim=-1)
-        out[layer] = matrix.double()
-    return out
 
 
 def expected_compressed(
