@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _report import Report, Section
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -131,54 +131,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-@dataclass
-class Section:
-    """One table of the report: printed with rich, and written as markdown."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def rich(self) -> Table:
-        table = Table(title=self.title, title_justify="left", caption_justify="left")
-        for i, column in enumerate(self.columns):
-            table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
-        for row in self.rows:
-            table.add_row(*row)
-        if self.notes:
-            table.caption = "\n".join(self.notes)
-        return table
-
-    def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
-        lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(self.columns) - 1)) + "|")
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows]
-        if self.notes:
-            lines += [""] + [f"- {note}" for note in self.notes]
-        return "\n".join(lines) + "\n"
-
-
-class Report:
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.header: list[str] = []
-        self.sections: list[Section] = []
-
-    def line(self, text: str) -> None:
-        self.header.append(text)
-        self.console.print(text, highlight=False, soft_wrap=True)
-
-    def add(self, section: Section) -> None:
-        self.sections.append(section)
-        self.console.print(section.rich())
-        self.console.print()
-
-    def markdown(self) -> str:
-        head = "# Curvature benchmark: hookinf vs kronfluence\n\n" + "\n".join(f"    {h}" for h in self.header)
-        return head + "\n\n" + "\n".join(section.markdown() for section in self.sections)
-
-
 def secs(value: float) -> str:
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
@@ -959,7 +911,7 @@ def main() -> None:
     if args.profile:
         profile(cfg, Console(width=400))
         return
-    report = Report(console)
+    report = Report(console, "Curvature benchmark: hookinf vs kronfluence")
     python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
     argv = [python, os.path.relpath(__file__), *sys.argv[1:]]
     report.line(f"command: {shlex.join(argv)}")
