@@ -428,6 +428,9 @@ class Watch:
     # ------------------------------------------------------------------ step assembly
     def _finish_step(self) -> None:
         if not self._pending:
+            # forwards whose backward never came (e.g. an evaluation pass with grad enabled): drop their calls, which
+            # hold activations, so they cannot pile up over many forwards
+            self._pending.calls.clear()
             return
         fired = self._pending.fired
         self._pending = _Pending()

@@ -786,3 +786,14 @@ def test_a_deep_copy_made_inside_the_block_does_not_disturb_the_watch() -> None:
     assert_close_mapping(got, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="original")
     assert_close_mapping(twin_grads, expected, rtol=RTOL, atol_scale=ATOL_SCALE, what="twin")
     twin(case.batch[0])  # the copy's inherited entries are inert after the block too
+
+
+def test_forwards_without_backward_do_not_pile_up_activations() -> None:
+    """Grad-enabled forwards with no backward (an evaluation pass) must not keep their activations alive."""
+    case = MODEL_CASES["mlp-bias"]()
+    with watch(case.model) as w:
+        for _ in range(20):
+            case.losses()  # forward only, grad enabled
+        assert len(w._pending.calls) <= len(w.layers)  # only the latest forward's calls are held
+        case.losses().sum().backward()
+        assert w.steps == 1
