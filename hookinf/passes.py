@@ -1,13 +1,16 @@
 """Passes over training data inside one watch: the data path every one-call helper shares (internal).
 
 ``Passes.steps(data, description)`` runs ``loss_fn`` on each batch inside the watch, differentiates the summed loss
-with ``torch.autograd.grad`` (so ``.grad`` is never touched) and yields the captured (and, with a compressor,
+with ``torch.autograd.grad`` with respect to the tracked layers' outputs (so no weight gradient is formed and ``.grad``
+is never touched; see :meth:`hookinf.Watch.gradient_targets`) and yields the captured (and, with a compressor,
 compressed) :class:`~hookinf.capture.Step`; a :class:`~hookinf.GradientStore` yields its stored gradients instead.
+A graph holding a reentrant checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``, which refuses
+``torch.autograd.grad``) is differentiated with ``backward()``, and every ``.grad`` it touches is put back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +147,7 @@ class DataPasses:
     def step(self, batch: Any, description: str, sample: torch.Generator | None = None) -> Step:
         """Runs ``loss_fn`` on one batch, differentiates it and returns the captured step."""
         before = self.watch.steps
-        with torch.enable_grad():
+        with torch.enable_grad(), self.watch.recording_outputs():
             if sample is not None:
                 assert isinstance(self.loss_fn, SampledLoss)
                 losses = self.loss_fn.sampled(self.model, batch, sample)
@@ -160,7 +163,7 @@ class DataPasses:
                     "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
                     "detach the output? hookinf needs to differentiate it."
                 )
-            torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
+            differentiate(losses.sum(), self.watch.gradient_targets() or self.params, self.model)
         if self.watch.steps == before:
             raise CaptureError(
                 f"the loss of a {description} batch does not depend on any tracked layer "
@@ -183,6 +186,53 @@ class DataPasses:
                     f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples "
                     f"in the same order each time it is iterated (no shuffling, no random augmentation of the count)."
                 )
+
+
+def differentiate(loss: Tensor, targets: Sequence[Tensor], model: nn.Module) -> None:
+    """Runs the backward of ``loss`` far enough to reach ``targets`` (firing the watch's hooks); keeps no gradient.
+
+    ``torch.autograd.grad`` where possible. A reentrant checkpoint in the graph runs only under ``backward()``
+    (``torch.utils.checkpoint`` raises otherwise), so then the ``.grad`` of every parameter of ``model`` and of every
+    other leaf of the graph is saved and restored around it: the user's model is left as it was.
+    """
+    leaves = _reentrant_checkpoint_leaves(loss)
+    if leaves is None:
+        torch.autograd.grad(loss, targets, allow_unused=True)
+        return
+    known = {id(leaf) for leaf in leaves}
+    leaves += [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+    saved = [leaf.grad for leaf in leaves]
+    try:
+        for leaf in leaves:
+            leaf.grad = None
+        loss.backward()
+    finally:
+        for leaf, grad in zip(leaves, saved, strict=True):
+            leaf.grad = grad
+
+
+def _reentrant_checkpoint_leaves(loss: Tensor) -> list[Tensor] | None:
+    """The graph's leaves when it holds a reentrant checkpoint, else ``None`` (a walk over ``loss``'s graph).
+
+    The parameters used inside a checkpointed segment are not in this graph (its first forward ran without grad);
+    :func:`differentiate` adds the model's parameters for them.
+    """
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    leaves: list[Tensor] = []
+    found = False
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name == "CheckpointFunctionBackward":
+            found = True
+        elif name == "AccumulateGrad":
+            leaves.append(node.variable)  # type: ignore[attr-defined]  # AccumulateGrad holds its leaf
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves if found else None
 
 
 @dataclass(frozen=True)

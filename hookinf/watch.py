@@ -25,7 +25,7 @@ import fnmatch
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -215,6 +215,7 @@ class Watch:
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
         self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
+        self._outputs: list[tuple[str, Tensor, int]] | None = None  # see record_outputs()
         self._last_step: Step | None = None
         self._steps = 0
         self._open = False
@@ -341,6 +342,44 @@ class Watch:
         self._finish_step()
         return self._accumulator.finish(as_damping(damping))
 
+    @contextlib.contextmanager
+    def recording_outputs(self) -> Iterator[None]:
+        """Records the tracked layers' outputs of the forwards inside the block (see :meth:`gradient_targets`)."""
+        self._outputs = []
+        try:
+            yield
+        finally:
+            self._outputs = None
+
+    def gradient_targets(self) -> list[Tensor] | None:
+        """What to differentiate the loss with respect to so that every output hook fires, with the least work.
+
+        Differentiating with respect to the parameters (what ``loss.backward()`` does) also computes every weight
+        gradient, which hookinf never uses: it needs only the output gradients ``δ``. Asking autograd for the
+        gradients of the recorded layer *outputs* instead stops the backward at the earliest tracked layer and skips
+        all weight-gradient products (about half of a backward's work). A layer whose output was modified in place
+        after its forward hook (``nn.ReLU(inplace=True)``) no longer holds the gradient its hook watches, so that
+        layer's parameters are used instead. Returns ``None`` (use the parameters) when some tracked layer ran
+        without a recorded output, e.g. inside a reentrant checkpoint, whose first forward runs without grad.
+        Call it inside :meth:`recording_outputs`, after the forward.
+        """
+        outputs = self._outputs
+        if not outputs or {name for name, _, _ in outputs} != set(self.layers):
+            return None
+        targets: list[Tensor] = []
+        modified: dict[str, None] = {}
+        for name, output, version in outputs:
+            if output._version == version:
+                targets.append(output)
+            else:
+                modified[name] = None
+        for name in modified:
+            params = [p for p in self._modules[name].parameters(recurse=False) if p.requires_grad]
+            if not params:
+                return None
+            targets.extend(params)
+        return targets
+
     def per_example_gradients(self) -> dict[str, Tensor]:
         """The last step's per-example gradients per layer as matrices ``[B, O, I]`` (bias as the last column).
 
@@ -403,6 +442,8 @@ class Watch:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None  # no_grad / frozen path: nothing will flow back
             call = _Call(name, adapter, adapter.activations(adapter.input_tensor(args, kwargs)))
+            if self._outputs is not None and not _in_backward():
+                self._outputs.append((name, output, output._version))
             self._pending.calls.append(call)
             self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
             if len(self._tensor_handles) > _HANDLE_PRUNE_AT:

@@ -1,0 +1,155 @@
+"""hookinf's own passes differentiate with respect to the tracked layers' outputs, not the weights, where that is safe.
+
+The output gradients ``δ`` are all hookinf needs; weight gradients are half a backward's work and thrown away. These
+tests check that no weight gradient is formed on a plain model, that the in-place and checkpointing cases fall back
+to the parameters exactly where needed, and that the scores stay equal to those of a plain backward (float64; the
+two backwards run the same products for δ, so they agree to rounding, 1e-12 relative).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, seeded
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import hookinf
+
+DTYPE = torch.float64
+
+
+def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def data(n_batches: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(5, 6, generator=gen, dtype=DTYPE), torch.randint(0, 3, (5,), generator=gen))
+        for _ in range(n_batches)
+    ]
+
+
+def mlp(inplace: bool) -> nn.Sequential:
+    with seeded(3):
+        return nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(6, 8),
+                act1=nn.ReLU(inplace=inplace),
+                fc2=nn.Linear(8, 8),
+                act2=nn.Tanh(),
+                fc3=nn.Linear(8, 3),
+            )
+        ).to(DTYPE)
+
+
+class WeightGradientSpy:
+    """Counts, per module, the backward computations of its weight gradient (tensor hooks on the parameters)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.counts: dict[str, int] = {}
+        self.handles = [p.register_hook(self._counter(name.rsplit(".", 1)[0])) for name, p in model.named_parameters()]
+
+    def _counter(self, module: str):  # type: ignore[no-untyped-def]
+        def hook(grad: Tensor) -> None:
+            self.counts[module] = self.counts.get(module, 0) + 1
+
+        return hook
+
+    def __enter__(self) -> WeightGradientSpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def parameter_backward_scores(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Tensor:
+    """Exact scores with every backward taken with respect to the parameters (the path before this optimisation)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(hookinf.Watch, "gradient_targets", lambda self: None)
+        return hookinf.influence(model, data(3, 1), data(1, 2), loss_fn, method="exact", progress=False).total
+
+
+def test_plain_model_forms_no_weight_gradient_and_scores_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp(inplace=False)
+    with WeightGradientSpy(model) as spy:
+        scores = hookinf.influence(model, data(3, 1), data(1, 2), loss_fn, method="exact", progress=False)
+    assert spy.counts == {}  # the backward stopped at the layer outputs: no weight gradient was ever computed
+    expected = parameter_backward_scores(model, monkeypatch)
+    assert_close(scores.total, expected, rtol=1e-12, what="output targets vs parameter targets")
+
+
+def test_inplace_activation_falls_back_to_that_layers_parameters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp(inplace=True)  # relu_ rewrites fc1's output after fc1's forward hook saw it
+    with WeightGradientSpy(model) as spy:
+        scores = hookinf.influence(model, data(3, 1), data(1, 2), loss_fn, method="exact", progress=False)
+    assert set(spy.counts) == {"fc1"}  # fc2 and fc3 still stop at their outputs
+    expected = parameter_backward_scores(model, monkeypatch)
+    assert_close(scores.total, expected, rtol=1e-12, what="in-place ReLU: output targets vs parameter targets")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        h = self.block(h) if self.use_reentrant is None else checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        return self.head(h)
+
+
+@pytest.fixture
+def plain_checkpointed_scores() -> tuple[Checkpointed, Tensor]:
+    with seeded(4):
+        model = Checkpointed(None).to(DTYPE)
+    return model, hookinf.influence(model, data(3, 1), data(1, 2), loss_fn, method="exact", progress=False).total
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_scores(
+    plain_checkpointed_scores: tuple[Checkpointed, Tensor], use_reentrant: bool
+) -> None:
+    model, expected = plain_checkpointed_scores
+    model.use_reentrant = use_reentrant  # reentrant: the block's first forward runs without grad → parameters used
+    got = hookinf.influence(model, data(3, 1), data(1, 2), loss_fn, method="exact", progress=False).total
+    assert_close(got, expected, rtol=1e-12, what=f"checkpointed (use_reentrant={use_reentrant}) vs plain")
+
+
+def test_recording_ends_when_loss_fn_raises() -> None:
+    model = mlp(inplace=False)
+
+    def broken(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        model(batch[0])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        hookinf.influence(model, data(1, 1), data(1, 2), broken, method="identity", progress=False)
+    with hookinf.watch(model) as w:  # a fresh watch afterwards records nothing unless asked
+        F.cross_entropy(model(data(1, 3)[0][0]), data(1, 3)[0][1]).backward()
+        assert w.gradient_targets() is None
+
+
+def test_reentrant_checkpoint_leaves_every_grad_as_it_was(
+    plain_checkpointed_scores: tuple[Checkpointed, Tensor],
+) -> None:
+    model, _ = plain_checkpointed_scores
+    model.use_reentrant = True  # only backward() runs through it: hookinf must put every .grad back
+    marks = {name: torch.full_like(p, float(i)) for i, (name, p) in enumerate(model.named_parameters())}
+    for name, p in model.named_parameters():
+        p.grad = marks[name].clone() if name.startswith("block") else None
+    hookinf.influence(model, data(2, 1), data(1, 2), loss_fn, method="identity", progress=False)
+    for name, p in model.named_parameters():
+        if name.startswith("block"):
+            assert p.grad is not None, name
+            assert torch.equal(p.grad, marks[name]), name
+        else:
+            assert p.grad is None, name
