@@ -8,8 +8,8 @@ Parts (all in one process tree, same model and data for both libraries):
 a. Fit speed and peak memory on a 784-1024-1024-10 MLP (float32, random init, 5,000 synthetic examples, batches of
    256): one plain SGD epoch, ``hookinf.fit(method="ekfac" | "kfac")`` and kronfluence's ``fit_all_factors``. Each
    fit runs in a fresh subprocess (this script with ``--worker``), which reports its time, its peak RSS growth
-   (``ru_maxrss`` after the fit minus the RSS before it) and the time of a plain epoch measured in the same process
-   right after the fit (so each "÷ epoch" ratio compares two timings taken under the same machine load).
+   (peak RSS, ``VmHWM``, after the fit minus the RSS before it) and the time of a plain epoch measured in the same
+   process right after the fit (so each "÷ epoch" ratio compares two timings taken under the same machine load).
 b. Scoring speed: 100 queries against the 5,000 training examples with the fitted EK-FAC of both libraries.
 c. Agreement of hookinf's and kronfluence's scores (EK-FAC and K-FAC, same damping and Fisher) on the digits MLP
    (``hookinf.demo.flipped_digits``, 64-32-10, float32).
@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _memory import peak_mib, rss_mib
 from _report import Report, Section
 from rich.console import Console
 from torch import Tensor, nn
@@ -140,18 +140,6 @@ def log(console: Console, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def rss_mib() -> float:
-    """Resident set size now (Linux /proc; elsewhere the peak so far, which understates later growth)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return peak_mib()
-
-
-def peak_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 @contextmanager
@@ -457,7 +445,7 @@ def part_speed(cfg: Config, workdir: Path, report: Report) -> SpeedResults:
         "kronfluence's fit performs); hookinf EK-FAC's fit() already includes its eigendecomposition.",
         "kronfluence's time includes writing its factors to disk (it cannot be turned off); hookinf's does not "
         "(Curvature.save takes well under a second here).",
-        "Peak RSS growth = ru_maxrss after the fit − RSS before it (model and data already loaded).",
+        "Peak RSS growth = peak RSS (VmHWM) after the fit − RSS before it (model and data already loaded).",
     ]
     if kronfluence is not None and k < n:
         section.notes.append(
