@@ -29,7 +29,7 @@ class Section:
         return table
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        lines = [f"### {self.title}", "", "| " + " | ".join(c.replace("|", "\\|") for c in self.columns) + " |"]
         lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(self.columns) - 1)) + "|")
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows]
         if self.notes:

@@ -498,7 +498,8 @@ def part_speed(cfg: Config, workdir: Path, report: Report) -> SpeedResults:
     section.rows.append(["kronfluence compute_pairwise_scores", secs(score_kron) if score_kron else MISSING, ""])
     section.notes.append(
         "Both include the query-gradient pass, preconditioning and the training pass; kronfluence also loads its "
-        "factors from disk and writes the scores. hookinf preconditions and scores in float64, kronfluence in float32. "
+        "factors from disk and writes the scores. Both precondition in float32 here (hookinf's K-FAC/EK-FAC use "
+        "float32 for a float32 model, float64 for a float64 one). "
         f"Fastest of {cfg.repeats} alternating runs each."
     )
     report.add(section)

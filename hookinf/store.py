@@ -53,7 +53,7 @@ class Shard:
 class GradientStore:
     """A directory of compressed per-example gradients (see the module docstring).
 
-    Open an existing store with ``GradientStore(path)``; :func:`hookinf.log` (or a watch with ``log=``) creates
+    Open an existing store with ``GradientStore(path)``; :func:`hookinf.log` (or a watch with ``log_to=``) creates
     and fills one.
 
     Attributes:
