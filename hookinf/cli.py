@@ -1,6 +1,7 @@
 """The ``hookinf`` console script (also ``python -m hookinf``).
 
-Commands: ``demo`` (the embedded default), ``report SCORES_DIR`` (a terminal report of saved scores), ``info PATH``
+Commands: ``demo`` (the embedded default), ``report SCORES_DIR [--html OUT]`` (a terminal or self-contained HTML
+report of saved scores), ``info PATH``
 (what a saved curvature, gradient store or scores directory holds). A missing or corrupt file is one line on stderr
 naming the path and what is wrong, and exit status 1 — never a traceback.
 """
@@ -35,13 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     report = commands.add_parser(
         "report",
-        help="print a report of scores saved with Scores.save",
+        help="print (or write as HTML) a report of scores saved with Scores.save",
         description="Per-layer shares, how concentrated influence is, and the most harmful and helpful training "
-        "examples of the first queries.",
+        "examples of the queries with the largest total |influence|. With --html, writes the report with its "
+        "plots as one self-contained HTML file instead (needs matplotlib: pip install 'hookinf[report]').",
     )
     report.add_argument("scores", metavar="SCORES_DIR", help="a directory written by Scores.save")
-    report.add_argument("--queries", type=int, default=3, help="how many queries to detail (default 3)")
-    report.add_argument("--top", type=int, default=5, help="examples per query and direction (default 5)")
+    report.add_argument(
+        "--queries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="detail the N queries with the largest total |influence| (default 3)",
+    )
+    report.add_argument("--top", type=int, default=5, metavar="K", help="examples per query and direction (default 5)")
+    report.add_argument("--html", metavar="OUT", help="write a self-contained HTML report to OUT instead of printing")
     info = commands.add_parser(
         "info",
         help="describe a saved curvature, gradient store or scores directory",
@@ -61,16 +70,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run(seed=args.seed, epochs=args.epochs, console=console)
         elif args.command == "report":
-            from hookinf.report import scores_report
-            from hookinf.scores import load_scores
-
-            console.print(scores_report(load_scores(args.scores), queries=args.queries, k=args.top))
+            _report(args.scores, args.queries, args.top, args.html, console)
         elif args.command == "info":
             _info(Path(args.path), console)
     except HookinfError as err:
         print(f"hookinf {args.command}: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report(directory: str, queries: int, top: int, html: str | None, console: Console) -> None:
+    from hookinf.report import scores_report
+    from hookinf.scores import load_scores
+
+    if queries < 0:
+        raise HookinfError(f"--queries {queries}: the number of queries to detail must be 0 or more.")
+    if top < 1:
+        raise HookinfError(f"--top {top}: the number of examples per query and direction must be 1 or more.")
+    scores = load_scores(directory)
+    if html is None:
+        console.print(scores_report(scores, queries=queries, k=top))
+        return
+    try:
+        path = scores.save_html(html, queries=queries, k=top)
+    except OSError as err:
+        raise HookinfError(f"{html}: cannot write the HTML report ({err.strerror or err}).") from err
+    console.print(f"wrote the HTML report of {directory} to {path}", highlight=False, soft_wrap=True)
 
 
 def _info(path: Path, console: Console) -> None:

@@ -129,7 +129,7 @@ def spearman(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
         dim: the dimension of length ``n >= 2`` to correlate along.
 
     Returns:
-        float64 tensor of ``x``'s shape without ``dim``: the correlations in ``[-1, 1]``, NaN for constant rows.
+        The correlations in ``[-1, 1]`` (NaN for constant rows), float64, of ``x``'s shape without ``dim``.
 
     Raises:
         ConfigurationError: the shapes differ, ``dim`` is out of range, fewer than 2 values along ``dim``, or NaN in

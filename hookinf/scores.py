@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -21,6 +23,10 @@ from torch import Tensor
 
 from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.io import atomic_write
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import pandas as pd  # type: ignore[import-untyped]
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,26 @@ class Scores:
         total = sum(mass.values()) or 1.0
         return {name: value / total for name, value in mass.items()}
 
+    def query_layer_shares(self) -> Tensor:
+        """``[n_query, n_layers]``: each layer's share of each query's |influence| ``Σ_j |per_layer[l][q, j]|``.
+
+        Rows sum to 1 (a query without any influence gets a row of zeros); columns follow :attr:`layers`.
+        """
+        mass = torch.stack([part.abs().sum(dim=1) for part in self.per_layer.values()], dim=1).double()
+        total = mass.sum(dim=1, keepdim=True)
+        return mass / total.where(total > 0, torch.ones_like(total))
+
+    def top_queries(self, n: int) -> list[int]:
+        """The ``n`` queries with the largest total |influence| ``Σ_j |total[q, j]|``, largest first.
+
+        These are the queries the training set moves most, typically the ones the model gets wrong (large loss,
+        large gradient); reports detail them by default.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigurationError(f"top_queries(n={n!r}): n must be a non-negative integer.")
+        mass = self.total.abs().sum(dim=1)
+        return [int(q) for q in mass.topk(min(n, self.shape[0])).indices]
+
     def layer_table(self, title: str | None = None) -> Table:
         """A rich table: per layer, its share of |influence|, signed sum, and how many queries it dominates."""
         table = Table(title=title or f"Per-layer influence ({self.method})", title_justify="left")
@@ -112,8 +138,7 @@ class Scores:
         table.add_column("signed sum", justify="right")
         table.add_column("dominates queries", justify="right")
         table.add_column("λ", justify="right")
-        stacked = torch.stack([p.abs().sum(dim=1) for p in self.per_layer.values()])  # [L, n_query]
-        dominant = torch.bincount(stacked.argmax(dim=0), minlength=len(self.per_layer))
+        dominant = torch.bincount(self.query_layer_shares().argmax(dim=1), minlength=len(self.per_layer))
         for idx, (name, share) in enumerate(self.layer_shares().items()):
             bar = "█" * round(20 * share)
             lam = self.damping.get(name)
@@ -135,6 +160,121 @@ class Scores:
         k = max(1, round(fraction * flat.numel()))
         mass = float(flat.sum()) or 1.0
         return float(flat.topk(k).values.sum()) / mass
+
+    def report(
+        self,
+        *,
+        queries: int | Sequence[int] | None = None,
+        k: int = 5,
+        describe: Callable[[int], str] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        """Prints a terminal report (see :func:`hookinf.report.scores_report`).
+
+        It shows how concentrated influence is, the per-layer table, each detailed query's layer shares, and each
+        detailed query's ``k`` most harmful (positive score) and most helpful (negative score) training examples.
+
+        Args:
+            queries: which queries to detail: ``None`` for the 3 with the largest total |influence|, an ``int`` ``n``
+                for the ``n`` largest (:meth:`top_queries`), or a sequence of query indices.
+            k: training examples shown per query and direction.
+            describe: optional function from a training example (its id when the scores have :attr:`ids`, else its
+                index) to a short text shown next to it (its label, text, file name, ...).
+            console: where to print (``None``: a new terminal console).
+        """
+        from hookinf.report import scores_report
+
+        (console or Console()).print(scores_report(self, queries=queries, k=k, describe=describe))
+
+    def save_html(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        title: str | None = None,
+        describe: Callable[[int], str] | None = None,
+        images: Callable[[int], Tensor | npt.NDArray[Any]] | None = None,
+        queries: int | Sequence[int] | None = None,
+        k: int = 5,
+        describe_query: Callable[[int], str] | None = None,
+        query_images: Callable[[int], Tensor | npt.NDArray[Any]] | None = None,
+    ) -> Path:
+        """Writes the report as one self-contained HTML file (inline SVG plots, no JavaScript, no network).
+
+        The page holds the terminal report's content plus plots drawn with matplotlib: each layer's share of
+        |influence| (overall and per detailed query), a layer × query heat map of the shares, the distribution of
+        |scores| and how concentrated it is. See :func:`hookinf.html.scores_section`. Needs matplotlib
+        (``pip install 'hookinf[report]'``).
+
+        Args:
+            path: the ``.html`` file to write (atomically; its directory must exist).
+            title: the page title (default names the method).
+            describe: training example (id when the scores have :attr:`ids`, else index) → short text.
+            images: training example (as for ``describe``) → image ``[H, W]`` or ``[H, W, 3|4]`` (float in
+                ``[0, 1]`` or uint8; a grey image is scaled to its own range), shown as a thumbnail.
+            queries: which queries to detail, as for :meth:`report`.
+            k: training examples shown per query and direction.
+            describe_query: query index → short text shown in that query's heading.
+            query_images: query index → image, shown next to that query's heading.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ConfigurationError: a bad argument, or matplotlib is not installed.
+        """
+        from hookinf.html import scores_section
+        from hookinf.report import save_html
+
+        section = scores_section(
+            self,
+            queries=queries,
+            k=k,
+            describe=describe,
+            images=images,
+            describe_query=describe_query,
+            query_images=query_images,
+        )
+        return save_html(path, [section], title=title or f"hookinf influence report ({self.method})")
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The scores as a pandas DataFrame with one row per (query, training example) pair.
+
+        Rows are query-major (all training examples of query 0, then query 1, ...). Columns:
+
+        * ``query``: the query's index (row of :attr:`total`);
+        * ``train``: the training example's index (column of :attr:`total`);
+        * ``id``: the training example's id, only when the scores have :attr:`ids`;
+        * ``score``: the total influence (positive = harmful);
+        * ``layer/<name>``: each layer's part, in model order (``layer/<model>`` for an unnamed whole-model
+          layer); they sum to ``score``.
+
+        So ``df.nlargest(5, "score")`` are the most harmful pairs, ``df[df["query"] == 3]`` one query's column of
+        scores, and ``df.filter(like="layer/").abs().sum()`` each layer's |influence|. Per-token scores are not
+        included. Needs pandas (``pip install 'hookinf[report]'``).
+
+        Returns:
+            A DataFrame of ``n_query × n_train`` rows.
+
+        Raises:
+            ConfigurationError: pandas is not installed.
+        """
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ConfigurationError(
+                "Scores.to_pandas needs pandas, which is not installed: pip install 'hookinf[report]'."
+            ) from err
+        n_query, n_train = self.shape
+        columns: dict[str, Any] = {
+            "query": torch.arange(n_query).repeat_interleave(n_train).numpy(),
+            "train": torch.arange(n_train).repeat(n_query).numpy(),
+        }
+        if self.ids is not None:
+            columns["id"] = self.ids.detach().cpu().repeat(n_query).numpy()
+        columns["score"] = self.total.detach().cpu().flatten().numpy()
+        for name, part in self.per_layer.items():
+            columns[f"layer/{name or '<model>'}"] = part.detach().cpu().flatten().numpy()
+        return pd.DataFrame(columns)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Saves to the directory ``path`` (safetensors + JSON manifest, written atomically); returns it."""

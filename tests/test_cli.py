@@ -1,5 +1,6 @@
 """The console script's report/info commands and Scores persistence."""
 
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,52 @@ def test_report_prints_layers_concentration_and_top_examples(fitted, capsys):
     assert "proj" in out
     assert "head" in out
     assert "top 1%" in out
-    assert "Query 1: most harmful" in out
+    detailed = fitted["scores"].top_queries(2)  # --queries N details the N queries with the largest |influence|
+    for q in detailed:
+        assert f"Query {q}: most harmful" in out
+    assert out.count(": most harmful") == 2
+
+
+def test_report_html_writes_a_self_contained_file_and_says_where(fitted, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "report.html"
+    assert main(["report", str(fitted["scores_dir"]), "--html", str(target), "--queries", "1", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert str(target) in out
+    assert "Query" not in out  # the report went to the file, not the terminal
+    text = target.read_text(encoding="utf-8")
+    scores = fitted["scores"]
+    q = scores.top_queries(1)[0]
+    top = scores.top_k(2)
+    harmful = re.findall(r'<tr data-train="(\d+)"', text[text.index(f'id="influence-q{q}-harmful"') :])[:2]
+    assert [int(i) for i in harmful] == top.harmful[q].tolist()
+    for name in scores.layers:
+        assert f'data-layer="{name}" data-share="{scores.layer_shares()[name]!r}"' in text
+    assert "<script" not in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--html", "{missing}/report.html"],  # the output's directory does not exist
+        ["--queries", "-1"],
+        ["--top", "0", "--html", "{tmp}/x.html"],
+    ],
+    ids=["unwritable-html", "negative-queries", "zero-top"],
+)
+def test_report_bad_output_or_option_is_one_line_on_stderr(fitted, tmp_path, args):
+    args = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hookinf", "report", str(fitted["scores_dir"]), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("hookinf report: ")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.html").exists()
 
 
 @pytest.mark.parametrize(
@@ -70,19 +116,24 @@ def test_info_describes_each_kind_of_directory(fitted, capsys, key, expected):
     assert expected in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["info", "report"])
+@pytest.mark.parametrize("command", ["info", "report", "report --html"])
 def test_missing_or_corrupt_path_is_one_line_on_stderr_and_status_1(tmp_path, command):
+    extra = ["--html", str(tmp_path / "out.html")] if command.endswith("--html") else []
     for target in (tmp_path / "missing", tmp_path / "corrupt"):
         if target.name == "corrupt":
             target.mkdir()
             (target / "manifest.json").write_text("{not json")
         proc = subprocess.run(
-            [sys.executable, "-m", "hookinf", command, str(target)], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "hookinf", command.split()[0], str(target), *extra],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert str(target) in proc.stderr
         assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "out.html").exists()
 
 
 def test_concentration_is_a_share_between_the_uniform_and_the_top_pair(fitted):
