@@ -400,11 +400,7 @@ def save_html(path: str | os.PathLike[str], sections: Sequence[Section], *, titl
     text = page(title, sections)
     target = Path(path)
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # a document to share, not the private 0600 of a temporary file
-
-    atomic_write(target, write)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return target
 
 
