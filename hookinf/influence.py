@@ -131,7 +131,9 @@ def influence(
 
     Returns:
         :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64; float32 for
-        ``kfac``/``ekfac`` on a float32 model, whose preconditioning runs in the statistics' dtype).
+        ``kfac``/``ekfac`` on a float32 model, whose preconditioning runs in the statistics' dtype). From a
+        :class:`~hookinf.GradientStore`, the columns are sorted by id and ``Scores.ids`` holds them (column ``j``
+        is example ``j`` when the ids are dataset indices), whatever order the examples were logged in.
     """
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
@@ -165,12 +167,12 @@ def influence(
         passes.check_count()
         if not columns[w.layers[0]]:
             raise DataError("train is empty: pass at least one batch of training examples.")
-    ids = train.ids if isinstance(train, GradientStore) else None
+    ids, order = _id_order(train)
     if per_token:
-        tokens = {name: _pad_cat(parts) for name, parts in columns.items()}  # [n_query, n_train, T]
+        tokens = {name: _pad_cat(parts)[:, order] for name, parts in columns.items()}  # [n_query, n_train, T]
         per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
         return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, per_token=tokens, ids=ids)
-    per_layer = {name: torch.cat(parts, dim=1) for name, parts in columns.items()}
+    per_layer = {name: torch.cat(parts, dim=1)[:, order] for name, parts in columns.items()}
     return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, ids=ids)
 
 
@@ -192,7 +194,9 @@ def self_influence(
     examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`.
 
     Returns:
-        ``[n_train]`` float64 tensor, in the order of ``train``.
+        ``[n_train]`` float64 tensor, in the order of ``train``; from a :class:`~hookinf.GradientStore`, sorted by
+        id (entry ``j`` is the example with the ``j``-th smallest id: example ``j`` when the ids are dataset
+        indices), whatever order the examples were logged in.
     """
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
@@ -216,7 +220,19 @@ def self_influence(
         passes.check_count()
         if not values:
             raise DataError("train is empty: pass at least one batch of training examples.")
-    return torch.cat(values)
+    return torch.cat(values)[_id_order(train)[1]]
+
+
+def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slice | Tensor]:
+    """A store's ids sorted, and the permutation that sorts its examples by id (stable); ``slice(None)`` for data.
+
+    A store is written in the order of the user's (often shuffled) loop; sorting by id makes column ``j`` the
+    example with the ``j``-th smallest id, so with dataset indices as ids, column ``j`` is example ``j``.
+    """
+    if not isinstance(train, GradientStore):
+        return None, slice(None)
+    order = torch.sort(train.ids, stable=True).indices
+    return train.ids[order], order
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence

@@ -423,6 +423,14 @@ def _total(scores: Scores | Tensor, caller: str) -> Tensor:
     """The ``[n_query, n_train]`` float64 total of a :class:`Scores` or a tensor, checked."""
     if isinstance(scores, Scores):
         total = scores.total.detach()
+        ids = scores.ids
+        if ids is not None and not torch.equal(ids, torch.arange(ids.numel(), dtype=ids.dtype)):
+            raise ConfigurationError(
+                f"{caller}: these scores' columns are the training examples with ids {_few(ids)} (scored from a "
+                f"gradient store), not examples 0..{ids.numel() - 1}, so per-example labels or masks indexed by "
+                f"dataset position would not line up. Select them by id and pass the tensor: e.g. "
+                f"{caller}(..., scores.total, flipped[scores.ids]) when the ids are dataset indices."
+            )
     elif isinstance(scores, Tensor):
         total = scores.detach()
     else:
@@ -433,6 +441,11 @@ def _total(scores: Scores | Tensor, caller: str) -> Tensor:
         raise ConfigurationError(f"{caller}: scores must be [n_query, n_train]; got shape {list(total.shape)}.")
     _check_finite(total, f"{caller}: scores")
     return total.double()
+
+
+def _few(ids: Tensor, shown: int = 6) -> str:
+    values = ids[:shown].tolist()
+    return "[" + ", ".join(map(str, values)) + (", …]" if ids.numel() > shown else "]")
 
 
 def _check_finite(values: Tensor, what: str) -> None:

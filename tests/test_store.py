@@ -32,6 +32,7 @@ from torch import Tensor, nn
 import hookinf
 import hookinf.store
 from hookinf import CaptureError, ConfigurationError, CurvatureError, DataError, HookinfError, StoreError
+from hookinf.metrics import detection_aucs
 
 Batch = tuple[Tensor, ...]
 F64 = torch.float64
@@ -217,11 +218,48 @@ def test_custom_ids_are_stored_and_become_score_ids(tmp_path: Path) -> None:
     for name in expected:
         close(grads[name], expected[name], GRAD_TOL, f"custom ids layer {name!r}")
 
-    scores = hookinf.influence(
-        case.model, store, [case.make_batch(50)], case.loss_fn, method="identity", progress=False
-    )
+    query = [case.make_batch(50)]
+    scores = hookinf.influence(case.model, store, query, case.loss_fn, method="identity", progress=False)
+    # columns come sorted by id whatever order the examples were logged in (here descending)
+    order = torch.argsort(expected_ids)
     assert scores.ids is not None
-    assert torch.equal(scores.ids, expected_ids)
+    assert torch.equal(scores.ids, expected_ids[order])
+    plain = [b[:2] for b in train]
+    kwargs: dict[str, Any] = {"method": "identity", "progress": False}
+    memory = hookinf.influence(case.model, plain, query, case.loss_fn, compress=LOGRA, **kwargs)
+    close(scores.total, memory.total[:, order], SCORE_TOL, "store columns = logged-order columns sorted by id")
+    self_store = hookinf.self_influence(case.model, store, case.loss_fn, **kwargs)
+    self_memory = hookinf.self_influence(case.model, plain, case.loss_fn, compress=LOGRA, **kwargs)
+    close(self_store, self_memory[order], SCORE_TOL, "store self-influence sorted by id")
+    with pytest.raises(hookinf.ConfigurationError, match=r"ids \[9895, 9902.*flipped\[scores.ids\]"):
+        detection_aucs(None, scores, torch.zeros(16, dtype=torch.bool))
+
+
+def test_shuffled_logging_gives_scores_in_dataset_order(tmp_path: Path) -> None:
+    """A store logged from a shuffled loop with dataset indices as ids scores like the unshuffled data."""
+    case = mlp()
+    train = batches(case, 4)  # 4 batches of 4: dataset index = position
+    x = torch.cat([b[0] for b in train])
+    y = torch.cat([b[1] for b in train])
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    with hookinf.watch(case.model, log_to=tmp_path, compress=LOGRA, loss_reduction="sum") as w:
+        for idx in perm.split(5):  # batches of another size, in shuffled order
+            w.tag(idx)
+            case.loss_fn(case.model, (x[idx], y[idx])).sum().backward()
+    case.model.zero_grad(set_to_none=True)
+    store = hookinf.GradientStore(tmp_path)
+    assert torch.equal(store.ids, perm)
+    query = [case.make_batch(50)]
+    got = hookinf.influence(case.model, store, query, case.loss_fn, method="exact", progress=False)
+    want = hookinf.influence(case.model, train, query, case.loss_fn, method="exact", compress=LOGRA, progress=False)
+    assert got.ids is not None
+    assert torch.equal(got.ids, torch.arange(16))
+    close(got.total, want.total, SCORE_TOL, "shuffled store vs dataset order")
+    self_got = hookinf.self_influence(case.model, store, case.loss_fn, method="exact", progress=False)
+    self_want = hookinf.self_influence(case.model, train, case.loss_fn, method="exact", compress=LOGRA, progress=False)
+    close(self_got, self_want, SCORE_TOL, "shuffled store self-influence vs dataset order")
+    flipped = torch.arange(16) % 5 == 0
+    assert detection_aucs(self_got, got, flipped) == detection_aucs(self_want, want, flipped)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
