@@ -86,9 +86,12 @@ class DataPasses:
                 f"hookinf.fit(model, train_data, loss_fn, method={resolved.name!r}, compress=<the store's "
                 f"compressor>) — and pass that curvature as method=; or use 'exact', 'datainf', 'lissa' or 'identity'."
             )
-        generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
 
         def passes(description: str) -> Iterator[Step]:
+            # sampled Fisher: every pass draws the same labels (one seeded generator per pass), so a method's passes
+            # all see one set of sampled gradients — EK-FAC's correction lives in the eigenbasis of those very
+            # gradients, and replaying the first pass from memory (EKFAC(cache_bytes=...)) changes nothing
+            generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
             return self.steps(train, description, generator)
 
         if isinstance(resolved, QueryMethod):

@@ -29,7 +29,7 @@ from conftest import MODEL_CASES, ModelCase, assert_close, close, oracle_matrice
 from torch import Tensor, nn
 
 import hookinf
-from hookinf.errors import CurvatureError, HookinfError
+from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[Any, Batch], Tensor]
@@ -763,7 +763,7 @@ def test_a_fitted_curvature_is_reused_without_refitting(method: str) -> None:
         return ce_loss(model, batch)
 
     curv = hookinf.fit(mlp.model, mlp.train, counting_loss, method=method, progress=False)
-    fit_passes = 2 if method == "ekfac" else 1
+    fit_passes = 1  # K-FAC: one pass; EK-FAC: its correction replays the first pass from memory (cache_bytes)
     assert len(calls) == fit_passes * len(mlp.train)
     calls.clear()
     reused = hookinf.influence(mlp.model, mlp.train, mlp.query, counting_loss, method=curv, progress=False)
@@ -778,6 +778,56 @@ def test_a_fitted_curvature_is_reused_without_refitting(method: str) -> None:
     calls.clear()
     hookinf.self_influence(mlp.model, mlp.train, counting_loss, method=curv, progress=False)
     assert len(calls) == len(mlp.train)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_ekfac_cache_replays_the_first_pass_with_identical_results(fisher: str) -> None:
+    """EKFAC(cache_bytes=...) keeps pass 1's captures for the correction; over budget, or 0, it runs two passes.
+
+    All three fits accumulate the same float64 numbers in the same order, so they agree bit for bit.
+    """
+    mlp = hand_mlp()
+    calls: list[int] = []
+
+    def counting_loss(model: Any, batch: Batch) -> Tensor:
+        calls.append(int(batch[0].shape[0]))
+        return ce_loss(model, batch)
+
+    loss: Any = counting_loss
+    if fisher == "sampled":
+        sampled = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
+        loss = sampled  # counts nothing; the pass count is checked on the empirical case
+
+    def fit(cache_bytes: int) -> hookinf.Curvature:
+        calls.clear()
+        method = hookinf.EKFAC(cache_bytes=cache_bytes)
+        return hookinf.fit(mlp.model, mlp.train, loss, method=method, fisher=fisher, progress=False)  # type: ignore[arg-type]
+
+    cached = fit(2**20)
+    if fisher == "empirical":
+        assert len(calls) == len(mlp.train)  # one pass: the correction read the cached captures
+    two_passes = fit(0)
+    if fisher == "empirical":
+        assert len(calls) == 2 * len(mlp.train)
+    with hookinf.watch(mlp.model, loss_reduction="sum") as w:
+        ce_loss(mlp.model, mlp.train[0]).sum().backward()
+        step = w.last_step
+        assert step is not None
+        first_batch = sum(t.numel() * t.element_size() for c in step.layers.values() for t in (c.a, c.delta))
+    mlp.model.zero_grad(set_to_none=True)
+    over_budget = fit(first_batch + 1)  # the second batch outgrows it: the cache is dropped, two passes run
+    if fisher == "empirical":
+        assert len(calls) == 2 * len(mlp.train)
+    for other, label in ((two_passes, "cache_bytes=0"), (over_budget, "over budget")):
+        assert cached.tensors.keys() == other.tensors.keys()
+        for key, value in cached.tensors.items():
+            assert torch.equal(value, other.tensors[key]), f"{fisher}, {label}: {key}"
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1GB"])
+def test_ekfac_cache_bytes_must_be_a_non_negative_integer(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="cache_bytes"):
+        hookinf.EKFAC(cache_bytes=bad)
 
 
 # ---------------------------------------------------------------------------------------------------- 6. float32

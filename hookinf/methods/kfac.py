@@ -293,15 +293,26 @@ class EKFAC(Method):
         basis: an already fitted ``kfac`` (or ``ekfac``) curvature whose factors and eigenbasis to use; the fit
             then runs only the correction pass (so it also works from one loop of the user's, see
             :func:`hookinf.watch`). Fits that share a basis merge (distributed fitting).
+        cache_bytes: memory budget for keeping the first pass's captured ``(a, δ)`` so that the correction pass
+            reads them instead of running the model over the data again (the weights are fixed, so they are the
+            same numbers). When the captures outgrow the budget they are dropped at once and the correction pass
+            runs the model, so peak memory stays bounded whatever the number of examples. ``0`` always runs two
+            passes. Results are identical either way.
     """
 
     basis: Curvature | None = None
+    cache_bytes: int = 2**28
     name = "ekfac"
 
     def __post_init__(self) -> None:
         if self.basis is not None and not isinstance(self.basis, KFACCurvature | EKFACCurvature):
             raise ConfigurationError(
                 f"EKFAC(basis=...) takes a fitted kfac or ekfac curvature, not {type(self.basis).__name__}."
+            )
+        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
+            raise ConfigurationError(
+                f"EKFAC(cache_bytes={self.cache_bytes!r}): give a memory budget in bytes, an integer ≥ 0 (0 disables "
+                f"the cache)."
             )
 
     def check(self, shapes: Mapping[str, LayerShape]) -> None:
@@ -324,12 +335,32 @@ class EKFAC(Method):
         """Runs the factor pass (unless ``basis`` is given) and the correction pass."""
         self.check(shapes)
         basis = self.basis
+        cache = _StepCache(self.cache_bytes if basis is None else 0)
         if basis is None:
             factors = _FactorAccumulator(shapes, dtype)
             for step in passes("fit ekfac factors (pass 1/2)"):
                 factors.update(step)
+                cache.add(step)
             basis = factors.finish(damping)
         correction = EKFAC(basis=basis).accumulator(shapes, dtype)
-        for step in passes("fit ekfac correction (pass 2/2)"):
+        for step in cache.steps if cache.steps is not None else passes("fit ekfac correction (pass 2/2)"):
             correction.update(step)
         return correction.finish(damping)
+
+
+class _StepCache:
+    """The first pass's steps, kept while they fit in ``budget`` bytes (``steps`` is ``None`` once they do not)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.steps: list[Step] | None = [] if budget > 0 else None
+
+    def add(self, step: Step) -> None:
+        if self.steps is None:
+            return
+        self.used += sum(t.numel() * t.element_size() for c in step.layers.values() for t in (c.a, c.delta))
+        if self.used > self.budget:
+            self.steps = None  # over budget: free them now; the correction pass runs the model again
+        else:
+            self.steps.append(step)
