@@ -921,3 +921,21 @@ def test_zero_damping_on_a_singular_block_is_refused(method: str, seed: int) -> 
     mlp = hand_mlp(seed=seed)
     with pytest.raises(CurvatureError, match="damping"):
         mlp_influence(mlp, method, damping=0.0)
+
+
+@pytest.mark.parametrize("features", [5, 255, 256, 301])
+def test_lower_blocked_gram_equals_the_full_product(features: int) -> None:
+    """The factor sums are accumulated on and below the diagonal in blocks (from 256 features) and mirrored at the
+    end; in float64 they equal Σ xᵀx up to summation order: 1e-12 relative, plus 1e-13 of the largest entry for
+    entries that are sums of cancelling products (their rounding is relative to the products, not the sum)."""
+    from hookinf.methods.kfac import _add_lower_gram, _mirror_lower
+
+    gen = torch.Generator().manual_seed(features)
+    batches = [torch.randn(n, features, generator=gen, dtype=torch.float64) for n in (7, 3)]
+    total = torch.zeros(features, features, dtype=torch.float64)
+    for x in batches:
+        _add_lower_gram(total, x)
+    full = sum(x.T @ x for x in batches)
+    got = _mirror_lower(total)
+    assert torch.equal(got, got.T)
+    assert_close(got, full, rtol=1e-12, atol=1e-13 * float(full.abs().max()), what=f"{features} features")
