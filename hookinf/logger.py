@@ -37,6 +37,7 @@ class GradientLogger:
         shapes: the tracked layers' (uncompressed) shapes, in model order.
         dtype: the dtype gradients are stored in.
         flush_every: write a shard whenever this many examples are buffered.
+        bound: ``compress`` already bound to ``shapes`` (a watch shares its own), else it is bound here.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class GradientLogger:
         shapes: Mapping[str, LayerShape],
         dtype: torch.dtype,
         flush_every: int = 4096,
+        bound: BoundCompressor | None = None,
     ) -> None:
         if not isinstance(compress, Compressor):
             raise ConfigurationError(
@@ -54,7 +56,7 @@ class GradientLogger:
             )
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
-        self.bound: BoundCompressor = compress.bind(shapes)
+        self.bound: BoundCompressor = bound if bound is not None else compress.bind(shapes)
         self.store = GradientStore.create(
             path,
             compressor=compress.config(),
@@ -77,8 +79,8 @@ class GradientLogger:
         """Whether ``example_id`` was in the store when logging (re)started (so it is skipped)."""
         return example_id in self._stored
 
-    def add(self, ids: Tensor, step: Step) -> None:
-        """Compresses ``step`` and buffers the examples whose ids are not stored yet."""
+    def add(self, ids: Tensor, step: Step, compressed: Step | None = None) -> None:
+        """Compresses ``step`` (unless given ``compressed``) and buffers the examples whose ids are not stored yet."""
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         if ids.numel() != step.batch_size:
             raise DataError(f"{ids.numel()} ids were given for a batch of {step.batch_size} examples.")
@@ -94,7 +96,8 @@ class GradientLogger:
         keep = [i not in self._stored for i in values]
         if not any(keep):
             return
-        compressed = self.bound.compress(step)
+        if compressed is None:
+            compressed = self.bound.compress(step)
         everything = all(keep)
         fresh = torch.tensor(keep, dtype=torch.bool)
         for name, capture in compressed.layers.items():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import LayerCapture, Step
-from hookinf.compress import Compressor
+from hookinf.compress import BoundCompressor, Compressor
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import (
@@ -105,7 +105,10 @@ def watch(
             this directory (resumed when it exists). Tag each batch with its examples' ids before its forward —
             the one line a loop gains: ``w.tag(ids)``. Shards are flushed every ``flush_every`` examples and when
             the block ends (also on an exception: completed steps are kept).
-        compress: the compressor for ``log_to`` (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``).
+        compress: the compressor (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``) for ``log_to``, and
+            for ``fit``: the statistics are then accumulated in the compressed space (as
+            ``hookinf.fit(..., compress=...)`` does), so a curvature and a store from the same loop score together —
+            ``hookinf.influence(model, store, query, loss_fn, method=w.curvature())`` — with no further pass.
         flush_every: see ``log_to``.
 
     Returns:
@@ -180,14 +183,33 @@ class Watch:
         self._modules: dict[str, nn.Module] = dict(selected)
         self._adapters: dict[str, LayerAdapter] = {name: adapter_for(name, mod) for name, mod in selected}
         self.layers: tuple[str, ...] = tuple(self._adapters)
+        shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
+        if compress is not None and not isinstance(compress, Compressor):
+            raise ConfigurationError(
+                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
+                f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
+            )
+        if compress is not None and log_to is None and fit is None:
+            raise ConfigurationError(
+                "watch(compress=...) compresses what log_to= stores or what fit= accumulates; give one of them "
+                "(e.g. watch(model, log_to='grads/', compress=hookinf.LoGra(16, 16)))."
+            )
+        if log_to is not None and compress is None:
+            raise ConfigurationError(
+                "watch(log_to=...) needs compress=...: a store holds compressed gradients (e.g. "
+                "compress=hookinf.LoGra(16, 16))."
+            )
+        self._compress_config = compress.config() if compress is not None else None
+        self._bound: BoundCompressor | None = compress.bind(shapes) if compress is not None else None
         self._accumulator: Accumulator | None = None
         if fit is not None:
             method = resolve_method(fit)
             basis = getattr(method, "basis", None)
-            if isinstance(basis, Curvature) and basis.extra.get("compressor") is not None:
+            if isinstance(basis, Curvature) and basis.extra.get("compressor") != self._compress_config:
                 raise ConfigurationError(
-                    f"watch(fit=EKFAC(basis=...)): the basis was fitted with compress={basis.extra['compressor']}, "
-                    f"but a watch accumulates uncompressed statistics; use hookinf.fit(..., compress=...) instead."
+                    f"watch(fit=EKFAC(basis=...)): the basis was fitted with compress={basis.extra.get('compressor')}, "
+                    f"but this watch has compress={self._compress_config}; pass the compressor the basis was fitted "
+                    f"with."
                 )
             if not isinstance(method, Method):
                 raise ConfigurationError(
@@ -195,22 +217,16 @@ class Watch:
                     f"over the training data for each set of queries); use 'kfac', 'exact' or hookinf.EKFAC(basis=...)."
                 )
             params = [p for m in self._modules.values() for p in m.parameters(recurse=False)]
-            shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
-            method.check(shapes)
-            self._accumulator = method.accumulator(shapes, statistics_dtype(params, dtype))
+            fit_shapes = self._bound.shapes if self._bound is not None else shapes
+            method.check(fit_shapes)
+            self._accumulator = method.accumulator(fit_shapes, statistics_dtype(params, dtype))
         self._logger: GradientLogger | None = None
         self._tag: Tensor | None = None
-        if (log_to is None) != (compress is None):
-            raise ConfigurationError(
-                "watch(log_to=..., compress=...) go together: give the store's directory and its compressor "
-                "(e.g. compress=hookinf.LoGra(16, 16))."
-            )
         if log_to is not None and compress is not None:
             from hookinf.logger import GradientLogger, model_dtype
 
-            shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
             self._log_config = (log_to, compress, shapes, model_dtype(self._modules.values()), flush_every)
-            self._logger = GradientLogger(*self._log_config)
+            self._logger = GradientLogger(*self._log_config, bound=self._bound)
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
@@ -234,7 +250,7 @@ class Watch:
         if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store
             from hookinf.logger import GradientLogger
 
-            self._logger = GradientLogger(*self._log_config)
+            self._logger = GradientLogger(*self._log_config, bound=self._bound)
         try:
             for name, module in self._modules.items():
                 _ACTIVE[module] = self
@@ -340,7 +356,10 @@ class Watch:
                 "or hookinf.EKFAC(basis=...))."
             )
         self._finish_step()
-        return self._accumulator.finish(as_damping(damping))
+        curvature = self._accumulator.finish(as_damping(damping))
+        if self._compress_config is not None:
+            curvature.extra["compressor"] = self._compress_config
+        return curvature
 
     @contextlib.contextmanager
     def recording_outputs(self) -> Iterator[None]:
@@ -514,8 +533,11 @@ class Watch:
         assert batch_size is not None
         self._last_step = Step(index=self._steps, batch_size=batch_size, layers=layers)
         self._steps += 1
+        compressed = None
         if self._accumulator is not None:
-            self._accumulator.update(self._last_step)
+            if self._bound is not None:  # compressed once, for the statistics and the store alike
+                compressed = self._bound.compress(self._last_step)
+            self._accumulator.update(compressed if compressed is not None else self._last_step)
         if self._logger is not None:
             tag, self._tag = self._tag, None
             if tag is None:
@@ -523,7 +545,7 @@ class Watch:
                     "a batch was logged without ids: call w.tag(ids) with the batch's example ids before its forward "
                     "(watch(log_to=...) stores every example under its id)."
                 )
-            self._logger.add(tag, self._last_step)
+            self._logger.add(tag, self._last_step, compressed=compressed)
 
 
 _MISSING_HINT = (
