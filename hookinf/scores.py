@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,48 @@ class Scores:
         mass = {name: float(part.abs().sum()) for name, part in self.per_layer.items()}
         total = sum(mass.values()) or 1.0
         return {name: value / total for name, value in mass.items()}
+
+    def grouped(self, by: str | Callable[[str], str]) -> Scores:
+        r"""Scores whose "layers" are groups of layers, each group's part the sum of its layers' parts.
+
+        Per-layer shares of a transformer read best per block: ``scores.grouped(r"layer\.\d+")`` sums every tracked
+        Linear of ``...layer.3...`` into ``"layer.3"`` (layers the pattern does not match keep their own name), and
+        the result reports, plots and exports like any :class:`Scores`. Totals are unchanged (the same parts, summed
+        in another order); per-token parts are grouped too; the per-layer damping is dropped (it belongs to layers).
+
+        Args:
+            by: a regular expression whose first match in a layer's name names its group (the first capturing group
+                when it has one), or a function from a layer name to its group's name.
+        """
+        key: Callable[[str], str]
+        if isinstance(by, str):
+            try:
+                pattern = re.compile(by)
+            except re.error as err:
+                raise ConfigurationError(f"grouped({by!r}): not a regular expression ({err}).") from err
+
+            def key(name: str) -> str:
+                found = pattern.search(name)
+                if found is None:
+                    return name
+                return str(found.group(1) if pattern.groups else found.group(0))
+
+        elif callable(by):
+            key = by
+        else:
+            raise ConfigurationError(f"grouped(by={by!r}): give a regular expression or a function layer → group.")
+        groups: dict[str, list[str]] = {}
+        for name in self.per_layer:
+            group = key(name)
+            if not isinstance(group, str):
+                raise ConfigurationError(f"grouped: the group of layer {name!r} must be a str, got {group!r}.")
+            groups.setdefault(group, []).append(name)
+
+        def summed(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {g: torch.stack([parts[n] for n in names]).sum(dim=0) for g, names in groups.items()}
+
+        per_token = summed(self.per_token) if self.per_token is not None else None
+        return Scores(per_layer=summed(self.per_layer), method=self.method, per_token=per_token, ids=self.ids)
 
     def query_layer_shares(self) -> Tensor:
         """``[n_query, n_layers]``: each layer's share of each query's |influence| ``Σ_j |per_layer[l][q, j]|``.

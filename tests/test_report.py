@@ -409,3 +409,25 @@ def test_to_pandas_carries_store_ids():
     assert df["id"].iloc[N_TRAIN + 5] == int(scores.ids[5])
     unnamed = Scores(per_layer={"": torch.ones(1, 2)}, method="identity").to_pandas()
     assert "layer/<model>" in unnamed.columns
+
+
+def test_grouped_sums_layers_into_blocks_and_keeps_totals() -> None:
+    gen = torch.Generator().manual_seed(5)
+    names = ["enc.layer.0.q.lora_A", "enc.layer.0.q.lora_B", "enc.layer.1.v.lora_A", "head"]
+    per_token = {n: torch.randn(3, 7, 4, generator=gen, dtype=torch.float64) for n in names}
+    per_layer = {n: t.sum(dim=2) for n, t in per_token.items()}
+    scores = hookinf.Scores(per_layer=per_layer, method="exact", damping=dict.fromkeys(names, 0.1), per_token=per_token)
+    blocks = scores.grouped(r"layer\.\d+")
+    assert blocks.layers == ("layer.0", "layer.1", "head")  # first-appearance order; unmatched keep their name
+    torch.testing.assert_close(blocks.per_layer["layer.0"], per_layer[names[0]] + per_layer[names[1]])
+    torch.testing.assert_close(blocks.total, scores.total, rtol=1e-14, atol=1e-14)  # same parts, another order
+    torch.testing.assert_close(blocks.token_scores(), scores.token_scores(), rtol=1e-14, atol=1e-14)
+    assert blocks.damping == {}
+    assert sum(blocks.layer_shares().values()) == pytest.approx(1.0)
+    by_kind = scores.grouped(r"(lora_[AB]|head)$")  # a capturing group names the group
+    assert by_kind.layers == ("lora_A", "lora_B", "head")
+    assert scores.grouped(lambda name: name.split(".")[0]).layers == ("enc", "head")
+    with pytest.raises(hookinf.ConfigurationError, match="not a regular expression"):
+        scores.grouped("layer(")
+    with pytest.raises(hookinf.ConfigurationError, match="must be a str"):
+        scores.grouped(lambda name: 3)  # type: ignore[arg-type,return-value]
