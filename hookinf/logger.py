@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step
-from hookinf.compress import BoundCompressor, Compressor
+from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import LayerShape, fingerprint
 from hookinf.errors import ConfigurationError, DataError
 from hookinf.passes import DataPasses, LossFn, eval_mode
@@ -49,11 +49,9 @@ class GradientLogger:
         flush_every: int = 4096,
         bound: BoundCompressor | None = None,
     ) -> None:
-        if not isinstance(compress, Compressor):
-            raise ConfigurationError(
-                f"compress={compress!r} must be a hookinf compressor (hookinf.LoGra, hookinf.Dropout, "
-                f"hookinf.Gaussian)."
-            )
+        if compress is None:
+            raise ConfigurationError("a gradient store needs compress= (e.g. hookinf.LoGra(16, 16)).")
+        require_compressor(compress)
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
         self.bound: BoundCompressor = bound if bound is not None else compress.bind(shapes)

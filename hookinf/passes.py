@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.capture import Step
-from hookinf.compress import Compressor
+from hookinf.compress import Compressor, require_compressor
 from hookinf.curvature import Curvature, LayerShape, fingerprint, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import CaptureError, ConfigurationError, CurvatureError, DataError
@@ -46,11 +46,7 @@ class DataPasses:
         self.progress = progress
         self.params = [p for m in w.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
         shapes = {name: LayerShape.of(adapter) for name, adapter in w.adapters.items()}
-        if compress is not None and not isinstance(compress, Compressor):
-            raise ConfigurationError(
-                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
-                f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
-            )
+        require_compressor(compress)
         self.compressor = compress.bind(shapes) if compress is not None else None
         self.shapes = self.compressor.shapes if self.compressor is not None else shapes
         self.compress_config = compress.config() if compress is not None else None

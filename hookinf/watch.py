@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import LayerCapture, Step
-from hookinf.compress import BoundCompressor, Compressor
+from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import (
@@ -184,11 +184,7 @@ class Watch:
         self._adapters: dict[str, LayerAdapter] = {name: adapter_for(name, mod) for name, mod in selected}
         self.layers: tuple[str, ...] = tuple(self._adapters)
         shapes = {name: LayerShape.of(adapter) for name, adapter in self._adapters.items()}
-        if compress is not None and not isinstance(compress, Compressor):
-            raise ConfigurationError(
-                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
-                f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
-            )
+        require_compressor(compress)
         if compress is not None and log_to is None and fit is None:
             raise ConfigurationError(
                 "watch(compress=...) compresses what log_to= stores or what fit= accumulates; give one of them "
@@ -231,7 +227,7 @@ class Watch:
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = _Pending()
         self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
-        self._outputs: list[tuple[str, Tensor, int]] | None = None  # see record_outputs()
+        self._outputs: list[tuple[str, Tensor, int]] | None = None  # see recording_outputs()
         self._last_step: Step | None = None
         self._steps = 0
         self._open = False

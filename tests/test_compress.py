@@ -472,7 +472,7 @@ def test_gaussian_refuses_projections_above_max_bytes_and_suggests_logra_or_drop
 
 
 @pytest.mark.parametrize("compress", ["logra", {"kind": "logra"}, hookinf.Exact()], ids=["str", "dict", "method"])
-def test_compress_must_be_a_compressor(compress: Any) -> None:
+def test_compress_must_be_a_compressor(compress: Any, tmp_path: Path) -> None:
     case = MODEL_CASES["mlp-bias"]()
     train, query = data(case)
     with pytest.raises(ConfigurationError, match=r"hookinf compressor"):
@@ -481,6 +481,11 @@ def test_compress_must_be_a_compressor(compress: Any) -> None:
         hookinf.fit(case.model, train, case.loss_fn, method="kfac", compress=compress, progress=False)
     with pytest.raises(ConfigurationError, match=r"hookinf compressor"):
         hookinf.self_influence(case.model, train, case.loss_fn, compress=compress, progress=False)
+    with pytest.raises(ConfigurationError, match=r"hookinf compressor"):
+        hookinf.watch(case.model, fit="kfac", compress=compress)
+    with pytest.raises(ConfigurationError, match=r"hookinf compressor"):
+        hookinf.log(case.model, train, case.loss_fn, compress=compress, path=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "exact"])

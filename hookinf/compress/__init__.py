@@ -1,12 +1,12 @@
 """Gradient compressors (LoGra, dropout masks, Gaussian projection) over the captured factors."""
 
-from hookinf.compress.base import BoundCompressor, Compressor
+from hookinf.compress.base import BoundCompressor, Compressor, require_compressor
 from hookinf.compress.dropout import Dropout
 from hookinf.compress.gaussian import Gaussian
 from hookinf.compress.logra import LoGra
 from hookinf.errors import ConfigurationError
 
-__all__ = ["BoundCompressor", "Compressor", "Dropout", "Gaussian", "LoGra", "from_config"]
+__all__ = ["BoundCompressor", "Compressor", "Dropout", "Gaussian", "LoGra", "from_config", "require_compressor"]
 
 _KINDS: dict[str, type[Compressor]] = {"logra": LoGra, "dropout": Dropout, "gaussian": Gaussian}
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
 from hookinf.curvature import LayerShape
+from hookinf.errors import ConfigurationError
 
 
 def layer_generator(seed: int, layer: str) -> torch.Generator:
@@ -48,6 +49,15 @@ class Compressor(ABC):
     @abstractmethod
     def bind(self, shapes: Mapping[str, LayerShape]) -> BoundCompressor:
         """Draws the projections for the given layers."""
+
+
+def require_compressor(compress: object) -> None:
+    """Refuses anything but a hookinf compressor (``None`` passes: no compression), naming the three there are."""
+    if compress is not None and not isinstance(compress, Compressor):
+        raise ConfigurationError(
+            f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra(r_in, r_out), "
+            f"hookinf.Dropout(r=...) or hookinf.Gaussian(r)."
+        )
 
 
 class BoundCompressor(ABC):

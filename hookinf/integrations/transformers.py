@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import Step
-from hookinf.compress import BoundCompressor, Compressor
+from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import Curvature, LayerShape, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import CaptureError, ConfigurationError, DataError, HookinfWarning
@@ -210,11 +210,7 @@ class HookinfCallback(transformers.TrainerCallback):
                 "log_to= needs compress= (the store's compressor, e.g. hookinf.LoGra(16, 16); "
                 "hookinf.LoGra(10**6, 10**6, init='orthogonal') keeps the full gradients)."
             )
-        if compress is not None and not isinstance(compress, Compressor):
-            raise ConfigurationError(
-                f"compress={compress!r} must be a hookinf compressor: hookinf.LoGra, hookinf.Dropout or "
-                f"hookinf.Gaussian."
-            )
+        require_compressor(compress)
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise ConfigurationError(f"epoch={epoch!r} must be an int (0-based; -1 is the last epoch).")
         self.method: Method | None = None
