@@ -18,7 +18,7 @@ b. Scoring speed: 100 queries against the 5,000 training examples with the fitte
 c. Agreement of hookinf's and kronfluence's scores (EK-FAC and K-FAC, same damping and Fisher) on the digits MLP
    (``hookinf.demo.flipped_digits``, 64-32-10, float32).
 d. Attribution quality on the digits MLP with 10% flipped labels: LDS against models retrained on random halves of
-   the training set (``hookinf.metrics.retrain_subsets``) and mislabel-detection AUC, per method.
+   the training set (``hookinf.retrain.retrain_subsets``) and mislabel-detection AUC, per method.
 e. LDS against damping × Fisher for ``ekfac`` and ``exact`` (which defaults hookinf should use).
 
 Without kronfluence installed every kronfluence cell reads "kronfluence not installed". A full run (not --quick)
@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import hookinf
-from hookinf.metrics import detection_aucs, lds, retrain_subsets, spearman
+from hookinf.metrics import detection_aucs, lds, spearman
+from hookinf.retrain import retrain_subsets
 
 try:
     import kronfluence

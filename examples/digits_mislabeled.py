@@ -28,8 +28,14 @@ from torch import Tensor, nn
 
 import hookinf
 from hookinf.demo import flipped_digits
-from hookinf.html import comparison_section, scores_section, suspects_section
-from hookinf.report import comparison_table, detection, save_html
+from hookinf.report import (
+    comparison_section,
+    comparison_table,
+    detection,
+    save_html,
+    scores_section,
+    suspects_section,
+)
 
 METHODS = ("exact", "identity", "kfac", "ekfac", "datainf", "lissa")
 

@@ -5,12 +5,15 @@ activations and output gradients per example from an unchanged training loop; th
 influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` with the per-layer decomposition kept.
 """
 
+import hookinf.report  # noqa: F401  (registers the presenter behind Scores.report(), .save_html(), .layer_table())
+from hookinf._version import __version__ as __version__
 from hookinf.capture import LayerCapture, Step
 from hookinf.compress import Compressor, Dropout, Gaussian, LoGra
-from hookinf.curvature import Curvature, LayerShape, load
+from hookinf.curvature import Curvature, load
 from hookinf.damping import Damping
 from hookinf.errors import (
     CaptureError,
+    CompressorMismatchError,
     ConfigurationError,
     CurvatureError,
     DataError,
@@ -21,15 +24,14 @@ from hookinf.errors import (
     PatternMatchError,
     UnsupportedModuleError,
 )
-from hookinf.influence import fit, influence, self_influence
-from hookinf.logger import log
+from hookinf.helpers import fit, influence, log, self_influence
+from hookinf.hooks import Watch
+from hookinf.loop import LoopWatch, watch
 from hookinf.losses import CrossEntropy, SampledLoss
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK, load_scores
+from hookinf.shapes import LayerShape
 from hookinf.store import GradientStore, StoreError
-from hookinf.watch import Watch, watch
-
-__version__ = "0.1.0"
 
 __all__ = [
     # one-call helpers
@@ -42,6 +44,7 @@ __all__ = [
     # capture
     "watch",
     "Watch",
+    "LoopWatch",
     "Step",
     "LayerCapture",
     # methods and configuration
@@ -70,6 +73,7 @@ __all__ = [
     # errors
     "HookinfError",
     "CaptureError",
+    "CompressorMismatchError",
     "ConfigurationError",
     "CurvatureError",
     "DataError",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from hookinf.errors import ConfigurationError
+from hookinf.errors import ConfigurationError, DataError, NonFiniteGradientError
 from hookinf.layers.base import LayerAdapter
 from hookinf.linalg import per_example_gradients
 
@@ -39,6 +40,22 @@ class LayerCapture:
         """``B``."""
         return int(self.a.shape[0])
 
+    def check_finite(self) -> None:
+        """Refuses captured factors holding NaN or infinity (influence from them would be meaningless).
+
+        Raises:
+            NonFiniteGradientError: names the layer and which factor.
+        """
+        for what, tensor in (("output gradients", self.delta), ("input activations", self.a)):
+            # A NaN/inf entry makes the sum non-finite, so one reduction screens the tensor (an overflowing sum of
+            # finite values is confirmed or cleared by the full elementwise check).
+            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteGradientError(
+                    f"layer '{self.name}': captured {what} contain NaN or infinity. Check the loss and the inputs of "
+                    f"this batch (a diverging learning rate or a log of zero are common causes); influence computed "
+                    f"from them would be meaningless."
+                )
+
     def gradients(self) -> Tensor:
         """Per-example gradients as matrices ``[B, O, I]`` (``Σ_s δ_s a_sᵀ``)."""
         return per_example_gradients(self.a, self.delta)
@@ -58,11 +75,18 @@ class Step:
         index: 0-based count of steps since the watch started.
         batch_size: ``B``, shared by every layer.
         layers: layer name → capture, in model order.
+        ids: ``[B]`` int64 ids of the step's examples (on the CPU), when the loop named them
+            (:meth:`hookinf.Watch.tag`); ``None`` otherwise.
     """
 
     index: int
     batch_size: int
     layers: dict[str, LayerCapture]
+    ids: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ids is not None and self.ids.numel() != self.batch_size:
+            raise DataError(f"{self.ids.numel()} ids were given for a batch of {self.batch_size} examples.")
 
     def gradients(self) -> dict[str, Tensor]:
         """Per-example gradient matrices ``[B, O, I]`` per layer."""

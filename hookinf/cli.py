@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from hookinf.errors import HookinfError
+from hookinf.report.terminal import scores_report
+from hookinf.scores import load_scores
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,9 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(directory: str, queries: int, top: int, html: str | None, console: Console) -> None:
-    from hookinf.report import scores_report
-    from hookinf.scores import load_scores
-
     if queries < 0:
         raise HookinfError(f"--queries {queries}: the number of queries to detail must be 0 or more.")
     if top < 1:
@@ -120,8 +119,6 @@ def _info(path: Path, console: Console) -> None:
         if len(ids):
             console.print(f"ids: {int(ids.min())} … {int(ids.max())} ({len(ids)} examples)")
     elif kind == "hookinf.scores":
-        from hookinf.scores import load_scores
-
         console.print(load_scores(path))
     else:
         raise HookinfError(f"{manifest}: unknown format {kind!r}.")

@@ -16,7 +16,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -27,45 +27,44 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hookinf.compress import Compressor, from_config
 from hookinf.damping import Damping
-from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
+from hookinf.errors import CompressorMismatchError, ConfigurationError, CurvatureError, HookinfError
 from hookinf.io import atomic_write
-from hookinf.layers.base import LayerAdapter
+from hookinf.shapes import LayerShape, fingerprint
 
 FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
-class LayerShape:
-    """A tracked layer's gradient shape ``(O, I)`` (``I`` counts the bias column) and parameter shapes."""
+class LayerStatistics:
+    """A method's typed, additive statistics of one layer: a frozen dataclass whose fields are all tensors.
 
-    out_features: int
-    in_features: int
-    params: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @property
-    def dim(self) -> int:
-        """``d_l = O × I``."""
-        return self.out_features * self.in_features
+    Each curvature type declares its own (``ExactStatistics``, ``KFACFactors``, ...). Saved files name a statistic
+    ``"<layer>/<field>"``; that string is built when writing and reading, never parsed back.
+    """
 
     @classmethod
-    def of(cls, adapter: LayerAdapter) -> LayerShape:
-        """The shape of an adapter's layer."""
-        out_features, in_features = adapter.shape
-        weight = ("weight", tuple(adapter.weight_shape))
-        params = (weight, ("bias", (out_features,))) if adapter.has_bias else (weight,)
-        return cls(out_features, in_features, params)
+    def names(cls) -> tuple[str, ...]:
+        """The statistics' field names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"out": self.out_features, "in": self.in_features, "params": [[n, list(s)] for n, s in self.params]}
+    def tensors(self) -> dict[str, Tensor]:
+        """Field name → tensor."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    def plus(self, other: Self) -> Self:
+        """The sum of two layers' statistics, field by field (statistics are sums)."""
+        return replace(self, **{name: value + getattr(other, name) for name, value in self.tensors().items()})
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LayerShape:
-        """Inverse of :meth:`to_json`."""
-        params = tuple((str(n), tuple(int(x) for x in s)) for n, s in data["params"])
-        return cls(int(data["out"]), int(data["in"]), params)
+    def read(cls, tensors: Mapping[str, Tensor], layer: str) -> Self:
+        """The statistics of ``layer`` from a flat ``"<layer>/<field>"`` mapping (a saved file)."""
+        missing = [f"{layer}/{name}" for name in cls.names() if f"{layer}/{name}" not in tensors]
+        if missing:
+            raise CurvatureError(f"the curvature is missing statistics {missing[:3]}.")
+        return cls(**{name: tensors[f"{layer}/{name}"] for name in cls.names()})
 
 
 class Curvature(ABC):
@@ -75,13 +74,15 @@ class Curvature(ABC):
         layers: layer name → shape, in model order.
         damping: the damping rule (``λ_l`` is derived from the statistics).
         num_examples: number of training examples the statistics sum over.
-        tensors: the additive statistics, keyed ``"<layer>/<statistic>"`` (layer names may contain dots).
+        state: layer name → the method's additive statistics of that layer (its :attr:`statistics_type`).
+        compressor: the compressor whose space the statistics were accumulated in (``None``: uncompressed); it
+            must be the one used with the curvature, and curvatures merge only in the same space.
     """
 
     #: the method's name (``"exact"``, ``"kfac"``, ...); also the key used to load a saved curvature.
     method: ClassVar[str]
-    #: the statistics every layer carries (keys after ``"<layer>/"``).
-    statistics: ClassVar[tuple[str, ...]] = ()
+    #: the type of each layer's statistics.
+    statistics_type: ClassVar[type[LayerStatistics]]
     _registry: ClassVar[dict[str, type[Curvature]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -94,18 +95,21 @@ class Curvature(ABC):
         layers: Mapping[str, LayerShape],
         damping: Damping,
         num_examples: int,
-        tensors: Mapping[str, Tensor],
-        extra: Mapping[str, Any] | None = None,
+        state: Mapping[str, LayerStatistics],
+        compressor: Compressor | None = None,
     ) -> None:
         self.layers = dict(layers)
         self.damping = damping
         self.num_examples = int(num_examples)
-        self.tensors = dict(tensors)
-        self.extra: dict[str, Any] = dict(extra or {})
+        self.state = dict(state)
+        self.compressor = compressor
         self._cache: dict[str, Any] = {}
-        missing = [f"{n}/{s}" for n in self.layers for s in self.statistics if f"{n}/{s}" not in self.tensors]
-        if missing:
-            raise CurvatureError(f"{self.method} curvature is missing statistics {missing[:3]}.")
+        wrong = [n for n in self.layers if not isinstance(self.state.get(n), self.statistics_type)]
+        if wrong or set(self.state) != set(self.layers):
+            raise CurvatureError(
+                f"{self.method} curvature: every layer needs its {self.statistics_type.__name__}; layers "
+                f"{(wrong or sorted(set(self.state) ^ set(self.layers)))[:3]} have none."
+            )
 
     # ------------------------------------------------------------------ the maths, per method
     @abstractmethod
@@ -148,7 +152,33 @@ class Curvature(ABC):
 
     def with_damping(self, damping: Damping) -> Self:
         """The same statistics under another damping rule (cheap: only the factorisation is redone)."""
-        return type(self)(self.layers, damping, self.num_examples, self.tensors, self.extra)
+        return type(self)(self.layers, damping, self.num_examples, self.state, self.compressor)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every statistic, flat: ``"<layer>/<field>"`` → tensor (the form a saved file holds)."""
+        return {
+            f"{layer}/{key}": value for layer, stats in self.state.items() for key, value in stats.tensors().items()
+        }
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """What the manifest records beside the statistics: the compressor's configuration, when there is one."""
+        return {} if self.compressor is None else {"compressor": self.compressor.config()}
+
+    def check_compressor(self, compressor: Compressor | None, subject: str = "this curvature") -> None:
+        """Refuses use in another compressed space (or none) than the one the statistics were accumulated in.
+
+        Raises:
+            CompressorMismatchError: names both compressors.
+        """
+        if compressor != self.compressor:
+            fitted = None if self.compressor is None else self.compressor.config()
+            used = None if compressor is None else compressor.config()
+            raise CompressorMismatchError(
+                f"{subject} ({self.method}) was fitted with compress={fitted} but is used with compress={used}; pass "
+                f"the compressor {subject} was fitted with (the same compressor, with the same seed)."
+            )
 
     def _prepared(self, layer: str) -> Any:
         if layer not in self.layers:
@@ -158,8 +188,9 @@ class Curvature(ABC):
         return self._cache[layer]
 
     def stat(self, layer: str, name: str) -> Tensor:
-        """One statistic of one layer."""
-        return self.tensors[f"{layer}/{name}"]
+        """One statistic of one layer (a field of its :attr:`statistics_type`)."""
+        value: Tensor = getattr(self.state[layer], name)
+        return value
 
     def check_compatible(self, shapes: Mapping[str, LayerShape]) -> None:
         """Refuses a model whose tracked layers differ from the ones this curvature was fitted on.
@@ -191,15 +222,22 @@ class Curvature(ABC):
         """Statistics of both fits, as if fitted on the union of their data (sums and counts add)."""
         if type(other) is not type(self):
             raise CurvatureError(f"cannot merge a {other.method} curvature into a {self.method} curvature.")
+        self._check_mergeable(other)
+        state = {name: stats.plus(other.state[name]) for name, stats in self.state.items()}
+        return type(self)(self.layers, self.damping, self.num_examples + other.num_examples, state, self.compressor)
+
+    def _check_mergeable(self, other: Curvature) -> None:
+        if other.compressor != self.compressor:
+            raise CompressorMismatchError(
+                f"cannot merge a {self.method} curvature fitted with compress="
+                f"{None if self.compressor is None else self.compressor.config()} and one fitted with compress="
+                f"{None if other.compressor is None else other.compressor.config()}: their statistics live in "
+                f"different spaces. Fit every part with the same compressor (and seed)."
+            )
         if other.layers != self.layers:
             raise CurvatureError("cannot merge curvatures fitted on different layers or layer shapes.")
         if other.damping != self.damping:
             raise CurvatureError(f"cannot merge curvatures with different damping ({self.damping} vs {other.damping}).")
-        tensors = self._merge_tensors(other)
-        return type(self)(self.layers, self.damping, self.num_examples + other.num_examples, tensors, self.extra)
-
-    def _merge_tensors(self, other: Curvature) -> dict[str, Tensor]:
-        return {key: value + other.tensors[key] for key, value in self.tensors.items()}
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -220,7 +258,7 @@ class Curvature(ABC):
             "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
             "layers": {name: shape.to_json() for name, shape in self.layers.items()},
             "fingerprint": fingerprint(self.layers),
-            "extra": self.extra,
+            "compressor": None if self.compressor is None else self.compressor.config(),
         }
         text = json.dumps(manifest, indent=2)
         atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -243,7 +281,7 @@ class Curvature(ABC):
                 name or "<model>",
                 f"{shape.out_features}×{shape.in_features}",
                 str(shape.dim),
-                f"{int(self.stat(name, 'positions')):,}" if f"{name}/positions" in self.tensors else "—",
+                f"{int(self.stat(name, 'positions')):,}" if "positions" in self.statistics_type.names() else "—",
                 f"{lam:.3g}",
                 f"[{low:.2e}, {high:.2e}]",
                 f"{cond:.3g}",
@@ -271,12 +309,6 @@ def statistics_dtype(params: Iterable[Tensor], dtype: torch.dtype | None = None)
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def fingerprint(layers: Mapping[str, LayerShape]) -> str:
-    """A short hash of the tracked layers' names and parameter shapes (identifies the model architecture)."""
-    text = json.dumps({name: shape.to_json() for name, shape in layers.items()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def load(path: str | os.PathLike[str]) -> Curvature:
     """Loads a curvature saved by :meth:`Curvature.save`.
 
@@ -296,10 +328,13 @@ def load(path: str | os.PathLike[str]) -> Curvature:
         layers = {name: LayerShape.from_json(data) for name, data in manifest["layers"].items()}
         damping = Damping(**manifest["damping"])
         num_examples = int(manifest["num_examples"])
-        extra = manifest.get("extra", {})
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        # format 1 files written before the compressor was a field of its own keep it under "extra"
+        config = manifest["compressor"] if "compressor" in manifest else manifest.get("extra", {}).get("compressor")
+        compressor = None if config is None else from_config(config)
+        state = {name: cls.statistics_type.read(tensors, name) for name in layers}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, CurvatureError, ConfigurationError) as err:
         raise HookinfError(f"{directory}: corrupt hookinf curvature ({type(err).__name__}: {err}).") from err
-    return cls(layers, damping, num_examples, tensors, extra)
+    return cls(layers, damping, num_examples, state, compressor)
 
 
 def _digest(tensors: Mapping[str, Tensor]) -> str:

@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.panel import Panel
 from torch import Tensor, nn
 
-from hookinf.influence import influence, self_influence
+from hookinf.helpers import influence, self_influence
 from hookinf.metrics import auc
-from hookinf.report import comparison_table, suspects_table
+from hookinf.report.terminal import comparison_table, suspects_table
 from hookinf.scores import Scores
 
 METHODS = ("exact", "identity")

@@ -50,3 +50,7 @@ class DataError(HookinfError, ValueError):
 
 class CurvatureError(HookinfError, RuntimeError):
     """A curvature block cannot be built or inverted (too large, not positive definite, ...)."""
+
+
+class CompressorMismatchError(CurvatureError, ConfigurationError):
+    """A curvature (or an EK-FAC basis) is used, or merged, in another compressed space than it was fitted in."""

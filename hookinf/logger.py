@@ -1,73 +1,67 @@
 """Logging compressed per-example gradients into a :class:`~hookinf.store.GradientStore`.
 
-:class:`GradientLogger` consumes captured steps (from :func:`log`'s own loop, or from a :func:`hookinf.watch`
-around the user's loop), compresses them with a bound compressor, buffers them and flushes a shard every
-``flush_every`` examples — so an interruption loses at most the examples since the last flush.
+:class:`GradientLogger` is a :class:`~hookinf.pipeline.Consumer`: it takes already compressed steps carrying their
+examples' ids (from :func:`hookinf.log`'s own loop, a :func:`hookinf.watch` around the user's loop, or the Trainer
+callback), buffers them and flushes a shard every ``flush_every`` examples — so an interruption loses at most the
+examples since the last flush.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hookinf.capture import Step
-from hookinf.compress import BoundCompressor, Compressor, require_compressor
-from hookinf.curvature import LayerShape, fingerprint
-from hookinf.errors import ConfigurationError, DataError
-from hookinf.passes import DataPasses, LossFn, eval_mode
-from hookinf.progress import PassProgress
+from hookinf.compress import BoundCompressor
+from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.shapes import fingerprint
 from hookinf.store import GradientStore, StoreError
-from hookinf.watch import ModuleSpec, Watch
 
 IdsFn = Callable[[Any], Sequence[int] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples."""
 
 
 class GradientLogger:
-    """Compresses steps and appends them to a store in shards.
+    """Appends compressed steps to a store in shards (a :class:`~hookinf.pipeline.Consumer`).
 
     Args:
         path: the store's directory (created, or resumed when it holds a compatible store).
-        compress: the compressor (its configuration and seed are recorded in the store).
-        shapes: the tracked layers' (uncompressed) shapes, in model order.
+        bound: the compressor bound to the tracked layers; the steps it consumes are in its compressed space, and
+            its configuration, seed and the layers' original shapes are recorded in the store.
         dtype: the dtype gradients are stored in.
         flush_every: write a shard whenever this many examples are buffered.
-        bound: ``compress`` already bound to ``shapes`` (a watch shares its own), else it is bound here.
     """
 
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        compress: Compressor,
-        shapes: Mapping[str, LayerShape],
-        dtype: torch.dtype,
-        flush_every: int = 4096,
-        bound: BoundCompressor | None = None,
+        self, path: str | os.PathLike[str], bound: BoundCompressor, dtype: torch.dtype, flush_every: int = 4096
     ) -> None:
-        if compress is None:
-            raise ConfigurationError("a gradient store needs compress= (e.g. hookinf.LoGra(16, 16)).")
-        require_compressor(compress)
-        if not isinstance(flush_every, int) or flush_every < 1:
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
-        self.bound: BoundCompressor = bound if bound is not None else compress.bind(shapes)
-        self.store = GradientStore.create(
-            path,
-            compressor=compress.config(),
-            layers=self.bound.shapes,
-            original=shapes,
-            dtype=dtype,
-            fingerprint=fingerprint(shapes),
-        )
+        self.path = path
+        self.bound = bound
+        self.dtype = dtype
         self.flush_every = flush_every
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Opens (or resumes) the store: ids stored so far are skipped from now on."""
+        self.store = GradientStore.create(
+            self.path,
+            compressor=self.bound.compressor.config(),
+            layers=self.bound.shapes,
+            original=self.bound.original,
+            dtype=self.dtype,
+            fingerprint=fingerprint(self.bound.original),
+        )
         self._stored = set(self.store.ids.tolist())  # already in the store when logging (re)started: skipped
         self._logged: set[int] = set()  # logged in this run: seeing one again is an error
         self._ids: list[Tensor] = []
-        self._grads: dict[str, list[Tensor]] = {name: [] for name in shapes}
+        self._grads: dict[str, list[Tensor]] = {name: [] for name in self.bound.shapes}
         self._held = 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookinf-store")
         self._in_flight: Future[None] | None = None
@@ -77,11 +71,19 @@ class GradientLogger:
         """Whether ``example_id`` was in the store when logging (re)started (so it is skipped)."""
         return example_id in self._stored
 
-    def add(self, ids: Tensor, step: Step, compressed: Step | None = None) -> None:
-        """Compresses ``step`` (unless given ``compressed``) and buffers the examples whose ids are not stored yet."""
-        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-        if ids.numel() != step.batch_size:
-            raise DataError(f"{ids.numel()} ids were given for a batch of {step.batch_size} examples.")
+    def consume(self, step: Step) -> None:
+        """Buffers the examples of a compressed step whose ids (``step.ids``) are not stored yet.
+
+        Raises:
+            CaptureError: the step has no ids (the loop did not call ``w.tag(ids)`` before the batch's forward).
+            StoreError: an id repeats within the batch or was already logged in this run.
+        """
+        ids = step.ids
+        if ids is None:
+            raise CaptureError(
+                "a batch was logged without ids: call w.tag(ids) with the batch's example ids before its forward "
+                "(watch(log_to=...) stores every example under its id)."
+            )
         values = ids.tolist()  # python ints: set look-ups without one tensor per element
         if len(set(values)) != len(values):
             raise StoreError(f"duplicate ids in one batch: {values}; every example needs its own id.")
@@ -94,11 +96,9 @@ class GradientLogger:
         keep = [i not in self._stored for i in values]
         if not any(keep):
             return
-        if compressed is None:
-            compressed = self.bound.compress(step)
         everything = all(keep)
         fresh = torch.tensor(keep, dtype=torch.bool)
-        for name, capture in compressed.layers.items():
+        for name, capture in step.layers.items():
             flat = capture.gradients().flatten(1).detach()
             self._grads[name].append(flat if everything else flat[fresh])
         self._ids.append(ids if everything else ids[fresh])
@@ -164,59 +164,8 @@ def batch_ids(batch: Any, ids: IdsFn | None, position: int) -> Tensor:
     return out
 
 
-def model_dtype(modules: Iterable[nn.Module]) -> torch.dtype:
+def model_dtype(params: Iterable[Tensor]) -> torch.dtype:
     """The dtype of the tracked parameters (the stored gradients keep it)."""
-    for module in modules:
-        for param in module.parameters(recurse=False):
-            return param.dtype
+    for param in params:
+        return param.dtype
     return torch.float32
-
-
-def log(
-    model: nn.Module,
-    train: Iterable[Any],
-    loss_fn: LossFn,
-    *,
-    compress: Compressor,
-    path: str | os.PathLike[str],
-    ids: IdsFn | None = None,
-    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
-    flush_every: int = 4096,
-    progress: bool = True,
-) -> GradientStore:
-    """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
-
-    Args:
-        model: the model (left unchanged; run in eval mode).
-        train: batches of training examples (iterated once; a generator is fine).
-        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
-        compress: the compressor (``hookinf.LoGra(16, 16)``, ``hookinf.Dropout(r=...)``, ``hookinf.Gaussian(r)``).
-        path: the store's directory. When it already holds a store of the same compressor and model, logging
-            resumes: batches whose ids are all stored are skipped without running the model, and the store ends
-            with every id exactly once.
-        ids: ``ids(batch)`` → the batch's example ids (ints); by default an example's id is its position in
-            ``train``.
-        modules: which layers to track (see :func:`hookinf.watch`).
-        flush_every: a shard is written at least every this many examples (what an interruption can lose).
-        progress: show a rich progress bar.
-
-    Returns:
-        The :class:`GradientStore`; pass it as ``train`` to :func:`hookinf.influence` / :func:`self_influence`.
-    """
-    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = DataPasses(model, w, loss_fn, progress=False, compress=None)
-        logger = GradientLogger(path, compress, passes.shapes, model_dtype(w.modules.values()), flush_every)
-        total = len(train) if isinstance(train, Sized) else None
-        position = 0
-        with PassProgress("log gradients", total, enabled=progress) as bar:
-            for batch in train:
-                example_ids = batch_ids(batch, ids, position)
-                position += int(example_ids.numel())
-                if all(logger.is_stored(i) for i in example_ids.tolist()):
-                    bar.advance(0)
-                    continue
-                step = passes.step(batch, "log")
-                logger.add(example_ids, step)
-                bar.advance(step.batch_size)
-        logger.close()
-    return logger.store

@@ -1,29 +1,24 @@
 """Evaluation metrics for attributions (pure functions on tensors).
 
-* :func:`auc` and :func:`detection_aucs`: how well a signal (self-influence, mean influence on held-out queries)
-  detects known-bad training examples such as flipped labels (DataInf, Kwon et al. 2023, §4.2).
+* :func:`auc`, :func:`roc_curve` and :func:`detection_aucs`: how well a signal (self-influence, mean influence on
+  held-out queries) detects known-bad training examples such as flipped labels (DataInf, Kwon et al. 2023, §4.2).
 * :func:`spearman`, :func:`lds` and :func:`lds_per_layer`: the linear datamodeling score (Park et al. 2023, TRAK,
   §2.2), which asks whether influence scores predict how the query losses change when the model is retrained on
-  random subsets of the training set; :func:`retrain_subsets` drives that retraining.
+  random subsets of the training set; :func:`hookinf.retrain.retrain_subsets` drives that retraining.
 
-Everything here is plain torch (no scipy or scikit-learn), computed in float64.
+Everything here is a pure function of tensors: plain torch (no scipy or scikit-learn), computed in float64.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError
-from hookinf.progress import track
 from hookinf.scores import Scores
-
-TrainFn = Callable[[Tensor], Tensor]
-"""``train_fn(mask)``: retrains on the examples where ``mask [n_train]`` is True; returns query losses ``[n_query]``."""
 
 
 def auc(scores: Tensor, positives: Tensor) -> float:
@@ -39,14 +34,7 @@ def auc(scores: Tensor, positives: Tensor) -> float:
     Returns:
         The AUC in ``[0, 1]``.
     """
-    scores = scores.detach().double().flatten()
-    positives = positives.detach().bool().flatten()
-    if scores.shape != positives.shape:
-        raise ConfigurationError(f"auc: scores {list(scores.shape)} and positives {list(positives.shape)} differ.")
-    n_pos = int(positives.sum())
-    n_neg = positives.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ConfigurationError("auc needs at least one positive and one negative example.")
+    scores, positives, n_pos, n_neg = _detection_inputs(scores, positives, "auc")
     order = scores.argsort()
     ranks = torch.empty_like(scores)
     ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
@@ -58,6 +46,43 @@ def auc(scores: Tensor, positives: Tensor) -> float:
         ranks = (sums / counts)[inverse]
     u = float(ranks[positives].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def roc_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+    """The ROC curve of ``scores`` for detecting ``positives``: one point per distinct score, largest first.
+
+    Point ``i`` flags every example whose score is at least the ``i``-th largest distinct score (tied scores enter
+    together); ``fpr`` is the share of the negatives flagged, ``tpr`` that of the positives. The trapezoidal area
+    under the curve is :func:`auc`.
+
+    Args:
+        scores: ``[n]`` detection scores (higher = more suspicious).
+        positives: ``[n]`` booleans, the true positives (e.g. flipped labels).
+
+    Returns:
+        ``(fpr, tpr)``, each ``[m + 1]`` float64 for ``m`` distinct scores, from ``(0, 0)`` to ``(1, 1)``.
+    """
+    scores, positives, n_pos, n_neg = _detection_inputs(scores, positives, "roc_curve")
+    order = scores.argsort(descending=True)
+    ranked, hits = scores[order], positives[order].double()
+    last = torch.ones_like(positives)  # the last example of each run of tied scores closes a point
+    last[:-1] = ranked[1:] != ranked[:-1]
+    start = torch.zeros(1, dtype=torch.float64)
+    fpr, tpr = ((1 - hits).cumsum(0) / float(n_neg))[last], (hits.cumsum(0) / float(n_pos))[last]
+    return torch.cat([start, fpr]), torch.cat([start, tpr])
+
+
+def _detection_inputs(scores: Tensor, positives: Tensor, caller: str) -> tuple[Tensor, Tensor, int, int]:
+    """``scores`` as float64 ``[n]``, ``positives`` as bool ``[n]``, and how many positives and negatives."""
+    scores = scores.detach().double().flatten()
+    positives = positives.detach().bool().flatten()
+    if scores.shape != positives.shape:
+        raise ConfigurationError(f"{caller}: scores {list(scores.shape)} and positives {list(positives.shape)} differ.")
+    n_pos = int(positives.sum())
+    n_neg = positives.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ConfigurationError(f"{caller} needs at least one positive and one negative example.")
+    return scores, positives, n_pos, n_neg
 
 
 def detection_aucs(
@@ -205,8 +230,7 @@ class LDSResult:
         kept = self.per_query[~self.per_query.isnan()]
         text = f"LDSResult(mean={self.mean:.4f}, n_query={self.n_query}, skipped={self.skipped}"
         if kept.numel():
-            low, high = float(kept.min()), float(kept.max())
-            median = float(kept.quantile(0.5))
+            low, median, high = float(kept.min()), float(kept.quantile(0.5)), float(kept.max())
             text += f"; per query min {low:.4f}, median {median:.4f}, max {high:.4f}"
         return text + ")"
 
@@ -335,83 +359,6 @@ def _check_subsets(total: Tensor, subset_masks: Tensor, subset_query_losses: Ten
     return masks.to(total.device), losses.to(device=total.device, dtype=torch.float64)
 
 
-# ---------------------------------------------------------------------------------------------------- retraining
-def retrain_subsets(
-    train_fn: TrainFn,
-    n_train: int,
-    *,
-    n_subsets: int = 50,
-    fraction: float = 0.5,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Retrains on random subsets of the training set and collects the query losses, the input of :func:`lds`.
-
-    All masks are drawn first from a ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched, and
-    whatever randomness ``train_fn`` uses does not change them); each selects exactly ``round(fraction × n_train)``
-    examples uniformly at random (Python's ``round``). Then ``train_fn`` is called once per mask, in order.
-
-    Args:
-        train_fn: ``train_fn(mask)`` with ``mask [n_train]`` bool (a copy, safe to modify): trains a model on the
-            examples where ``mask`` is True and returns its losses on the queries, ``[n_query]``; the same
-            ``n_query`` on every call.
-        n_train: number of training examples (the scores' columns).
-        n_subsets: how many subsets (retrained models), at least 2.
-        fraction: the share of the training set in each subset, in ``(0, 1)``.
-        seed: seeds the masks.
-        progress: show a rich progress bar (only when the output is a terminal).
-
-    Returns:
-        ``(subset_masks [n_subsets, n_train] bool, subset_query_losses [n_subsets, n_query] float64)`` on the CPU.
-
-    Raises:
-        ConfigurationError: invalid ``n_train``, ``n_subsets`` or ``fraction`` (including a fraction that rounds to
-            no example or to all of them), or ``train_fn`` returning something other than a finite ``[n_query]``
-            tensor of the same shape on every call (raised at the first bad call, naming it).
-    """
-    for name, value in (("n_train", n_train), ("n_subsets", n_subsets), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigurationError(f"retrain_subsets: {name}={value!r} must be an integer.")
-    if n_subsets < 2:
-        raise ConfigurationError(f"retrain_subsets: n_subsets={n_subsets} must be at least 2 (LDS ranks subsets).")
-    if n_train < 2:
-        raise ConfigurationError(f"retrain_subsets: n_train={n_train} must be at least 2.")
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
-        raise ConfigurationError(f"retrain_subsets: fraction={fraction!r} must be a number strictly between 0 and 1.")
-    size = round(fraction * n_train)
-    if not 0 < size < n_train:
-        raise ConfigurationError(
-            f"retrain_subsets: fraction={fraction} of n_train={n_train} rounds to {size} examples per subset; it must "
-            f"keep at least one example and leave at least one out."
-        )
-    gen = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
-    for row in masks:
-        row[torch.randperm(n_train, generator=gen)[:size]] = True
-    losses: list[Tensor] = []
-    for index in track(range(n_subsets), f"retrain {n_subsets} subsets", enabled=progress, unit="models"):
-        result = train_fn(masks[index].clone())
-        if not isinstance(result, Tensor):
-            raise ConfigurationError(
-                f"retrain_subsets: train_fn must return a tensor of query losses [n_query]; subset {index} returned "
-                f"{type(result).__name__}."
-            )
-        if result.dim() != 1:
-            raise ConfigurationError(
-                f"retrain_subsets: train_fn must return query losses of shape [n_query]; subset {index} returned shape "
-                f"{list(result.shape)} (for a single query return shape [1])."
-            )
-        if losses and result.shape != losses[0].shape:
-            raise ConfigurationError(
-                f"retrain_subsets: train_fn returned {result.shape[0]} query losses for subset {index} but "
-                f"{losses[0].shape[0]} for subset 0; it must return the same queries on every call."
-            )
-        result = result.detach().to(device="cpu", dtype=torch.float64)
-        _check_finite(result, f"retrain_subsets: train_fn's losses for subset {index}")
-        losses.append(result)
-    return masks, torch.stack(losses)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 def _as_tensor(value: object, what: str) -> Tensor:
     if not isinstance(value, Tensor):
@@ -444,8 +391,7 @@ def _total(scores: Scores | Tensor, caller: str) -> Tensor:
 
 
 def _few(ids: Tensor, shown: int = 6) -> str:
-    values = ids[:shown].tolist()
-    return "[" + ", ".join(map(str, values)) + (", …]" if ids.numel() > shown else "]")
+    return "[" + ", ".join(map(str, ids[:shown].tolist())) + (", …]" if ids.numel() > shown else "]")
 
 
 def _check_finite(values: Tensor, what: str) -> None:

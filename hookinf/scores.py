@@ -3,6 +3,15 @@
 ``Scores.per_layer[l][q, j] = −g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z_j)`` and ``Scores.total = Σ_l per_layer[l]``.
 Positive scores are *harmful* (up-weighting training example ``j`` increases query ``q``'s loss), negative scores
 are *helpful*.
+
+Results know no presentation: this module holds the data and the operations on it (top-k, shares, grouping,
+export, save and load) and imports no rendering code (not :mod:`hookinf.report`, not rich, no plotting), so the
+renderers depend on the results and never the reverse. The conveniences :meth:`Scores.report`,
+:meth:`Scores.save_html`, :meth:`Scores.layer_table` and printing with rich are kept by dependency inversion: they
+call a :class:`~hookinf.presenter.ScoresPresenter`, the small protocol of :mod:`hookinf.presenter`, which
+:mod:`hookinf.report` registers with :func:`~hookinf.presenter.use_presenter` when it is imported (``import hookinf``
+imports it); without one they raise a :class:`~hookinf.ConfigurationError` that says to ``import hookinf.report``.
+``repr(scores)`` is a plain-text table and needs no presenter.
 """
 
 from __future__ import annotations
@@ -10,24 +19,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.io import atomic_write
+from hookinf.presenter import Describe, ImageFn, Queries, presenter_for
 
 if TYPE_CHECKING:
-    import numpy.typing as npt
     import pandas as pd  # type: ignore[import-untyped]
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.table import Table
 
 
 @dataclass(frozen=True)
@@ -174,25 +183,14 @@ class Scores:
         return [int(q) for q in mass.topk(min(n, self.shape[0])).indices]
 
     def layer_table(self, title: str | None = None) -> Table:
-        """A rich table: per layer, its share of |influence|, signed sum, and how many queries it dominates."""
-        table = Table(title=title or f"Per-layer influence ({self.method})", title_justify="left")
-        table.add_column("layer")
-        table.add_column("share of |influence|", justify="right")
-        table.add_column("signed sum", justify="right")
-        table.add_column("dominates queries", justify="right")
-        table.add_column("λ", justify="right")
-        dominant = torch.bincount(self.query_layer_shares().argmax(dim=1), minlength=len(self.per_layer))
-        for idx, (name, share) in enumerate(self.layer_shares().items()):
-            bar = "█" * round(20 * share)
-            lam = self.damping.get(name)
-            table.add_row(
-                name or "<model>",
-                f"{share:6.1%} {bar}",
-                f"{float(self.per_layer[name].sum()):.4g}",
-                str(int(dominant[idx])),
-                "—" if lam is None else f"{lam:.3g}",
-            )
-        return table
+        """A rich table: per layer, its share of |influence|, signed sum, and how many queries it dominates.
+
+        See :func:`hookinf.report.terminal.layer_table`, which draws it.
+
+        Args:
+            title: the table's title (default names the method).
+        """
+        return presenter_for("Scores.layer_table").layer_table(self, title)
 
     def concentration(self, fraction: float = 0.01) -> float:
         """Share of the total |influence| held by the top ``fraction`` of (query, training example) pairs.
@@ -207,12 +205,12 @@ class Scores:
     def report(
         self,
         *,
-        queries: int | Sequence[int] | None = None,
+        queries: Queries = None,
         k: int = 5,
-        describe: Callable[[int], str] | None = None,
+        describe: Describe | None = None,
         console: Console | None = None,
     ) -> None:
-        """Prints a terminal report (see :func:`hookinf.report.scores_report`).
+        """Prints a terminal report (see :func:`hookinf.report.terminal.scores_report`).
 
         It shows how concentrated influence is, the per-layer table, each detailed query's layer shares, and each
         detailed query's ``k`` most harmful (positive score) and most helpful (negative score) training examples.
@@ -225,27 +223,25 @@ class Scores:
                 index) to a short text shown next to it (its label, text, file name, ...).
             console: where to print (``None``: a new terminal console).
         """
-        from hookinf.report import scores_report
-
-        (console or Console()).print(scores_report(self, queries=queries, k=k, describe=describe))
+        presenter_for("Scores.report").report(self, queries=queries, k=k, describe=describe, console=console)
 
     def save_html(
         self,
         path: str | os.PathLike[str],
         *,
         title: str | None = None,
-        describe: Callable[[int], str] | None = None,
-        images: Callable[[int], Tensor | npt.NDArray[Any]] | None = None,
-        queries: int | Sequence[int] | None = None,
+        describe: Describe | None = None,
+        images: ImageFn | None = None,
+        queries: Queries = None,
         k: int = 5,
-        describe_query: Callable[[int], str] | None = None,
-        query_images: Callable[[int], Tensor | npt.NDArray[Any]] | None = None,
+        describe_query: Describe | None = None,
+        query_images: ImageFn | None = None,
     ) -> Path:
         """Writes the report as one self-contained HTML file (inline SVG plots, no JavaScript, no network).
 
         The page holds the terminal report's content plus plots drawn with matplotlib: each layer's share of
         |influence| (overall and per detailed query), a layer × query heat map of the shares, the distribution of
-        |scores| and how concentrated it is. See :func:`hookinf.html.scores_section`. Needs matplotlib
+        |scores| and how concentrated it is. See :func:`hookinf.report.html.scores_section`. Needs matplotlib
         (``pip install 'hookinf[report]'``).
 
         Args:
@@ -265,19 +261,17 @@ class Scores:
         Raises:
             ConfigurationError: a bad argument, or matplotlib is not installed.
         """
-        from hookinf.html import scores_section
-        from hookinf.report import save_html
-
-        section = scores_section(
+        return presenter_for("Scores.save_html").save_html(
             self,
-            queries=queries,
-            k=k,
+            path,
+            title=title,
             describe=describe,
             images=images,
+            queries=queries,
+            k=k,
             describe_query=describe_query,
             query_images=query_images,
         )
-        return save_html(path, [section], title=title or f"hookinf influence report ({self.method})")
 
     def to_pandas(self) -> pd.DataFrame:
         """The scores as a pandas DataFrame with one row per (query, training example) pair.
@@ -346,7 +340,7 @@ class Scores:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         n_query, n_train = self.shape
         yield f"Scores[{self.method}]: {n_query} queries × {n_train} training examples, {len(self.layers)} layers"
-        yield self.layer_table()
+        yield presenter_for("printing Scores with rich").layer_table(self, None)
 
     def __repr__(self) -> str:
         n_query, n_train = self.shape

@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
-from hookinf.curvature import LayerShape
 from hookinf.errors import HookinfError
 from hookinf.io import atomic_write
+from hookinf.shapes import LayerShape
 
 FORMAT = "hookinf.gradient-store"
 VERSION = 1

@@ -30,6 +30,7 @@ from conftest import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hookinf import watch
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
@@ -41,7 +42,6 @@ from hookinf.errors import (
     PatternMatchError,
     UnsupportedModuleError,
 )
-from hookinf.watch import watch
 
 # Both the hooks (Σ_s δ_s a_sᵀ) and torch.func (vmap of grad) compute the same exact float64 gradients; they differ
 # only in the order of floating-point summation, so they agree to a few ulps times the number of summed terms:

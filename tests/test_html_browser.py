@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hookinf.html
+import hookinf.report
 from hookinf import Scores
 from hookinf.report import save_html
 
@@ -74,12 +74,12 @@ def page(driver, tmp_path_factory):
     flipped = torch.rand(N_TRAIN, generator=gen) < 0.2
     self_scores = torch.rand(N_TRAIN, generator=gen, dtype=torch.float64) + flipped
     sections = [
-        hookinf.html.comparison_section([("exact", 0.97, 0.9), ("identity <fast>", 0.93, 0.8)]),
-        hookinf.html.suspects_section(
+        hookinf.report.comparison_section([("exact", 0.97, 0.9), ("identity <fast>", 0.93, 0.8)]),
+        hookinf.report.suspects_section(
             self_scores, flipped=flipped, describe=lambda i: f"label <{i % 10}>", images=lambda i: grey[i],
             k=N_SUSPECTS,
         ),
-        hookinf.html.scores_section(
+        hookinf.report.scores_section(
             scores, queries=[4, 0, 7], k=K, describe=lambda i: f"example {i} & <b>co</b>",
             images=lambda i: grey[i], describe_query=lambda q: f"question {q}", query_images=lambda q: colour[q],
         ),

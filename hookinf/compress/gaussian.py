@@ -17,8 +17,8 @@ from torch import Tensor
 
 from hookinf.capture import LayerCapture
 from hookinf.compress.base import BoundCompressor, Compressor, layer_generator, vector_capture, vector_shape
-from hookinf.curvature import LayerShape
 from hookinf.errors import ConfigurationError
+from hookinf.shapes import LayerShape
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from hookinf.capture import LayerCapture
 from hookinf.compress.base import BoundCompressor, Compressor, layer_generator
-from hookinf.curvature import LayerShape
 from hookinf.errors import ConfigurationError
+from hookinf.shapes import LayerShape
 
 
 def draw(rows: int, cols: int, init: str, generator: torch.Generator) -> Tensor:

@@ -11,11 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hookinf.integrations.transformers import HookinfCallback, ModelLoss
+    from hookinf.integrations.model_loss import ModelLoss
+    from hookinf.integrations.transformers import HookinfCallback
 
 __all__ = ["HookinfCallback", "ModelLoss"]
 
-_LAZY = {"HookinfCallback": "hookinf.integrations.transformers", "ModelLoss": "hookinf.integrations.transformers"}
+_LAZY = {"HookinfCallback": "hookinf.integrations.transformers", "ModelLoss": "hookinf.integrations.model_loss"}
 
 
 def __getattr__(name: str) -> Any:

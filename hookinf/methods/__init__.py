@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from hookinf.errors import ConfigurationError
-from hookinf.methods.base import Method, Passes, Preconditioned, QueryMethod
+from hookinf.methods.base import Method, Preconditioned, QueryMethod, RunPass, check_basis_compressor, empty_train
 from hookinf.methods.datainf import DataInf
+from hookinf.methods.ekfac import EKFAC, EKFACCurvature
 from hookinf.methods.exact import Exact, ExactCurvature
 from hookinf.methods.identity import Identity, IdentityCurvature
-from hookinf.methods.kfac import EKFAC, KFAC, EKFACCurvature, KFACCurvature
+from hookinf.methods.kfac import KFAC, KFACCurvature
 from hookinf.methods.lissa import LiSSA
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "IdentityCurvature",
     "KFACCurvature",
     "Method",
-    "Passes",
+    "RunPass",
+    "check_basis_compressor",
+    "empty_train",
     "resolve_method",
 ]
 

@@ -1,10 +1,11 @@
 """What every influence method provides: statistics accumulated from captured steps into a :class:`Curvature`.
 
 The statistics of one pass are accumulated by an :class:`Accumulator`, fed one :class:`~hookinf.capture.Step` at a
-time (per-example factors ``a`` ``[B, S, I]`` and ``δ`` ``[B, S, O]`` of every layer), so the same code serves
-:func:`hookinf.fit` (which runs the passes itself through ``passes(description)``) and a
-:func:`hookinf.watch` around the user's own loop (which feeds the steps of that loop). Multi-pass methods (EK-FAC)
-override :meth:`Method.fit`; the data is iterated in the same order on each pass.
+time (per-example factors ``a`` ``[B, S, I]`` and ``δ`` ``[B, S, O]`` of every layer). An accumulator is a
+:class:`~hookinf.pipeline.Consumer`, so the same code serves :func:`hookinf.fit` (which runs the passes itself
+through ``run_pass(description)``), a :func:`hookinf.watch` around the user's own loop and the Trainer callback
+(which feed it the steps of that loop). Multi-pass methods (EK-FAC) override :meth:`Method.fit`; the data is
+iterated in the same order on each pass.
 """
 
 from __future__ import annotations
@@ -17,24 +18,39 @@ import torch
 from torch import Tensor
 
 from hookinf.capture import Step
-from hookinf.curvature import Curvature, LayerShape
+from hookinf.compress import Compressor
+from hookinf.curvature import Curvature
 from hookinf.damping import Damping
 from hookinf.errors import DataError
+from hookinf.shapes import LayerShape
 
-Passes = Callable[[str], Iterable[Step]]
-"""``passes(description)`` runs one pass over the training data and yields its steps."""
+RunPass = Callable[[str], Iterable[Step]]
+"""``run_pass(description)`` runs one pass over the training data and yields its steps."""
 
 
 class Accumulator(ABC):
-    """Additive statistics of one pass, updated step by step."""
+    """Additive statistics of one pass, updated step by step (a :class:`~hookinf.pipeline.Consumer`).
 
-    def __init__(self) -> None:
+    Args:
+        compressor: the compressor whose space the steps are in (``None``: uncompressed); the curvature it
+            finishes records it.
+    """
+
+    def __init__(self, compressor: Compressor | None = None) -> None:
         self.count = 0
+        self.compressor = compressor
 
     def update(self, step: Step) -> None:
         """Adds one step's examples."""
         self.count += step.batch_size
         self._update(step)
+
+    def consume(self, step: Step) -> None:
+        """Adds one step's examples (the :class:`~hookinf.pipeline.Consumer` protocol)."""
+        self.update(step)
+
+    def close(self) -> None:  # noqa: B027 - a consumer may need no flush
+        """Nothing to flush: the statistics stay available to :meth:`finish`."""
 
     @abstractmethod
     def _update(self, step: Step) -> None:
@@ -46,7 +62,7 @@ class Accumulator(ABC):
 
     def _require_data(self) -> None:
         if self.count == 0:
-            raise DataError("train is empty: pass at least one batch of training examples.")
+            raise empty_train()
 
 
 class Method(ABC):
@@ -59,27 +75,31 @@ class Method(ABC):
         """Refuses layers the method cannot handle before any data is read (default: accepts all)."""
 
     @abstractmethod
-    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+    def accumulator(
+        self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None = None
+    ) -> Accumulator:
         """A fresh accumulator for one pass of this method over the data (single-pass statistics)."""
 
     def fit(
         self,
-        passes: Passes,
+        run_pass: RunPass,
         shapes: Mapping[str, LayerShape],
         damping: Damping,
         dtype: torch.dtype,
+        compressor: Compressor | None = None,
     ) -> Curvature:
         """Accumulates the method's statistics over the training data (one pass by default).
 
         Args:
-            passes: runs a pass over the training data (see the module docstring).
+            run_pass: runs a pass over the training data (see the module docstring).
             shapes: tracked layers and their gradient shapes, in model order.
             damping: the damping rule stored with the curvature.
             dtype: the dtype statistics accumulate in (float64 for float64 models, float32 at least otherwise).
+            compressor: the compressor the steps are compressed with (recorded in the curvature).
         """
         self.check(shapes)
-        accumulator = self.accumulator(shapes, dtype)
-        for step in passes(f"fit {self.name}"):
+        accumulator = self.accumulator(shapes, dtype, compressor)
+        for step in run_pass(f"fit {self.name}"):
             accumulator.update(step)
         return accumulator.finish(damping)
 
@@ -114,7 +134,7 @@ class QueryMethod(ABC):
     def precondition(
         self,
         queries: Mapping[str, Tensor],
-        passes: Passes,
+        run_pass: RunPass,
         shapes: Mapping[str, LayerShape],
         damping: Damping,
     ) -> Preconditioned:
@@ -122,7 +142,7 @@ class QueryMethod(ABC):
 
         Args:
             queries: layer → ``[n_query, O, I]`` query gradients (float64).
-            passes: runs a pass over the training data.
+            run_pass: runs a pass over the training data.
             shapes: tracked layers, in model order.
             damping: the damping rule.
         """
@@ -147,17 +167,29 @@ class NormStatistics:
         return {name: damping.value(self.sum_sq[name] / (self.count * shape.dim)) for name, shape in shapes.items()}
 
 
-def gradient_norms(passes: Passes, shapes: Mapping[str, LayerShape], description: str) -> NormStatistics:
+def gradient_norms(run_pass: RunPass, shapes: Mapping[str, LayerShape], description: str) -> NormStatistics:
     """One pass computing :class:`NormStatistics` (for the relative damping and LiSSA's scale)."""
     sum_sq = dict.fromkeys(shapes, 0.0)
     max_sq = dict.fromkeys(shapes, 0.0)
     count = 0
-    for step in passes(description):
+    for step in run_pass(description):
         count += step.batch_size
         for name, capture in step.layers.items():
             norms = capture.gradients().double().flatten(1).square().sum(dim=1)
             sum_sq[name] += float(norms.sum())
             max_sq[name] = max(max_sq[name], float(norms.max()))
     if count == 0:
-        raise DataError("train is empty: pass at least one batch of training examples.")
+        raise empty_train()
     return NormStatistics(count, sum_sq, max_sq)
+
+
+def empty_train() -> DataError:
+    """The one error for training data that yielded no example (every front door raises this one)."""
+    return DataError("train is empty: pass at least one batch of training examples.")
+
+
+def check_basis_compressor(method: Method | QueryMethod, compressor: Compressor | None, subject: str) -> None:
+    """Refuses an ``EKFAC(basis=...)`` whose basis was fitted in another compressed space than ``compressor``."""
+    basis = getattr(method, "basis", None)
+    if isinstance(basis, Curvature):
+        basis.check_compressor(compressor, subject)

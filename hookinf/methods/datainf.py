@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hookinf.curvature import LayerShape
 from hookinf.damping import Damping
-from hookinf.errors import CurvatureError, DataError
-from hookinf.methods.base import Passes, Preconditioned, QueryMethod, gradient_norms
+from hookinf.errors import CurvatureError
+from hookinf.methods.base import Preconditioned, QueryMethod, RunPass, empty_train, gradient_norms
+from hookinf.shapes import LayerShape
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ class DataInf(QueryMethod):
     def precondition(
         self,
         queries: Mapping[str, Tensor],
-        passes: Passes,
+        run_pass: RunPass,
         shapes: Mapping[str, LayerShape],
         damping: Damping,
     ) -> Preconditioned:
         """``r_l`` of eq. (5) for every query gradient (float64): two passes (norms for ``λ_l``, then the sum)."""
         if damping.absolute is None:
-            lambdas = gradient_norms(passes, shapes, "datainf damping (pass 1/2)").lambdas(shapes, damping)
+            lambdas = gradient_norms(run_pass, shapes, "datainf damping (pass 1/2)").lambdas(shapes, damping)
         else:
             lambdas = dict.fromkeys(shapes, float(damping.absolute))
         for name, lam in lambdas.items():
@@ -55,13 +55,13 @@ class DataInf(QueryMethod):
         flat = {name: q.double().flatten(1) for name, q in queries.items()}  # [n_query, d_l]
         sums = {name: torch.zeros_like(q) for name, q in flat.items()}
         count = 0
-        for step in passes("datainf (pass 2/2)"):
+        for step in run_pass("datainf (pass 2/2)"):
             count += step.batch_size
             for name, capture in step.layers.items():
                 grads = capture.gradients().double().flatten(1)  # [B, d_l]
                 coef = (flat[name] @ grads.T) / (lambdas[name] + grads.square().sum(dim=1))  # [n_query, B]
                 sums[name] += coef @ grads
         if count == 0:
-            raise DataError("train is empty: pass at least one batch of training examples.")
+            raise empty_train()
         out = {name: ((flat[name] - sums[name] / count) / lambdas[name]).reshape(queries[name].shape) for name in flat}
         return Preconditioned(out, lambdas)

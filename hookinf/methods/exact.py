@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from hookinf.capture import Step
-from hookinf.curvature import Curvature, LayerShape
+from hookinf.compress import Compressor
+from hookinf.curvature import Curvature, LayerStatistics
 from hookinf.damping import Damping
 from hookinf.errors import ConfigurationError, CurvatureError
 from hookinf.methods.base import Accumulator, Method
+from hookinf.shapes import LayerShape
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,22 @@ class _Factored:
     lam: float
 
 
+@dataclass(frozen=True)
+class ExactStatistics(LayerStatistics):
+    """One layer's sum of gradient outer products.
+
+    Attributes:
+        gram: ``Σ_i vec(g_i) vec(g_i)ᵀ`` ``[d, d]``.
+    """
+
+    gram: Tensor
+
+
 class ExactCurvature(Curvature):
-    """Statistic per layer: ``gram = Σ_i vec(g_i) vec(g_i)ᵀ`` ``[d, d]``."""
+    """Statistics per layer: :class:`ExactStatistics`."""
 
     method = "exact"
-    statistics = ("gram",)
+    statistics_type = ExactStatistics
 
     def _prepare(self, layer: str) -> _Factored:
         block = self.stat(layer, "gram").to(torch.float64) / max(self.num_examples, 1)
@@ -93,15 +106,17 @@ class Exact(Method):
                     f"layer with modules=[...], or raise max_dim."
                 )
 
-    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+    def accumulator(
+        self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None = None
+    ) -> Accumulator:
         """Accumulates ``Σ_i vec(g_i) vec(g_i)ᵀ`` per layer."""
         self.check(shapes)
-        return _GramAccumulator(shapes, dtype)
+        return _GramAccumulator(shapes, dtype, compressor)
 
 
 class _GramAccumulator(Accumulator):
-    def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> None:
-        super().__init__()
+    def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None) -> None:
+        super().__init__(compressor)
         self.shapes = dict(shapes)
         self.grams = {name: torch.zeros(s.dim, s.dim, dtype=dtype) for name, s in shapes.items()}
 
@@ -112,5 +127,5 @@ class _GramAccumulator(Accumulator):
 
     def finish(self, damping: Damping) -> Curvature:
         self._require_data()
-        tensors = {f"{name}/gram": gram.clone() for name, gram in self.grams.items()}
-        return ExactCurvature(self.shapes, damping, self.count, tensors)
+        state = {name: ExactStatistics(gram.clone()) for name, gram in self.grams.items()}
+        return ExactCurvature(self.shapes, damping, self.count, state, self.compressor)

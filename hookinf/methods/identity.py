@@ -7,21 +7,30 @@ Influence is then ``−Σ_l ⟨g_l(z_q), g_l(z)⟩`` (Pruthi et al. 2020, TracIn
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hookinf.capture import Step
-from hookinf.curvature import Curvature, LayerShape
+from hookinf.compress import Compressor
+from hookinf.curvature import Curvature, LayerStatistics
 from hookinf.damping import Damping
-from hookinf.methods.base import Accumulator, Method, Passes
+from hookinf.methods.base import Accumulator, Method, RunPass
+from hookinf.shapes import LayerShape
+
+
+@dataclass(frozen=True)
+class NoStatistics(LayerStatistics):
+    """The identity keeps nothing per layer."""
 
 
 class IdentityCurvature(Curvature):
     """Returns gradients unchanged; holds no statistics and no damping."""
 
     method = "identity"
+    statistics_type = NoStatistics
 
     @property
     def lambdas(self) -> dict[str, float]:
@@ -41,16 +50,23 @@ class IdentityCurvature(Curvature):
         return 1.0, 1.0
 
 
-class _NoStatistics(Accumulator):
-    def __init__(self, shapes: Mapping[str, LayerShape]) -> None:
-        super().__init__()
+class _CountOnly(Accumulator):
+    def __init__(self, shapes: Mapping[str, LayerShape], compressor: Compressor | None) -> None:
+        super().__init__(compressor)
         self.shapes = dict(shapes)
 
     def _update(self, step: Step) -> None:
         return None
 
     def finish(self, damping: Damping) -> Curvature:
-        return IdentityCurvature(self.shapes, damping, self.count, {})
+        return identity(self.shapes, damping, self.count, self.compressor)
+
+
+def identity(
+    shapes: Mapping[str, LayerShape], damping: Damping, count: int, compressor: Compressor | None
+) -> IdentityCurvature:
+    """The identity curvature of the given layers."""
+    return IdentityCurvature(shapes, damping, count, dict.fromkeys(shapes, NoStatistics()), compressor)
 
 
 class Identity(Method):
@@ -58,10 +74,19 @@ class Identity(Method):
 
     name = "identity"
 
-    def accumulator(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype) -> Accumulator:
+    def accumulator(
+        self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None = None
+    ) -> Accumulator:
         """Counts examples and nothing else."""
-        return _NoStatistics(shapes)
+        return _CountOnly(shapes, compressor)
 
-    def fit(self, passes: Passes, shapes: Mapping[str, LayerShape], damping: Damping, dtype: torch.dtype) -> Curvature:
+    def fit(
+        self,
+        run_pass: RunPass,
+        shapes: Mapping[str, LayerShape],
+        damping: Damping,
+        dtype: torch.dtype,
+        compressor: Compressor | None = None,
+    ) -> Curvature:
         """Returns the identity without reading the data."""
-        return IdentityCurvature(shapes, damping, 0, {})
+        return identity(shapes, damping, 0, compressor)

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from hookinf.capture import Step
-from hookinf.curvature import LayerShape
 from hookinf.damping import Damping
-from hookinf.errors import ConfigurationError, CurvatureError, DataError
-from hookinf.methods.base import Passes, Preconditioned, QueryMethod, gradient_norms
+from hookinf.errors import ConfigurationError, CurvatureError
+from hookinf.methods.base import Preconditioned, QueryMethod, RunPass, empty_train, gradient_norms
+from hookinf.shapes import LayerShape
 
 # While every step is a contraction (‖I − (G_B + λI)/s‖ ≤ 1), ‖r_j‖ ≤ (j + 1) ‖v‖; twice that proves a step that
 # expands, i.e. a scale below the largest eigenvalue, and the iterate is about to blow up.
@@ -59,12 +59,12 @@ class LiSSA(QueryMethod):
     def precondition(
         self,
         queries: Mapping[str, Tensor],
-        passes: Passes,
+        run_pass: RunPass,
         shapes: Mapping[str, LayerShape],
         damping: Damping,
     ) -> Preconditioned:
         """Runs the recursion for every layer and query at once (one forward/backward per step for all layers)."""
-        norms = gradient_norms(passes, shapes, "lissa damping and scale")
+        norms = gradient_norms(run_pass, shapes, "lissa damping and scale")
         lambdas = norms.lambdas(shapes, damping)
         scales = {name: self.scale or norms.max_sq[name] + lambdas[name] for name in shapes}
         for name, scale in scales.items():
@@ -73,7 +73,7 @@ class LiSSA(QueryMethod):
         v = {name: q.double().flatten(1) for name, q in queries.items()}  # [n_query, d_l]
         r = {name: value.clone() for name, value in v.items()}
         v_norm = {name: float(value.norm()) or 1.0 for name, value in v.items()}
-        for j, grads in enumerate(self._batches(passes), start=1):
+        for j, grads in enumerate(self._batches(run_pass), start=1):
             for name, g in grads.items():
                 hvp = ((r[name] @ g.T) @ g) / g.shape[0] + lambdas[name] * r[name]  # (G_B + λI) r, [n_query, d_l]
                 r[name] = v[name] + r[name] - hvp / scales[name]
@@ -89,7 +89,7 @@ class LiSSA(QueryMethod):
         out = {name: (r[name] / scales[name]).reshape(queries[name].shape) for name in r}
         return Preconditioned(out, lambdas)
 
-    def _batches(self, passes: Passes) -> Iterator[dict[str, Tensor]]:
+    def _batches(self, run_pass: RunPass) -> Iterator[dict[str, Tensor]]:
         """Mini-batches of per-example training gradients ``{layer: [b, d_l]}``, cycling over passes."""
         buffer: dict[str, list[Tensor]] = {}
         held = 0
@@ -97,7 +97,7 @@ class LiSSA(QueryMethod):
         while True:
             round_ += 1
             seen = 0
-            for step in passes(f"lissa recursion (pass {round_})"):
+            for step in run_pass(f"lissa recursion (pass {round_})"):
                 seen += step.batch_size
                 if self.batch_size is None:
                     yield _flat(step)
@@ -111,7 +111,7 @@ class LiSSA(QueryMethod):
                     buffer = {name: [g[self.batch_size :]] for name, g in joined.items()}
                     held -= self.batch_size
             if seen == 0:
-                raise DataError("train is empty: pass at least one batch of training examples.")
+                raise empty_train()
 
 
 def _flat(step: Step) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
-"""One-call helpers: :func:`fit`, :func:`influence` and :func:`self_influence`.
+"""One-call helpers: :func:`fit`, :func:`influence`, :func:`self_influence` and :func:`log`.
 
-Both compute, for every tracked layer ``l``,
+The scores compute, for every tracked layer ``l``,
 
     I_l(z_q, z) = − g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z),      G_l = (1/n) Σ_i g_l(z_i) g_l(z_i)ᵀ,
 
@@ -8,31 +8,39 @@ with ``g_l(z)`` the gradient of example ``z``'s own loss with respect to layer `
 with the block-diagonal Gauss-Newton approximation of Kwon et al. 2023, eq. (2)–(3)). Positive influence is
 harmful: up-weighting ``z`` increases the query's loss.
 
-Data flow: each pass runs ``loss_fn(model, batch)`` inside :func:`hookinf.watch`, differentiates the summed
-loss with ``torch.autograd.grad`` (so the parameters' ``.grad`` are never touched) and consumes the captured
-:class:`~hookinf.capture.Step`. The model is put in eval mode for the passes (dropout off) and restored after.
+Data flow: a :class:`~hookinf.runner.Runner` runs ``loss_fn(model, batch)`` inside a :class:`~hookinf.Watch` whose
+pipeline compresses each step once; each helper feeds those steps to its consumers (an accumulator, the scoring, the
+gradient logger). The parameters' ``.grad`` are never touched; the model is put in eval mode for the passes (dropout
+off) and restored after.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step
-from hookinf.compress import Compressor, LoGra, from_config
+from hookinf.compress import Compressor, LoGra, from_config, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError, DataError
+from hookinf.logger import GradientLogger, batch_ids, model_dtype
 from hookinf.losses import Fisher
-from hookinf.methods import Method, QueryMethod, resolve_method
-from hookinf.passes import DataPasses, LossFn, Streaming, check_reiterable, eval_mode
+from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
+from hookinf.pairwise import LowRank, layer_scores
+from hookinf.progress import PassProgress
+from hookinf.runner import LossFn, Runner, check_reiterable
 from hookinf.scores import Scores
-from hookinf.scoring import LowRank, layer_scores
+from hookinf.selection import ModuleSpec
+from hookinf.solvers import precondition, solver, solver_name
 from hookinf.store import GradientStore
-from hookinf.watch import ModuleSpec, Watch
+
+IdsFn = Callable[[Any], Sequence[int] | Tensor]
+"""``ids(batch)`` → the ids of the batch's examples."""
 
 
 def fit(
@@ -79,9 +87,8 @@ def fit(
         )
     damp = as_damping(damping)
     check_reiterable(train, "train")
-    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = DataPasses(model, w, loss_fn, progress, compress)
-        curvature = passes.curvature(resolved, train, damp, dtype, fisher)
+    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+        curvature = solver(runner, resolved, train, damp, dtype, fisher)
         assert isinstance(curvature, Curvature)
         return curvature
 
@@ -143,37 +150,37 @@ def influence(
             f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
             f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
         )
-    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = DataPasses(model, w, loss_fn, progress, compress)
-        solver = passes.curvature(method, train, damping, None, fisher)
-        raw: dict[str, list[Tensor]] = {name: [] for name in w.layers}
-        for step in passes.steps(query, "query gradients"):
+    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+        layers = runner.watch.layers
+        solved = solver(runner, method, train, damping, None, fisher)
+        raw: dict[str, list[Tensor]] = {name: [] for name in layers}
+        for step in runner.steps(query, "query gradients"):
             for name, capture in step.layers.items():
                 raw[name].append(capture.gradients())
-        if not raw[w.layers[0]]:
+        if not raw[layers[0]]:
             raise DataError("query is empty: pass at least one batch of query examples.")
-        pre = passes.precondition(solver, {name: torch.cat(parts) for name, parts in raw.items()}, train)
+        pre = precondition(solved, {name: torch.cat(parts) for name, parts in raw.items()}, runner)
         queries: dict[str, Tensor | LowRank] = (
             {name: LowRank.of(q, query_rank) for name, q in pre.grads.items()}
             if query_rank is not None
             else dict(pre.grads)
         )
-        columns: dict[str, list[Tensor]] = {name: [] for name in w.layers}
-        for step in passes.steps(train, "scores"):
+        columns: dict[str, list[Tensor]] = {name: [] for name in layers}
+        for step in runner.steps(train, "scores"):
             if per_token:
                 _check_positions(step)
             for name, capture in step.layers.items():
                 columns[name].append(layer_scores(queries[name], capture, per_token=per_token))
-        passes.check_count()
-        if not columns[w.layers[0]]:
-            raise DataError("train is empty: pass at least one batch of training examples.")
+        runner.check_count()
+        if not columns[layers[0]]:
+            raise empty_train()
     ids, order = _id_order(train)
     if per_token:
         tokens = {name: _pad_cat(parts)[:, order] for name, parts in columns.items()}  # [n_query, n_train, T]
         per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
-        return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, per_token=tokens, ids=ids)
+        return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, per_token=tokens, ids=ids)
     per_layer = {name: torch.cat(parts, dim=1)[:, order] for name, parts in columns.items()}
-    return Scores(per_layer=per_layer, method=_name(solver), damping=pre.lambdas, ids=ids)
+    return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, ids=ids)
 
 
 def self_influence(
@@ -200,27 +207,82 @@ def self_influence(
     """
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
-    with eval_mode(model), Watch(model, modules=modules, loss_reduction="sum") as w:
-        passes = DataPasses(model, w, loss_fn, progress, compress)
-        solver = passes.curvature(method, train, damping, None, fisher)
+    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+        solved = solver(runner, method, train, damping, None, fisher)
         values: list[Tensor] = []
-        if isinstance(solver, Curvature):
-            for step in passes.steps(train, "self-influence"):
+        if isinstance(solved, Curvature):
+            for step in runner.steps(train, "self-influence"):
                 total = torch.zeros(step.batch_size, dtype=torch.float64)
                 for name, capture in step.layers.items():
                     grads = capture.gradients()
-                    solved = solver.apply(name, grads)
-                    total += (solved * grads.to(solved.dtype)).flatten(1).sum(dim=1).double()
+                    applied = solved.apply(name, grads)
+                    total += (applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double()
                 values.append(total)
         else:  # a query method: precondition chunks of training gradients as if they were queries
-            for chunk in _chunks(passes.steps(train, "self-influence"), _SELF_CHUNK):
-                pre = passes.precondition(solver, chunk, train)
+            for chunk in _chunks(runner.steps(train, "self-influence"), _SELF_CHUNK):
+                pre = precondition(solved, chunk, runner)
                 parts = [(pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double() for n in chunk]
                 values.append(torch.stack(parts).sum(dim=0))
-        passes.check_count()
+        runner.check_count()
         if not values:
-            raise DataError("train is empty: pass at least one batch of training examples.")
+            raise empty_train()
     return torch.cat(values)[_id_order(train)[1]]
+
+
+def log(
+    model: nn.Module,
+    train: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    compress: Compressor,
+    path: str | os.PathLike[str],
+    ids: IdsFn | None = None,
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    flush_every: int = 4096,
+    progress: bool = True,
+) -> GradientStore:
+    """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
+
+    Args:
+        model: the model (left unchanged; run in eval mode).
+        train: batches of training examples (iterated once; a generator is fine).
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        compress: the compressor (``hookinf.LoGra(16, 16)``, ``hookinf.Dropout(r=...)``, ``hookinf.Gaussian(r)``).
+        path: the store's directory. When it already holds a store of the same compressor and model, logging
+            resumes: batches whose ids are all stored are skipped without running the model, and the store ends
+            with every id exactly once.
+        ids: ``ids(batch)`` → the batch's example ids (ints); by default an example's id is its position in
+            ``train``.
+        modules: which layers to track (see :func:`hookinf.watch`).
+        flush_every: a shard is written at least every this many examples (what an interruption can lose).
+        progress: show a rich progress bar.
+
+    Returns:
+        The :class:`GradientStore`; pass it as ``train`` to :func:`hookinf.influence` / :func:`self_influence`.
+    """
+    if compress is None:
+        raise ConfigurationError("a gradient store needs compress= (e.g. hookinf.LoGra(16, 16)).")
+    require_compressor(compress)
+    with Runner(model, loss_fn, modules=modules, compress=compress, progress=False) as runner:
+        assert runner.compressor is not None
+        logger = GradientLogger(path, runner.compressor, model_dtype(runner.params), flush_every)
+        try:
+            total = len(train) if isinstance(train, Sized) else None
+            position = 0
+            with PassProgress("log gradients", total, enabled=progress) as bar:
+                for batch in train:
+                    example_ids = batch_ids(batch, ids, position)
+                    position += int(example_ids.numel())
+                    if all(logger.is_stored(i) for i in example_ids.tolist()):
+                        bar.advance(0)
+                        continue
+                    runner.watch.tag(example_ids)
+                    step = runner.step(batch, "log")
+                    logger.consume(step)
+                    bar.advance(step.batch_size)
+        finally:
+            logger.close()  # completed steps are durable even when the loop raised
+    return logger.store
 
 
 def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slice | Tensor]:
@@ -236,10 +298,6 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slic
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
-
-
-def _name(solver: Curvature | Streaming) -> str:
-    return solver.method.name if isinstance(solver, Streaming) else solver.method
 
 
 def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:

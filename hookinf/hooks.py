@@ -1,0 +1,400 @@
+"""``Watch``: the forward/backward hooks that capture per-example gradient factors around the user's loop.
+
+A forward hook per tracked module computes the activations ``a`` ``[B, S, I]`` (through the module's adapter) and
+registers a tensor hook on the module's output, which receives ``∂loss/∂output`` in backward and turns it into
+``δ`` ``[B, S, O]``. A *step* (one forward/backward) is complete when the next forward starts outside of backward,
+or when its result is asked for (:attr:`Watch.last_step`) or the block ends. Then every tracked layer must have
+received a gradient, calls of one module are concatenated along ``S``, ``δ`` is rescaled for
+``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` goes to the watch's consumers
+(:mod:`hookinf.pipeline`). The watch owns its hooks and nothing else.
+
+Design notes: output gradients come from tensor hooks, not ``register_full_backward_hook`` (which breaks with
+in-place activations); each forward call captures at most once (a ``create_graph=True`` second backward adds
+nothing); forwards re-run by gradient checkpointing happen inside backward and never close a step; the model is
+never modified, and every handle is removed when the block exits, whatever a consumer raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hookinf.autograd import in_backward, in_functorch
+from hookinf.capture import LayerCapture, Step
+from hookinf.errors import (
+    CaptureError,
+    ConfigurationError,
+    HookinfError,
+    NestedWatchError,
+)
+from hookinf.layers import LayerAdapter
+from hookinf.pipeline import Consumer, close_all
+from hookinf.selection import ModuleSpec, Selection, select
+
+LossReduction = Literal["mean", "sum"]
+
+# Tracked module → the watch that owns it, so a second watch over the same modules is refused.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Watch] = weakref.WeakKeyDictionary()
+_HANDLE_PRUNE_AT = 4096
+
+
+@dataclass(eq=False)
+class _Call:
+    """One forward call of one tracked module, waiting for its output gradient."""
+
+    name: str
+    adapter: LayerAdapter
+    a: Tensor
+    done: bool = False
+
+
+@dataclass
+class _Pending:
+    """What the current (not yet closed) step has received."""
+
+    fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    calls: list[_Call] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.fired)
+
+
+class Watch:
+    """Owns the hooks on the tracked layers of a model and emits one :class:`~hookinf.capture.Step` per backward.
+
+    :func:`hookinf.watch` builds one (with the consumers its ``fit=`` and ``log_to=`` ask for); hookinf's one-call
+    helpers and the Trainer callback build theirs from the same parts.
+
+    Args:
+        model: the model; it is never modified (no module replaced, no attribute added).
+        modules: what to track (see :func:`hookinf.watch`), or an already resolved
+            :class:`~hookinf.selection.Selection`.
+        loss_reduction: ``"mean"`` or ``"sum"`` (see :func:`hookinf.watch`).
+        consumers: what receives every finished step, in order (:class:`~hookinf.pipeline.Consumer`); each is
+            closed when the block ends.
+
+    Attributes:
+        layers: tracked layer names in model order.
+        loss_reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: ModuleSpec | Sequence[ModuleSpec] | Selection | None = None,
+        loss_reduction: LossReduction = "mean",
+        consumers: Sequence[Consumer] = (),
+    ) -> None:
+        if loss_reduction not in get_args(LossReduction):
+            raise ConfigurationError(
+                f"loss_reduction={loss_reduction!r} is not valid; use one of {list(get_args(LossReduction))}."
+            )
+        self.model = model
+        self.loss_reduction: LossReduction = loss_reduction
+        self.selection = select(model, modules)
+        self._modules = self.selection.modules
+        self._adapters = self.selection.adapters
+        self.layers: tuple[str, ...] = self.selection.layers
+        self.consumers: tuple[Consumer, ...] = tuple(consumers)
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+        self._pending = _Pending()
+        self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
+        self._outputs: list[tuple[str, Tensor, int]] | None = None  # see recording_outputs()
+        self._tag: Tensor | None = None
+        self._last_step: Step | None = None
+        self._steps = 0
+        self._open = False
+
+    # ------------------------------------------------------------------ context management
+    def __enter__(self) -> Watch:
+        if self._open:
+            raise NestedWatchError("this watch is already active; a Watch object can be entered only once at a time.")
+        for name, module in self._modules.items():
+            if _ACTIVE.get(module) is not None:
+                raise NestedWatchError(
+                    f"layer '{name}' is already tracked by another active hookinf.watch; nested watches over the "
+                    f"same model are not supported. Use the outer watch, or exit it before entering a new one."
+                )
+        try:
+            for name, module in self._modules.items():
+                _ACTIVE[module] = self
+                hook = self._make_forward_hook(name, self._adapters[name])
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # Around the whole model's forward: which tracked layers ran (catches layers whose forward() is
+            # never called even when no other layer produces a step).
+            # closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's watch along with it
+            self._handles.append(self.model.register_forward_pre_hook(lambda m, a: self._on_model_forward_start(m, a)))
+            self._handles.append(self.model.register_forward_hook(lambda m, a, o: self._on_model_forward_end(m, a, o)))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._open = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._finish_step()
+            elif self._pending_is_whole():
+                # the block raised between batches: the last step's backward had finished, so it is kept (e.g. its
+                # gradients are logged); never let that mask the user's exception
+                with contextlib.suppress(HookinfError):
+                    self._finish_step()
+        finally:
+            self._close()
+
+    def _pending_is_whole(self) -> bool:
+        """Whether the open step's backward reached every tracked layer and every forward call it made."""
+        pending = self._pending
+        return (
+            bool(pending)
+            and not in_backward()
+            and all(name in pending.fired for name in self.layers)
+            and all(call.done for call in pending.calls)
+        )
+
+    def _close(self) -> None:
+        """Closes the consumers (completed steps become durable), then removes every hook whatever they raised."""
+        self._open = False
+        try:
+            close_all(self.consumers)
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles + self._tensor_handles:
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+        self._pending = _Pending()
+        self._tag = None
+        for module in self._modules.values():
+            if _ACTIVE.get(module) is self:
+                del _ACTIVE[module]
+
+    # ------------------------------------------------------------------ results
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Tracked layer name → module, in model order."""
+        return dict(self._modules)
+
+    @property
+    def adapters(self) -> dict[str, LayerAdapter]:
+        """Tracked layer name → its adapter (shapes, parameter names), in model order."""
+        return dict(self._adapters)
+
+    @property
+    def last_step(self) -> Step | None:
+        """The most recent complete step (closing the current one if gradients have arrived), or ``None``."""
+        self._finish_step()
+        return self._last_step
+
+    @property
+    def steps(self) -> int:
+        """Number of steps completed so far."""
+        self._finish_step()
+        return self._steps
+
+    def tag(self, ids: Sequence[int] | Tensor) -> None:
+        """Names the examples of the next batch (call it before the batch's forward): the step's ``ids``."""
+        self._finish_step()  # the previous batch's step is complete once the next batch is tagged
+        self._tag = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+
+    @contextlib.contextmanager
+    def recording_outputs(self) -> Iterator[None]:
+        """Records the tracked layers' outputs of the forwards inside the block (see :meth:`gradient_targets`)."""
+        self._outputs = []
+        try:
+            yield
+        finally:
+            self._outputs = None
+
+    def gradient_targets(self) -> list[Tensor] | None:
+        """What to differentiate the loss with respect to so that every output hook fires, with the least work.
+
+        Differentiating with respect to the parameters (what ``loss.backward()`` does) also computes every weight
+        gradient, which hookinf never uses: it needs only the output gradients ``δ``. Asking autograd for the
+        gradients of the recorded layer *outputs* instead stops the backward at the earliest tracked layer and skips
+        all weight-gradient products (about half of a backward's work). A layer whose output was modified in place
+        after its forward hook (``nn.ReLU(inplace=True)``) no longer holds the gradient its hook watches, so that
+        layer's parameters are used instead. Returns ``None`` (use the parameters) when some tracked layer ran
+        without a recorded output, e.g. inside a reentrant checkpoint, whose first forward runs without grad.
+        Call it inside :meth:`recording_outputs`, after the forward.
+        """
+        outputs = self._outputs
+        if not outputs or {name for name, _, _ in outputs} != set(self.layers):
+            return None
+        targets: list[Tensor] = []
+        modified: dict[str, None] = {}
+        for name, output, version in outputs:
+            if output._version == version:
+                targets.append(output)
+            else:
+                modified[name] = None
+        for name in modified:
+            params = [p for p in self._modules[name].parameters(recurse=False) if p.requires_grad]
+            if not params:
+                return None
+            targets.extend(params)
+        return targets
+
+    def per_example_gradients(self) -> dict[str, Tensor]:
+        """The last step's per-example gradients per layer as matrices ``[B, O, I]`` (bias as the last column).
+
+        Raises:
+            CaptureError: no backward has run inside the watch yet.
+        """
+        return self._require_step().gradients()
+
+    def per_example_param_gradients(self) -> dict[str, Tensor]:
+        """The last step's per-example gradients keyed by parameter name, each ``[B, *param.shape]``."""
+        return self._require_step().param_gradients()
+
+    def _require_step(self) -> Step:
+        step = self.last_step
+        if step is None:
+            raise CaptureError(
+                "no gradients captured yet: run a forward and loss.backward() inside the watch before asking for "
+                "per-example gradients."
+            )
+        return step
+
+    def __repr__(self) -> str:
+        state = "active" if self._open else "inactive"
+        return f"Watch({state}, {len(self.layers)} layers, loss_reduction={self.loss_reduction!r}, steps={self._steps})"
+
+    # ------------------------------------------------------------------ hooks
+    # A deep copy of the model made inside the block (an EMA twin, a checkpoint copy) carries copies of these hook
+    # entries; every hook checks that it runs on the module it was registered on, so copies are inert.
+    def _on_model_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module is not self.model:
+            return None
+        if self._open and torch.is_grad_enabled() and not in_backward() and not in_functorch():
+            self._ran = set()
+        return None
+
+    def _on_model_forward_end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module is not self.model:
+            return None
+        ran, self._ran = self._ran, None
+        if ran is None or not self._open:
+            return None
+        missing = [name for name in self.layers if name not in ran]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} tracked layer(s) did not run during the model's forward: "
+                f"{', '.join(repr(n) for n in missing)}. {_MISSING_HINT}"
+            )
+        return None
+
+    def _make_forward_hook(self, name: str, adapter: LayerAdapter) -> Any:
+        owner = self._modules[name]
+
+        def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if module is not owner or not self._open or in_functorch():
+                return None  # a deep copy's inherited hook, closed, or inside a torch.func transform
+            if self._ran is not None:
+                self._ran.add(name)
+            if not in_backward():
+                self._finish_step()  # a new forward outside backward: the previous step is complete
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return None  # no_grad / frozen path: nothing will flow back
+            call = _Call(name, adapter, adapter.activations(adapter.input_tensor(args, kwargs)))
+            if self._outputs is not None and not in_backward():
+                self._outputs.append((name, output, output._version))
+            self._pending.calls.append(call)
+            self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
+            if len(self._tensor_handles) > _HANDLE_PRUNE_AT:
+                self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
+            return None
+
+        return forward_hook
+
+    def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
+        if not self._open or call.done:
+            return None
+        call.done = True
+        delta = call.adapter.output_gradients(grad.detach())
+        if delta.shape[:2] != call.a.shape[:2]:
+            raise CaptureError(
+                f"layer '{call.name}': output gradient {list(delta.shape)} does not match its activations "
+                f"{list(call.a.shape)} in the batch/position dimensions; the module's output was reshaped in a way "
+                f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
+            )
+        self._pending.fired.setdefault(call.name, []).append((call.a, delta))
+        return None
+
+    # ------------------------------------------------------------------ step assembly
+    def _finish_step(self) -> None:
+        if not self._pending:
+            # forwards whose backward never came (e.g. an evaluation pass with grad enabled): drop their calls, which
+            # hold activations, so they cannot pile up over many forwards
+            self._pending.calls.clear()
+            return
+        fired = self._pending.fired
+        self._pending = _Pending()
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+        missing = [name for name in self.layers if name not in fired]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} tracked layer(s) received no output gradient in this forward/backward: "
+                f"{', '.join(repr(n) for n in missing)}. Either its output does not reach the loss or "
+                f"{_MISSING_HINT}"
+            )
+        layers: dict[str, LayerCapture] = {}
+        batch_size: int | None = None
+        first = ""
+        for name in self.layers:
+            calls = fired[name]
+            sizes = sorted({int(a.shape[0]) for a, _ in calls})
+            if len(sizes) > 1:
+                raise CaptureError(
+                    f"layer '{name}' was called with different batch sizes {sizes} within one forward/backward; "
+                    f"per-example gradients need one batch per step. Run one backward per batch."
+                )
+            if batch_size is None:
+                batch_size, first = sizes[0], name
+            elif sizes[0] != batch_size:
+                raise CaptureError(
+                    f"layer '{name}' captured a batch of {sizes[0]} examples while layer '{first}' captured "
+                    f"{batch_size} in the same forward/backward. Each tracked layer must see the batch as its first "
+                    f"dimension: if the model reshapes [B, T, ...] to [B*T, ...] before this layer, exclude it with "
+                    f"watch(model, modules=[...]); if the backward mixes batches, run one backward per batch."
+                )
+            a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls], dim=1)
+            delta = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls], dim=1)
+            if self.loss_reduction == "mean":
+                delta = delta * batch_size
+            layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=self._adapters[name])
+            layers[name].check_finite()
+        assert batch_size is not None
+        tag, self._tag = self._tag, None
+        step = Step(index=self._steps, batch_size=batch_size, layers=layers, ids=tag)
+        self._last_step = step
+        self._steps += 1
+        for consumer in self.consumers:
+            consumer.consume(step)
+
+
+_MISSING_HINT = (
+    "A module whose own forward() is never called (e.g. nn.MultiheadAttention uses out_proj's weights directly) "
+    "has no captures, and its influence would be silently missing: exclude it with watch(model, modules=[...]) "
+    "listing the layers to track."
+)

@@ -1,0 +1,205 @@
+"""One epoch's capture under a ``transformers.Trainer``: the watch, its pipeline and the micro-batches in flight.
+
+:class:`EpochCapture` is what :class:`~hookinf.integrations.HookinfCallback` opens for the chosen epoch. It builds
+the same parts as :func:`hookinf.watch`: a :class:`~hookinf.Watch` over the tracked layers whose pipeline rescales
+each micro-batch's step by the Trainer's measured loss weight (a :class:`~hookinf.pipeline.Rescale` transform),
+compresses it once, then hands it to the method's accumulator and the gradient logger. The callback's model hooks
+report each micro-batch's forward (its ids, its ``num_items_in_batch``, the loss the model returned) here.
+
+**The Trainer's loss scale is measured, not guessed.** The Trainer differentiates ``w × (the model's loss)``, with
+a weight ``w`` that depends on its configuration: ``1/k`` for a micro-batch of an optimizer step of ``k``
+micro-batches when the loss is taken to be a per-micro-batch mean, ``1`` when the model received
+``num_items_in_batch`` (transformers 5's ``Trainer.training_step``: ``loss / current_gradient_accumulation_steps``
+unless ``model_accepts_loss_kwargs and num_items_in_batch is not None``), times a mixed-precision loss scale, and
+so on. A tensor hook on the loss the model returns receives exactly ``∂(differentiated loss)/∂(model's loss) = w``
+in the backward pass. Only the model's own reduction over its examples (``loss_reduction``: a mean over the
+micro-batch, a sum, or a sum divided by ``num_items_in_batch``) has to be declared. Every micro-batch's output
+gradients are then multiplied by ``normaliser / w``, which makes them gradients of each example's own loss —
+what hookinf's own passes capture.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hookinf.capture import Step
+from hookinf.compress import Compressor
+from hookinf.curvature import statistics_dtype
+from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.hooks import Watch
+from hookinf.integrations.model_loss import ModelLoss
+from hookinf.logger import GradientLogger, model_dtype
+from hookinf.methods import Method
+from hookinf.methods.base import Accumulator
+from hookinf.pipeline import Consumer, Pipeline, Rescale, Transform
+from hookinf.selection import ModuleSpec, select
+
+
+@dataclass(eq=False)
+class MicroBatch:
+    """What the model's hooks saw of one micro-batch's forward, waiting for its backward to be consumed."""
+
+    ids: Tensor | None
+    num_items: Any  # the num_items_in_batch the model received (a tensor, a number, or None)
+    weight: Tensor | None = None  # ∂(the loss the Trainer differentiates)/∂(the loss the model returned)
+    handle: RemovableHandle | None = None
+
+    def receive(self, grad: Tensor) -> None:
+        """The loss tensor's hook: records the weight the Trainer differentiated the model's loss with."""
+        self.weight = grad.detach()
+
+
+class EpochCapture:
+    """The watch and pipeline of one captured epoch (entered on construction; :meth:`close` ends it).
+
+    Args:
+        model: the Trainer's model.
+        method: the method whose statistics accumulate (``None``: none).
+        compress: the compressor of the store and the statistics (``None``: uncompressed).
+        log_to: the gradient store's directory (``None``: no store).
+        modules: which layers to track.
+        loss: the model's loss convention (its reduction and id column).
+        flush_every: write a store shard every this many examples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: Method | None,
+        compress: Compressor | None,
+        log_to: str | os.PathLike[str] | None,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None,
+        loss: ModelLoss,
+        flush_every: int,
+    ) -> None:
+        self.loss = loss
+        selection = select(model, modules)
+        bound = compress.bind(selection.shapes) if compress is not None else None
+        consumers: list[Consumer] = []
+        self.accumulator: Accumulator | None = None
+        if method is not None:
+            fitted = bound.shapes if bound is not None else selection.shapes
+            method.check(fitted)
+            self.accumulator = method.accumulator(fitted, statistics_dtype(selection.parameters()), compress)
+            consumers.append(self.accumulator)
+        self.logger: GradientLogger | None = None
+        if log_to is not None:
+            assert bound is not None
+            self.logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
+            consumers.append(self.logger)
+        transforms: list[Transform] = [Rescale(self._per_example_scale)]
+        if bound is not None:
+            transforms.append(bound.compress)
+        self.batches: list[MicroBatch] = []  # forwards whose steps are not consumed yet
+        self._consumed = 0  # watch steps consumed so far
+        self.watch = Watch(model, modules=selection, loss_reduction="sum", consumers=[Pipeline(consumers, transforms)])
+        self.watch.__enter__()
+
+    def forward_started(self, ids: Tensor | None, num_items: Any) -> MicroBatch:
+        """A micro-batch's forward begins (outside backward, with grad): its step will carry ``ids``."""
+        if ids is not None:
+            self.watch.tag(ids)
+        return MicroBatch(ids=ids, num_items=num_items)
+
+    def forward_ended(self, record: MicroBatch, loss: Tensor) -> None:
+        """The model returned ``loss`` for ``record``'s micro-batch: measure the weight its backward carries."""
+        record.handle = loss.register_hook(record.receive)
+        self.batches.append(record)
+
+    def consume(self) -> None:
+        """Closes the step of the micro-batch whose backward just ran: the pipeline rescales, compresses, feeds it."""
+        if self.logger is not None and self.batches and self.batches[0].ids is None:
+            raise DataError(
+                f"a training batch has no {self.loss.id_column!r} column, which holds the examples' ids for the "
+                f"store: add an integer id column to the training dataset (or name yours with id_column=), and keep "
+                f"it with TrainingArguments(remove_unused_columns=False) and a data collator that passes it through."
+            )
+        steps = self.watch.steps  # closes the pending step (the pipeline runs here)
+        if steps == self._consumed and not self.batches:
+            return  # nothing ran since the last event (e.g. on_step_end after on_substep_end's micro-batch)
+        self._check_one_micro_batch(steps)
+        self._consumed = steps
+        record = self.batches.pop()
+        if record.handle is not None:
+            record.handle.remove()
+
+    def close(self, interrupted: bool) -> None:
+        """Ends the epoch's watch (which closes the logger: completed steps are kept) and drops pending records.
+
+        Args:
+            interrupted: the epoch did not end normally; a step in flight may be partial and is not finished.
+        """
+        for record in self.batches:
+            if record.handle is not None:
+                record.handle.remove()
+        self.batches.clear()
+        if interrupted:
+            self.watch.__exit__(_Interrupted, _Interrupted(), None)
+        else:
+            self.watch.__exit__(None, None, None)
+
+    def _check_one_micro_batch(self, steps: int) -> None:
+        if steps != self._consumed + 1 or len(self.batches) != 1:
+            raise CaptureError(
+                f"HookinfCallback expects one model forward and one backward per micro-batch; since the last Trainer "
+                f"event there were {len(self.batches)} forward(s) and {steps - self._consumed} backward(s). A "
+                f"compute_loss that calls the model more than once is not supported."
+            )
+
+    def _per_example_scale(self, step: Step) -> float:
+        """``normaliser / w`` for the micro-batch of ``step``: its δ become the gradients of each example's own loss."""
+        self._check_one_micro_batch(self._consumed + 1)
+        record = self.batches[0]
+        if record.weight is None:
+            raise CaptureError(
+                "no gradient reached the loss the model returned, so the Trainer's loss scale is unknown; the Trainer "
+                "must differentiate the model's own loss (its default compute_loss)."
+            )
+        weight = float(record.weight)
+        if weight == 0.0 or not math.isfinite(weight):
+            raise CaptureError(f"the Trainer differentiated the model's loss times {weight}; cannot rescale it.")
+        if self.loss.reduction == "mean":
+            normaliser = float(step.batch_size)
+        elif self.loss.reduction == "sum":
+            normaliser = 1.0
+        else:
+            if record.num_items is None:
+                raise ConfigurationError(
+                    "loss_reduction='num_items', but the model received no num_items_in_batch: the Trainer passes it "
+                    "only to models whose forward takes **kwargs (model_accepts_loss_kwargs) when the batch has "
+                    "'labels'. Declare the model's own reduction, e.g. loss_reduction='mean'."
+                )
+            normaliser = float(record.num_items)
+        return normaliser / weight
+
+
+class _Interrupted(Exception):
+    """Passed to ``Watch.__exit__`` when a capture is closed early: never finish a possibly partial step."""
+
+
+def check_trainer_arguments(args: Any, *, logs: bool, id_column: str) -> None:
+    """Refuses Trainer configurations the callback cannot capture correctly, before any training happens."""
+    if int(getattr(args, "world_size", 1)) > 1 or int(getattr(args, "n_gpu", 1)) > 1:
+        raise ConfigurationError(
+            "HookinfCallback captures a single process on one device; distributed or DataParallel training would "
+            "capture one replica's share (and write one store from several processes)."
+        )
+    if getattr(args, "fp16", False):
+        raise ConfigurationError(
+            "HookinfCallback does not support fp16 mixed precision: its dynamic loss scaling overflows on purpose and "
+            "skips those steps, whose gradients are not finite. Use bf16=True or float32."
+        )
+    if logs and getattr(args, "remove_unused_columns", False):
+        raise ConfigurationError(
+            f"log_to= stores each example under the id in its batch's {id_column!r} column, which the Trainer drops "
+            f"as an input the model does not take: set TrainingArguments(remove_unused_columns=False) (and use a "
+            f"data collator that passes the column through). HookinfCallback removes it from the model's inputs."
+        )

@@ -1,0 +1,183 @@
+"""``hookinf.watch``: capture from the user's own loop, with the consumers ``fit=`` and ``log_to=`` ask for.
+
+:func:`watch` resolves the tracked layers once, builds the pipeline — the compressor's ``compress`` as a transform
+(so each step is compressed once), then the method's accumulator and the gradient logger as consumers — and
+returns a :class:`LoopWatch`: the hook-owning :class:`~hookinf.Watch` given that pipeline, plus the accessors for
+what the consumers built (:meth:`LoopWatch.curvature`, :attr:`LoopWatch.store`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hookinf.compress import BoundCompressor, Compressor, require_compressor
+from hookinf.curvature import Curvature, statistics_dtype
+from hookinf.damping import Damping, as_damping
+from hookinf.errors import ConfigurationError
+from hookinf.hooks import LossReduction, Watch
+from hookinf.logger import GradientLogger, model_dtype
+from hookinf.methods import Method, check_basis_compressor, resolve_method
+from hookinf.methods.base import Accumulator
+from hookinf.pipeline import Consumer, Pipeline, Transform
+from hookinf.selection import ModuleSpec, Selection, select
+from hookinf.store import GradientStore
+
+
+def watch(
+    model: nn.Module,
+    *,
+    modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+    loss_reduction: LossReduction = "mean",
+    fit: str | Method | None = None,
+    dtype: torch.dtype | None = None,
+    log_to: str | os.PathLike[str] | None = None,
+    compress: Compressor | None = None,
+    flush_every: int = 4096,
+) -> LoopWatch:
+    """Captures per-example, per-layer gradient factors while the user's own code runs.
+
+    Use it as a context manager around an unchanged training (or evaluation) loop::
+
+        with hookinf.watch(model) as w:
+            loss = F.cross_entropy(model(x), y)   # mean over the batch
+            loss.backward()
+            grads = w.per_example_gradients()     # {layer: [B, O, I]}
+
+    Args:
+        model: the model; it is never modified (no module replaced, no attribute added).
+        modules: what to track. ``None`` tracks every supported module (``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d``, GPT-2 ``Conv1D``, hence peft LoRA's ``lora_A``/``lora_B``) that has a trainable
+            parameter of its own, so a LoRA fine-tune with a frozen base tracks only its adapters. Otherwise a
+            qualified name, a glob pattern (``"encoder.*.attention.*"``), a module type, or a list of these.
+        loss_reduction: how the loss being differentiated combines the examples of a batch. ``"mean"``
+            (``F.cross_entropy``'s default) rescales the captured output gradients by the batch size ``B`` so that
+            they are gradients of each example's own loss; ``"sum"`` takes them as they are. For a language model
+            whose loss averages over all *tokens* of the batch, pass ``"sum"`` and compute the loss as the sum over
+            examples of each example's mean token loss (or the sum of token losses, to attribute per token).
+        fit: also accumulate a method's curvature statistics from every step of the loop (``"kfac"``,
+            ``"exact"``, ``"identity"``, or ``hookinf.EKFAC(basis=kfac_curvature)`` for EK-FAC's correction pass);
+            :meth:`LoopWatch.curvature` returns the result. Run the loop at fixed weights (e.g. a zero learning
+            rate, or an evaluation pass) for the statistics of one model, as :func:`hookinf.fit` computes them.
+        dtype: the dtype the statistics accumulate in (default: float64 for a float64 model, else float32).
+        log_to: also log every step's compressed per-example gradients into a :class:`~hookinf.GradientStore` at
+            this directory (resumed when it exists). Tag each batch with its examples' ids before its forward —
+            the one line a loop gains: ``w.tag(ids)``. Shards are flushed every ``flush_every`` examples and when
+            the block ends (also on an exception: completed steps are kept).
+        compress: the compressor (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``) for ``log_to``, and
+            for ``fit``: the statistics are then accumulated in the compressed space (as
+            ``hookinf.fit(..., compress=...)`` does), so a curvature and a store from the same loop score together —
+            ``hookinf.influence(model, store, query, loss_fn, method=w.curvature())`` — with no further pass.
+        flush_every: see ``log_to``.
+
+    Returns:
+        A :class:`LoopWatch` (a :class:`~hookinf.Watch`) to enter with ``with``.
+
+    Raises:
+        ConfigurationError: ``loss_reduction`` is not one of ``"mean"``, ``"sum"``, or ``compress``/``log_to``/
+            ``fit`` do not go together.
+        NoTrackableModuleError: the model has no supported module with trainable parameters.
+        PatternMatchError: an entry of ``modules`` matches no trackable module.
+        UnsupportedModuleError: a module named in ``modules`` cannot be tracked.
+    """
+    return LoopWatch(
+        model,
+        modules=modules,
+        loss_reduction=loss_reduction,
+        fit=fit,
+        dtype=dtype,
+        log_to=log_to,
+        compress=compress,
+        flush_every=flush_every,
+    )
+
+
+class LoopWatch(Watch):
+    """A :class:`~hookinf.Watch` whose consumers are the ones :func:`watch`'s arguments ask for (see there)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: ModuleSpec | Sequence[ModuleSpec] | Selection | None = None,
+        loss_reduction: LossReduction = "mean",
+        fit: str | Method | None = None,
+        dtype: torch.dtype | None = None,
+        log_to: str | os.PathLike[str] | None = None,
+        compress: Compressor | None = None,
+        flush_every: int = 4096,
+    ) -> None:
+        require_compressor(compress)
+        if compress is not None and log_to is None and fit is None:
+            raise ConfigurationError(
+                "watch(compress=...) compresses what log_to= stores or what fit= accumulates; give one of them "
+                "(e.g. watch(model, log_to='grads/', compress=hookinf.LoGra(16, 16)))."
+            )
+        if log_to is not None and compress is None:
+            raise ConfigurationError(
+                "watch(log_to=...) needs compress=...: a store holds compressed gradients (e.g. "
+                "compress=hookinf.LoGra(16, 16))."
+            )
+        selection = select(model, modules)
+        bound = compress.bind(selection.shapes) if compress is not None else None
+        self._accumulator = None if fit is None else _accumulator(fit, selection, bound, dtype)
+        self._logger: GradientLogger | None = None
+        if log_to is not None and bound is not None:
+            self._logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
+        consumers: list[Consumer] = [c for c in (self._accumulator, self._logger) if c is not None]
+        transforms: list[Transform] = [bound.compress] if bound is not None else []
+        pipeline = [Pipeline(consumers, transforms)] if consumers else []
+        super().__init__(model, modules=selection, loss_reduction=loss_reduction, consumers=pipeline)
+
+    def __enter__(self) -> LoopWatch:
+        if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store
+            self._logger.reopen()
+        super().__enter__()
+        return self
+
+    def tag(self, ids: Sequence[int] | Tensor) -> None:
+        """Names the examples of the next batch (call it before the batch's forward): the store keeps them by id."""
+        if self._logger is None:
+            raise ConfigurationError("tag() names examples for a gradient store: create the watch with log_to=... .")
+        super().tag(ids)
+
+    @property
+    def store(self) -> GradientStore:
+        """The gradient store being logged (``log_to``)."""
+        if self._logger is None:
+            raise ConfigurationError("this watch logs no gradients: create it with log_to=... and compress=... .")
+        return self._logger.store
+
+    def curvature(self, damping: float | Damping = 0.1) -> Curvature:
+        """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).
+
+        Args:
+            damping: the damping rule stored with it (see :func:`hookinf.fit`).
+        """
+        if self._accumulator is None:
+            raise ConfigurationError(
+                "this watch accumulates no statistics: create it with hookinf.watch(model, fit='kfac') (or 'exact', "
+                "or hookinf.EKFAC(basis=...))."
+            )
+        self.steps  # noqa: B018 - closes the pending step, which feeds the accumulator
+        return self._accumulator.finish(as_damping(damping))
+
+
+def _accumulator(
+    fit: str | Method, selection: Selection, bound: BoundCompressor | None, dtype: torch.dtype | None
+) -> Accumulator:
+    """The accumulator of ``watch(fit=...)``, in the compressed space when there is a compressor."""
+    method = resolve_method(fit)
+    compressor = bound.compressor if bound is not None else None
+    check_basis_compressor(method, compressor, "the basis")
+    if not isinstance(method, Method):
+        raise ConfigurationError(
+            f"watch(fit={method.name!r}): {method.name} has no statistics to accumulate in advance (it streams "
+            f"over the training data for each set of queries); use 'kfac', 'exact' or hookinf.EKFAC(basis=...)."
+        )
+    shapes = bound.shapes if bound is not None else selection.shapes
+    method.check(shapes)
+    return method.accumulator(shapes, statistics_dtype(selection.parameters(), dtype), compressor)

@@ -1,0 +1,259 @@
+"""``ekfac``: K-FAC's eigenbasis with eigenvalues corrected by a second pass (George et al. 2018).
+
+EK-FAC (Grosse et al. 2023, §2.2.3) keeps K-FAC's eigenbasis ``Q_A``, ``Q_S`` (:mod:`hookinf.methods.kfac`) and
+replaces ``λ_S λ_Aᵀ`` by the exact second moments of the per-example gradients in that basis, measured in a second
+pass over the data:
+
+    Λ_{oi} = (1/n) Σ_i ((Q_Sᵀ g_i Q_A)_{oi})²,
+
+the diagonal of the exact ``G_l`` in the Kronecker eigenbasis; ``λ_l = damping × mean(Λ) = damping × tr(G_l)/d_l``.
+
+Index conventions: ``b`` examples, ``s`` positions, ``o`` output features, ``i`` input features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Self
+
+import torch
+from torch import Tensor
+
+from hookinf.capture import Step
+from hookinf.compress import Compressor
+from hookinf.curvature import Curvature, LayerStatistics
+from hookinf.damping import Damping
+from hookinf.errors import ConfigurationError, CurvatureError
+from hookinf.linalg import einsum
+from hookinf.methods.base import Accumulator, Method, RunPass
+from hookinf.methods.kfac import Eigen, FactorAccumulator, KFACCurvature, KroneckerCurvature, check_positive
+from hookinf.shapes import LayerShape
+
+
+@dataclass(frozen=True)
+class EKFACStatistics(LayerStatistics):
+    """K-FAC's factor sums, their eigenbasis and the corrected eigenvalue sums of one layer.
+
+    Attributes:
+        A: as :class:`KFACFactors`.
+        S: as :class:`KFACFactors`.
+        positions: as :class:`KFACFactors`.
+        QA: eigenvectors of ``A_l`` ``[I, I]``.
+        QS: eigenvectors of ``S_l`` ``[O, O]``.
+        eigen: ``Σ_i ((Q_Sᵀ g_i Q_A)_{oi})²`` ``[O, I]``.
+        corrected: the number of examples ``eigen`` sums over (a float64 scalar).
+    """
+
+    A: Tensor
+    S: Tensor
+    positions: Tensor
+    QA: Tensor
+    QS: Tensor
+    eigen: Tensor
+    corrected: Tensor
+
+    def plus(self, other: EKFACStatistics) -> EKFACStatistics:
+        """Adds the corrections of two fits in the same eigenbasis (factors and basis kept; see ``merge``)."""
+        return replace(self, eigen=self.eigen + other.eigen, corrected=self.corrected + other.corrected)
+
+
+class EKFACCurvature(KroneckerCurvature):
+    """K-FAC's statistics and eigenbasis plus the corrected eigenvalue sums: :class:`EKFACStatistics` per layer."""
+
+    method = "ekfac"
+    statistics_type = EKFACStatistics
+
+    def _prepare(self, layer: str) -> Eigen:
+        count = float(self.stat(layer, "corrected"))
+        eigen = self.stat(layer, "eigen").to(torch.float64) / max(count, 1.0)
+        if not bool(torch.isfinite(eigen).all()):
+            raise CurvatureError(f"layer '{layer}': EK-FAC's corrected eigenvalues hold NaN or infinity.")
+        lam = self.damping.value(float(eigen.mean()))
+        check_positive(layer, eigen, lam, self.damping)
+        q_a = self.stat(layer, "QA").to(torch.float64)
+        q_s = self.stat(layer, "QS").to(torch.float64)
+        return self._cast(layer, Eigen(q_a, q_s, eigen, lam))
+
+    def merge(self, other: Curvature) -> Self:
+        """Adds the eigenvalue corrections of two fits made on the same K-FAC basis (e.g. shards of the data).
+
+        EK-FAC fits merge only when both ran their correction pass on the same factors and eigenbasis
+        (``hookinf.EKFAC(basis=merged_kfac)``): the factors are kept, the corrections and their counts add.
+        """
+        if not isinstance(other, EKFACCurvature) or other.layers != self.layers:
+            return super().merge(other)  # raises the generic error
+        self._check_mergeable(other)
+        for name in self.layers:
+            for key in ("A", "S", "positions", "QA", "QS"):
+                if not torch.equal(self.stat(name, key), other.stat(name, key)):
+                    raise CurvatureError(
+                        f"cannot merge EK-FAC fits of layer '{name}': they were corrected in different eigenbases "
+                        f"(each fit computed its own). Merge the K-FAC factors instead — fit(..., method='kfac') per "
+                        f"shard, then merge — and run the correction pass of every shard on the merged basis: "
+                        f"fit(..., method=hookinf.EKFAC(basis=merged_kfac)); those fits merge."
+                    )
+        state = {name: stats.plus(other.state[name]) for name, stats in self.state.items()}
+        return type(self)(self.layers, self.damping, self.num_examples, state, self.compressor)
+
+
+class _CorrectionAccumulator(Accumulator):
+    """Sums ``(Q_Sᵀ g_b Q_A)²`` per layer in a fixed eigenbasis (EK-FAC's second pass)."""
+
+    def __init__(self, basis: KFACCurvature | EKFACCurvature, dtype: torch.dtype) -> None:
+        super().__init__(basis.compressor)
+        self.basis = basis
+        self.shapes = dict(basis.layers)
+        self.sums: dict[str, EKFACStatistics] = {}
+        for name, shape in self.shapes.items():
+            stats = basis.state[name]
+            if isinstance(stats, EKFACStatistics):
+                q_a, q_s = stats.QA, stats.QS
+            else:
+                _, q_a, _, q_s = basis.eigenbasis(name)  # type: ignore[union-attr]  # a KFACCurvature here
+            # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
+            self.sums[name] = EKFACStatistics(
+                A=basis.stat(name, "A"),
+                S=basis.stat(name, "S"),
+                positions=basis.stat(name, "positions"),
+                QA=q_a.to(dtype).contiguous(),
+                QS=q_s.to(dtype).contiguous(),
+                eigen=torch.zeros(shape.out_features, shape.in_features, dtype=dtype),
+                corrected=torch.zeros((), dtype=torch.float64),
+            )
+
+    def _update(self, step: Step) -> None:
+        for name, capture in step.layers.items():
+            sums = self.sums[name]
+            a = capture.a.to(sums.QA.dtype) @ sums.QA  # [B, S, I] in A's eigenbasis
+            d = capture.delta.to(sums.QS.dtype) @ sums.QS  # [B, S, O] in S's eigenbasis
+            squared_gradient_sum(a, d, out=sums.eigen)
+            sums.corrected.add_(capture.batch_size)
+
+    def finish(self, damping: Damping) -> EKFACCurvature:
+        self._require_data()
+        state = {
+            name: replace(sums, eigen=sums.eigen.clone(), corrected=sums.corrected.clone())
+            for name, sums in self.sums.items()
+        }
+        return EKFACCurvature(self.shapes, damping, self.basis.num_examples, state, self.compressor)
+
+
+_CHUNK_ELEMENTS = 2**24  # per-example gradients formed at once when S > 1 (64 MiB in float32)
+
+
+def squared_gradient_sum(a: Tensor, d: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Σ_b (Σ_s d_{b,s} a_{b,s}ᵀ)²`` (elementwise square) as ``[O, I]``; no ``[B, O, I]`` tensor when ``S = 1``.
+
+    With one position, each example's gradient is the outer product ``d_b a_bᵀ``, whose elementwise square is
+    ``(d_b ∘ d_b)(a_b ∘ a_b)ᵀ``, so the sum over the batch is one matrix product ``(d ∘ d)ᵀ (a ∘ a)``: the cost of a
+    GEMM and ``O(B (O + I))`` memory. With several positions the per-example gradients are formed in chunks of
+    examples bounded to ``_CHUNK_ELEMENTS`` numbers.
+
+    Args:
+        a: ``[B, S, I]``.
+        d: ``[B, S, O]``.
+        out: ``[O, I]`` to add the sum into (and return); a new tensor when ``None``.
+    """
+    total = a.new_zeros(d.shape[2], a.shape[2]) if out is None else out
+    if a.shape[1] == 1:
+        return total.addmm_(d[:, 0].square().T, a[:, 0].square())
+    per_chunk = max(1, _CHUNK_ELEMENTS // (d.shape[2] * a.shape[2]))
+    for start in range(0, a.shape[0], per_chunk):
+        grads = einsum("bso,bsi->boi", d[start : start + per_chunk], a[start : start + per_chunk])
+        total += grads.square().sum(dim=0)
+    return total
+
+
+@dataclass(frozen=True)
+class EKFAC(Method):
+    """EK-FAC: K-FAC's factors (pass 1, or ``basis``), their eigenbasis, then the eigenvalue correction (pass 2).
+
+    Attributes:
+        basis: an already fitted ``kfac`` (or ``ekfac``) curvature whose factors and eigenbasis to use; the fit
+            then runs only the correction pass (so it also works from one loop of the user's, see
+            :func:`hookinf.watch`). Fits that share a basis merge (distributed fitting).
+        cache_bytes: memory budget for keeping the first pass's captured ``(a, δ)`` so that the correction pass
+            reads them instead of running the model over the data again (the weights are fixed, so they are the
+            same numbers). When the captures outgrow the budget they are dropped at once and the correction pass
+            runs the model, so peak memory stays bounded whatever the number of examples. ``0`` always runs two
+            passes. Results are identical either way.
+    """
+
+    basis: Curvature | None = None
+    cache_bytes: int = 2**28
+    name = "ekfac"
+
+    def __post_init__(self) -> None:
+        if self.basis is not None and not isinstance(self.basis, KFACCurvature | EKFACCurvature):
+            raise ConfigurationError(
+                f"EKFAC(basis=...) takes a fitted kfac or ekfac curvature, not {type(self.basis).__name__}."
+            )
+        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
+            raise ConfigurationError(
+                f"EKFAC(cache_bytes={self.cache_bytes!r}): give a memory budget in bytes, an integer ≥ 0 (0 disables "
+                f"the cache)."
+            )
+
+    def check(self, shapes: Mapping[str, LayerShape]) -> None:
+        """With a ``basis``, the model's layers must be the basis's."""
+        if self.basis is not None:
+            self.basis.check_compatible(shapes)
+
+    def accumulator(
+        self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None = None
+    ) -> Accumulator:
+        """The correction pass over a given ``basis`` (EK-FAC without a basis needs two passes).
+
+        The curvature records the basis's compressor; ``compressor`` must be that one.
+        """
+        if not isinstance(self.basis, KFACCurvature | EKFACCurvature):
+            raise ConfigurationError(
+                "EK-FAC needs two passes over the data (factors, then the eigenvalue correction), which one loop "
+                "cannot give: collect method='kfac' in a first loop, then hookinf.EKFAC(basis=that_curvature) in a "
+                "second one — or call hookinf.fit(..., method='ekfac'), which runs both passes."
+            )
+        self.check(shapes)
+        self.basis.check_compressor(compressor, "the basis")
+        return _CorrectionAccumulator(self.basis, dtype)
+
+    def fit(
+        self,
+        run_pass: RunPass,
+        shapes: Mapping[str, LayerShape],
+        damping: Damping,
+        dtype: torch.dtype,
+        compressor: Compressor | None = None,
+    ) -> Curvature:
+        """Runs the factor pass (unless ``basis`` is given) and the correction pass."""
+        self.check(shapes)
+        basis = self.basis
+        cache = _StepCache(self.cache_bytes if basis is None else 0)
+        if basis is None:
+            factors = FactorAccumulator(shapes, dtype, compressor)
+            for step in run_pass("fit ekfac factors (pass 1/2)"):
+                factors.update(step)
+                cache.add(step)
+            basis = factors.finish(damping)
+        correction = EKFAC(basis=basis).accumulator(shapes, dtype, compressor)
+        for step in cache.steps if cache.steps is not None else run_pass("fit ekfac correction (pass 2/2)"):
+            correction.update(step)
+        return correction.finish(damping)
+
+
+class _StepCache:
+    """The first pass's steps, kept while they fit in ``budget`` bytes (``steps`` is ``None`` once they do not)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.steps: list[Step] | None = [] if budget > 0 else None
+
+    def add(self, step: Step) -> None:
+        if self.steps is None:
+            return
+        self.used += sum(t.numel() * t.element_size() for c in step.layers.values() for t in (c.a, c.delta))
+        if self.used > self.budget:
+            self.steps = None  # over budget: free them now; the correction pass runs the model again
+        else:
+            self.steps.append(step)

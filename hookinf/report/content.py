@@ -1,0 +1,176 @@
+"""What a report shows, whatever it is drawn on: the detailed queries, their top-k rows, detection figures.
+
+The terminal report (:mod:`hookinf.report.terminal`) and the HTML page (:mod:`hookinf.report.html`) both build on
+these functions, so they show the same queries, examples and numbers. The detection AUC comes from
+:func:`hookinf.metrics.auc` (the metrics exist once); this module adds the share of known flips among the top
+suspects and the checks of the report's arguments.
+
+Sign convention (as in :class:`~hookinf.Scores`): a positive score is *harmful* (up-weighting the training example
+increases the query's loss), a negative one *helpful*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hookinf.errors import ConfigurationError
+from hookinf.metrics import auc
+from hookinf.scores import Scores
+
+DEFAULT_QUERIES = 3
+"""How many queries a report details when ``queries=None``: the ones with the largest total |influence|."""
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One training example in a query's top-k list.
+
+    Attributes:
+        direction: ``"harmful"`` (positive score) or ``"helpful"`` (negative score) list it belongs to.
+        rank: 1-based rank within that list.
+        index: the training example's column in the scores.
+        shown: what identifies it to the user: its id when the scores have ids, else ``index``.
+        score: its total influence on the query.
+        layer: the layer whose part of the score is largest in magnitude.
+        part: that layer's part.
+    """
+
+    direction: Literal["harmful", "helpful"]
+    rank: int
+    index: int
+    shown: int
+    score: float
+    layer: str
+    part: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How well self-influence finds known-bad training examples (e.g. flipped labels).
+
+    Attributes:
+        auc: area under the ROC curve of self-influence against the known flips (0.5 is chance).
+        precision: share of flips among the ``n_flipped`` examples with the largest self-influence.
+        n_flipped: how many training examples are known to be flipped.
+    """
+
+    auc: float
+    precision: float
+    n_flipped: int
+
+
+def select_queries(scores: Scores, queries: int | Sequence[int] | None) -> list[int]:
+    """The queries a report details.
+
+    Args:
+        scores: the scores.
+        queries: ``None`` for the :data:`DEFAULT_QUERIES` queries with the largest total |influence|; an ``int``
+            ``n`` for the ``n`` largest (:meth:`Scores.top_queries`, largest first); or a sequence of query
+            indices, kept in the given order.
+
+    Returns:
+        Query indices (rows of ``scores.total``).
+
+    Raises:
+        ConfigurationError: a negative count, or an index that is not an integer in ``[0, n_query)``.
+    """
+    if queries is None:
+        return scores.top_queries(DEFAULT_QUERIES)
+    if isinstance(queries, int) and not isinstance(queries, bool):
+        if queries < 0:
+            raise ConfigurationError(f"queries={queries}: the number of queries to detail must be >= 0.")
+        return scores.top_queries(queries)
+    if isinstance(queries, str | bytes) or not isinstance(queries, Sequence):
+        raise ConfigurationError(
+            f"queries={queries!r} must be None, a number of queries, or a sequence of query indices."
+        )
+    n_query = scores.shape[0]
+    chosen: list[int] = []
+    for q in queries:
+        if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q < n_query:
+            raise ConfigurationError(
+                f"queries={list(queries)!r}: {q!r} is not a query index; the scores have queries 0 … {n_query - 1}."
+            )
+        chosen.append(q)
+    return chosen
+
+
+def example_rows(scores: Scores, query: int, k: int) -> tuple[list[ExampleRow], list[ExampleRow]]:
+    """The ``k`` most harmful and ``k`` most helpful training examples of one query, with their largest layer part.
+
+    Args:
+        scores: the scores.
+        query: the query's index.
+        k: rows per list (at most ``n_train``).
+
+    Returns:
+        ``(harmful, helpful)``, each ordered as :meth:`Scores.top_k` orders them (largest score first; most negative
+        first).
+    """
+    check_k(k)
+    row = scores.total[query]
+    k = min(k, row.numel())
+    harmful_scores, harmful = row.topk(k, largest=True)  # as Scores.top_k, for this one query
+    helpful_scores, helpful = row.topk(k, largest=False)
+    ids = scores.ids
+    lists: tuple[list[ExampleRow], list[ExampleRow]] = ([], [])
+    sources: tuple[tuple[Literal["harmful", "helpful"], Tensor, Tensor], ...] = (
+        ("harmful", harmful, harmful_scores),
+        ("helpful", helpful, helpful_scores),
+    )
+    for rows, (direction, indices, values) in zip(lists, sources, strict=True):
+        for rank, (index, value) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), start=1):
+            parts = {name: float(part[query, index]) for name, part in scores.per_layer.items()}
+            layer = max(parts, key=lambda n: abs(parts[n]))
+            shown = int(ids[index]) if ids is not None else int(index)
+            rows.append(ExampleRow(direction, rank, int(index), shown, float(value), layer, parts[layer]))
+    return lists
+
+
+def detection(self_scores: Tensor, flipped: Tensor) -> Detection:
+    """AUC and top-``n_flipped`` precision of ``self_scores [n_train]`` for the known flips ``flipped [n_train]``."""
+    values = check_self_scores(self_scores)
+    flags = check_flipped(flipped, values.numel())
+    n_flipped = int(flags.sum())
+    precision = float(flags[values.topk(n_flipped).indices].double().mean()) if n_flipped else 0.0
+    return Detection(auc(values, flags), precision, n_flipped)
+
+
+def check_self_scores(self_scores: Tensor) -> Tensor:
+    """``self_scores`` as a finite float64 ``[n_train]`` CPU tensor, or a :class:`ConfigurationError`."""
+    if not isinstance(self_scores, Tensor):
+        raise ConfigurationError(f"self_scores must be a [n_train] tensor; got {type(self_scores).__name__}.")
+    if self_scores.dim() != 1 or self_scores.numel() == 0:
+        raise ConfigurationError(f"self_scores must be [n_train] with n_train >= 1; got {list(self_scores.shape)}.")
+    values = self_scores.detach().cpu().double()
+    if not bool(values.isfinite().all()):
+        raise ConfigurationError("self_scores hold NaN or infinite values; every entry must be finite.")
+    return values
+
+
+def check_flipped(flipped: Tensor, n_train: int) -> Tensor:
+    """``flipped`` as a bool ``[n_train]`` CPU tensor, or a :class:`ConfigurationError`."""
+    if not isinstance(flipped, Tensor) or flipped.dtype != torch.bool or tuple(flipped.shape) != (n_train,):
+        shape = list(flipped.shape) if isinstance(flipped, Tensor) else type(flipped).__name__
+        raise ConfigurationError(
+            f"flipped must be a bool tensor [n_train={n_train}] marking the known flips; got {shape}"
+            + (f" of {flipped.dtype}" if isinstance(flipped, Tensor) else "")
+            + "."
+        )
+    return flipped.detach().cpu()
+
+
+def check_k(k: int) -> None:
+    """A :class:`ConfigurationError` unless ``k``, the number of examples per list, is a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigurationError(f"k={k!r}: the number of examples per list must be a positive integer.")
+
+
+def layer_label(name: str) -> str:
+    """A layer's display name (``<model>`` for the unnamed whole-model layer)."""
+    return name or "<model>"

@@ -1,0 +1,395 @@
+"""The sections of the self-contained HTML report: pure functions from influence results to HTML text.
+
+A page (:func:`hookinf.report.page.page`) is a title and sections: :func:`scores_section` (influence of the
+training set on queries, per layer), :func:`suspects_section` (self-influence, the mislabel signal) and
+:func:`comparison_section` (detection AUC per method). :func:`~hookinf.report.page.save_html` writes a page to a file;
+:meth:`hookinf.Scores.save_html` and :func:`save_suspects_html` are the one-section shortcuts.
+
+Plots (:mod:`hookinf.report.plots`, needs matplotlib: ``pip install 'hookinf[report]'``, imported when a section
+is built) are inline SVG and summarise, so the file's size does not grow with the number of training examples;
+thumbnails (:mod:`hookinf.report.images`) are ``data:`` URIs; every piece of user text is escaped.
+Machine-readable values ride along as ``data-*`` attributes (``data-share`` on the per-layer rows, ``data-train`` and
+``data-score`` on the top-k rows, ``data-auc``), so tests and scripts can read the numbers back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from hookinf.errors import ConfigurationError
+from hookinf.presenter import ImageFn
+from hookinf.report.content import ExampleRow, check_self_scores, detection, example_rows, layer_label, select_queries
+from hookinf.report.images import img_tag
+from hookinf.report.page import Section, check_anchor, escape, figure_html, save_html, summary_cards
+from hookinf.scores import Scores
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+
+def scores_section(
+    scores: Scores,
+    *,
+    queries: int | Sequence[int] | None = None,
+    k: int = 5,
+    describe: Callable[[int], str] | None = None,
+    images: ImageFn | None = None,
+    describe_query: Callable[[int], str] | None = None,
+    query_images: ImageFn | None = None,
+    heading: str | None = None,
+    anchor: str = "influence",
+) -> Section:
+    """The report of influence scores as a page section.
+
+    Content: a summary (method, ``n_query × n_train``, layers, damping, concentration), how to read the signs; the
+    per-layer table and a bar plot of each layer's share of |influence|; a layer × query heat map of the shares
+    (every query); the distribution of |scores| (histogram on a log scale, harmful and helpful apart) and the
+    concentration curve (share of |influence| held by the top fraction of pairs); then, per detailed query, its
+    layer shares (plotted together for all detailed queries) and tables of its ``k`` most harmful and ``k`` most
+    helpful training examples with score, largest layer part, description and thumbnail.
+
+    Args:
+        scores: the scores.
+        queries: which queries to detail (see :func:`~hookinf.report.content.select_queries`): by default the 3 with the
+            largest total |influence|.
+        k: training examples per query and direction.
+        describe: training example (its id when the scores have ids, else its index) → short text.
+        images: training example (as for ``describe``) → image, shown as a thumbnail (see
+            :func:`~hookinf.report.images.thumbnail`).
+        describe_query: query index → short text, shown in the query's heading.
+        query_images: query index → image, shown next to the query's heading.
+        heading: the section's heading (default names the method and the sizes).
+        anchor: the section's id and the prefix of the ids inside it: ``{anchor}-layer-shares``,
+            ``{anchor}-query-shares``, ``{anchor}-heatmap``, ``{anchor}-distribution`` (figures),
+            ``{anchor}-layers`` (table), ``{anchor}-q{q}-harmful`` / ``-helpful`` (tables).
+
+    Returns:
+        The section.
+
+    Raises:
+        ConfigurationError: a bad ``queries``, ``k`` or ``anchor``, an image of a bad shape, or matplotlib missing.
+    """
+    check_anchor(anchor)
+    _require_matplotlib()
+    from hookinf.report import plots  # numpy and matplotlib: loaded when a section is drawn, not by import hookinf
+
+    chosen = select_queries(scores, queries)
+    harmful_helpful = {q: example_rows(scores, q, k) for q in chosen}
+    n_query, n_train = scores.shape
+    shares = scores.layer_shares()
+    query_shares = scores.query_layer_shares().cpu()  # [n_query, L]
+    dominant = torch.bincount(query_shares.argmax(dim=1), minlength=len(scores.layers))
+    total = scores.total.detach().cpu().double()
+    positive = float((total > 0).double().mean())
+
+    cards = [
+        ("method", scores.method),
+        ("queries × training examples", f"{n_query:,} × {n_train:,}"),
+        ("layers", str(len(scores.layers))),
+        ("damping λ", _damping_text(scores.damping)),
+        ("top 1% of pairs hold", f"{scores.concentration(0.01):.1%} of |influence|"),
+        ("top 10% of pairs hold", f"{scores.concentration(0.10):.1%} of |influence|"),
+        ("harmful pairs (score > 0)", f"{positive:.1%}"),
+    ]
+    out = [summary_cards(cards)]
+    out.append(
+        '<p class="note">A score is the change in the query\'s loss when the training example is up-weighted: '
+        '<span class="harmful">positive = harmful</span> (the example pushes the query\'s loss up), '
+        '<span class="helpful">negative = helpful</span>. Each layer contributes its own part; the parts sum to '
+        "the score, and a layer's <em>share</em> is its part of the total |influence|.</p>"
+    )
+
+    # per-layer table and plots
+    out.append("<h3>Layers</h3>")
+    rows = []
+    largest = max(shares.values()) or 1.0
+    for idx, name in enumerate(scores.layers):
+        lam = scores.damping.get(name)
+        share = shares[name]
+        rows.append(
+            f'<tr data-layer="{escape(name)}" data-share="{share!r}">'
+            f"<td>{escape(layer_label(name))}</td>"
+            f'<td class="num"><span class="bar" style="width:{80 * share / largest:.1f}px"></span>{share:.1%}</td>'
+            f'<td class="num">{float(scores.per_layer[name].sum()):.4g}</td>'
+            f'<td class="num">{int(dominant[idx])}</td>'
+            f'<td class="num">{"—" if lam is None else f"{lam:.3g}"}</td></tr>'
+        )
+    out.append(
+        f'<table id="{anchor}-layers" class="layers"><thead><tr><th>layer</th><th>share of |influence|</th>'
+        "<th>signed sum</th><th>dominates queries</th><th>λ</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    names = [layer_label(n) for n in scores.layers]
+    colors = plots.layer_colors(len(names))
+    out.append(
+        figure_html(
+            f"{anchor}-layer-shares",
+            plots.layer_shares_svg(names, list(shares.values()), colors, salt=f"{anchor}-layer-shares"),
+            "Each layer's share of the total |influence| over all (query, training example) pairs.",
+        )
+    )
+    out.append(
+        figure_html(
+            f"{anchor}-heatmap",
+            plots.heatmap_svg(names, query_shares, salt=f"{anchor}-heatmap"),
+            "Each layer's share of each query's |influence| (columns: queries in order; each column sums to 100%; the "
+            "darkest colour is the largest share).",
+        )
+    )
+
+    # distribution
+    out.append("<h3>Distribution</h3>")
+    out.append(
+        figure_html(
+            f"{anchor}-distribution",
+            plots.distribution_svg(total, salt=f"{anchor}-distribution"),
+            "Left: how many (query, training example) pairs have each |score| (log scale), harmful and helpful "
+            "apart. Right: the share of the total |influence| held by the top fraction of pairs; a curve that "
+            "rises early means a few training examples carry most of the influence.",
+        )
+    )
+
+    # detailed queries
+    if chosen:
+        out.append(f"<h3>Detailed queries ({len(chosen)})</h3>")
+        how = "chosen" if isinstance(queries, Sequence) else "with the largest total |influence|"
+        out.append(f'<p class="note">Queries {how}: {", ".join(str(q) for q in chosen)}.</p>')
+        out.append(
+            figure_html(
+                f"{anchor}-query-shares",
+                plots.query_shares_svg(chosen, names, query_shares, colors, salt=f"{anchor}-query-shares"),
+                "Each layer's share of the detailed queries' |influence|.",
+            )
+        )
+        mass = total.abs().sum(dim=1)
+        for q in chosen:
+            lists = harmful_helpful[q]
+            picture = query_images(q) if query_images is not None else None
+            head = f"Query {q}" + (f": {describe_query(q)}" if describe_query is not None else "")
+            out.append(_query_html(scores, q, head, picture, lists, float(mass[q]), names, query_shares[q], anchor))
+            out.append(_top_tables(scores, q, lists, describe, images, anchor))
+    title = heading or f"Influence on {n_query:,} queries ({scores.method})"
+    return Section(anchor, title, "\n".join(out))
+
+
+def _query_html(
+    scores: Scores,
+    q: int,
+    head: str,
+    picture: Tensor | npt.NDArray[Any] | None,
+    lists: tuple[list[ExampleRow], list[ExampleRow]],
+    mass: float,
+    names: list[str],
+    shares: Tensor,
+    anchor: str,
+) -> str:
+    """A detailed query's heading (picture, description) and layer shares; the tables follow (:func:`_top_tables`)."""
+    image = f" {img_tag(picture, f'query {q}')}" if picture is not None else ""
+    order = shares.argsort(descending=True).tolist()
+    parts = " · ".join(f"{escape(names[i])} {float(shares[i]):.0%}" for i in order if float(shares[i]) >= 0.005)
+    return (
+        f'<div class="query" id="{anchor}-q{q}">\n<h4>{image}<span>{escape(head)}</span></h4>\n'
+        f'<p class="note">Σ|influence| {mass:.4g}; by layer: {parts or "—"}</p>'
+    )
+
+
+def _top_tables(
+    scores: Scores,
+    q: int,
+    lists: tuple[list[ExampleRow], list[ExampleRow]],
+    describe: Callable[[int], str] | None,
+    images: ImageFn | None,
+    anchor: str,
+) -> str:
+    """The harmful and helpful tables of one detailed query, side by side; closes the query's ``div``."""
+    out = ['<div class="pair">']
+    ident = "train id" if scores.ids is not None else "train"
+    for rows, direction, sign in ((lists[0], "harmful", "+"), (lists[1], "helpful", "−")):
+        header = f"<th>#</th><th>{ident}</th>"
+        header += "<th></th>" if images is not None else ""
+        header += "<th>example</th>" if describe is not None else ""
+        header += "<th>score</th><th>largest layer part</th>"
+        body = []
+        for row in rows:
+            cells = f'<td class="num">{row.rank}</td><td class="num">{row.shown}</td>'
+            if images is not None:
+                cells += f"<td>{img_tag(images(row.shown), f'training example {row.shown}')}</td>"
+            if describe is not None:
+                cells += f'<td class="example">{escape(describe(row.shown))}</td>'
+            cells += (
+                f'<td class="num {direction}">{row.score:+.4g}</td>'
+                f'<td>{escape(layer_label(row.layer))} <span class="muted">({row.part:+.3g})</span></td>'
+            )
+            body.append(f'<tr data-train="{row.shown}" data-score="{row.score!r}">{cells}</tr>')
+        out.append(
+            f'<div><h5 class="{direction}">Most {direction} ({sign})</h5>'
+            f'<table id="{anchor}-q{q}-{direction}" class="topk"><thead><tr>{header}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
+    out.append("</div></div>")
+    return "\n".join(out)
+
+
+def suspects_section(
+    self_scores: Tensor,
+    *,
+    flipped: Tensor | None = None,
+    describe: Callable[[int], str] | None = None,
+    images: ImageFn | None = None,
+    k: int = 20,
+    heading: str = "Suspected mislabeled examples (highest self-influence)",
+    anchor: str = "suspects",
+) -> Section:
+    """Training examples ranked by self-influence, the mislabel signal, as a page section.
+
+    Content: a summary (and, when the flips are known, the detection AUC and the share of flips among the top
+    ``n_flipped`` suspects), a histogram of self-influence (flipped and clean apart when known) with the ROC curve,
+    and the table of the ``k`` top suspects.
+
+    Args:
+        self_scores: ``[n_train]`` self-influence, e.g. from :func:`hookinf.self_influence`.
+        flipped: optional ``[n_train]`` bool, the known flipped labels.
+        describe: training index → short text.
+        images: training index → image, shown as a thumbnail (see :func:`~hookinf.report.images.thumbnail`).
+        k: how many suspects to list.
+        heading: the section's heading.
+        anchor: the section's id and id prefix: ``{anchor}-plot`` (figure), ``{anchor}-table`` (table, one
+            ``<tr data-train data-score>`` per suspect); the AUC is in ``data-auc`` of ``{anchor}-auc``.
+
+    Returns:
+        The section.
+
+    Raises:
+        ConfigurationError: bad shapes or values, or matplotlib missing.
+    """
+    check_anchor(anchor)
+    _require_matplotlib()
+    from hookinf.report import plots  # numpy and matplotlib: loaded when a section is drawn, not by import hookinf
+
+    values = check_self_scores(self_scores)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigurationError(f"k={k!r}: the number of suspects to list must be a positive integer.")
+    n_train = values.numel()
+    cards = [("training examples", f"{n_train:,}")]
+    found = detection(values, flipped) if flipped is not None else None
+    flags = flipped.detach().cpu() if flipped is not None else None
+    if found is not None:
+        cards += [
+            ("known flips", f"{found.n_flipped:,}"),
+            ("AUC (0.5 = chance)", f'<span id="{anchor}-auc" data-auc="{found.auc!r}">{found.auc:.3f}</span>'),
+            (f"flips among the top {found.n_flipped}", f"{found.precision:.0%}"),
+        ]
+    out = [summary_cards(cards, raw=True)]
+    out.append(
+        '<p class="note">Self-influence g(z)ᵀ(G+λI)⁻¹g(z) is large for training examples the model finds hard to '
+        "fit; mislabeled examples are the usual reason. The list is a ranking to review, largest first.</p>"
+    )
+    out.append(
+        figure_html(
+            f"{anchor}-plot",
+            plots.suspects_svg(values, flags, salt=f"{anchor}-plot"),
+            "Self-influence of every training example"
+            + (" (flipped and clean apart) and the ROC curve of ranking by it." if flags is not None else "."),
+        )
+    )
+    top_values, top_indices = values.topk(min(k, n_train))
+    header = "<th>rank</th><th>train</th>" + ("<th></th>" if images is not None else "")
+    header += ("<th>example</th>" if describe is not None else "") + "<th>self-influence</th>"
+    header += "<th>flipped?</th>" if flags is not None else ""
+    body = []
+    for rank, (value, index) in enumerate(zip(top_values.tolist(), top_indices.tolist(), strict=True), start=1):
+        cells = f'<td class="num">{rank}</td><td class="num">{index}</td>'
+        if images is not None:
+            cells += f"<td>{img_tag(images(index), f'training example {index}')}</td>"
+        if describe is not None:
+            cells += f'<td class="example">{escape(describe(index))}</td>'
+        cells += f'<td class="num">{value:.4g}</td>'
+        if flags is not None:
+            cells += '<td class="harmful">yes</td>' if bool(flags[index]) else '<td class="muted">no</td>'
+        body.append(f'<tr data-train="{index}" data-score="{value!r}">{cells}</tr>')
+    out.append(
+        f'<table id="{anchor}-table" class="suspects"><thead><tr>{header}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+    return Section(anchor, heading, "\n".join(out))
+
+
+def comparison_section(
+    rows: Sequence[tuple[str, float, float]],
+    *,
+    heading: str = "Mislabel detection per method",
+    note: str | None = None,
+    anchor: str = "comparison",
+) -> Section:
+    """A table comparing methods at finding known-bad training examples.
+
+    Args:
+        rows: ``(name, AUC, share of flips among the top suspects)`` per method (as for
+            :func:`hookinf.report.terminal.comparison_table`).
+        heading: the section's heading.
+        note: optional sentence under the table (plain text).
+        anchor: the section's id; the table is ``{anchor}-table``, each row carries ``data-auc``.
+
+    Returns:
+        The section.
+    """
+    check_anchor(anchor)
+    body = []
+    for name, auc_value, precision in rows:
+        width = max(0.0, min(1.0, (auc_value - 0.5) / 0.5)) * 100
+        body.append(
+            f'<tr data-auc="{auc_value!r}"><td>{escape(name)}</td>'
+            f'<td class="num"><span class="bar" style="width:{width:.1f}px"></span>{auc_value:.3f}</td>'
+            f'<td class="num">{precision:.0%}</td></tr>'
+        )
+    table = (
+        f'<table id="{anchor}-table" class="comparison"><thead><tr><th>method</th><th>AUC</th>'
+        f"<th>flips among top suspects</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
+    extra = f'<p class="note">{escape(note)}</p>' if note else ""
+    return Section(anchor, heading, table + extra)
+
+
+def save_suspects_html(
+    path: str | os.PathLike[str],
+    self_scores: Tensor,
+    *,
+    flipped: Tensor | None = None,
+    describe: Callable[[int], str] | None = None,
+    images: ImageFn | None = None,
+    k: int = 20,
+    title: str = "Suspected mislabeled examples",
+) -> Path:
+    """Writes the self-influence (mislabel) report as one self-contained HTML file.
+
+    See :func:`suspects_section` for the content and the arguments; needs matplotlib
+    (``pip install 'hookinf[report]'``).
+
+    Returns:
+        The path written.
+    """
+    section = suspects_section(self_scores, flipped=flipped, describe=describe, images=images, k=k)
+    return save_html(path, [section], title=title)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError as err:
+        raise ConfigurationError(
+            "the HTML report draws its plots with matplotlib, which is not installed: pip install 'hookinf[report]'."
+        ) from err
+
+
+def _damping_text(damping: dict[str, float]) -> str:
+    if not damping:
+        return "— (none)"
+    values = list(damping.values())
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g} … {hi:.3g} (per layer)"

@@ -1,0 +1,216 @@
+"""Runs ``loss_fn`` over data inside one watch and yields the captured steps: the data path of the one-call helpers.
+
+A :class:`Runner` owns a :class:`~hookinf.Watch` over the tracked layers whose one consumer is a pipeline — the
+compressor's ``compress`` as its transform, then a :class:`~hookinf.pipeline.Collect` queue. ``Runner.step(batch)``
+runs ``loss_fn`` on one batch, differentiates the summed loss with respect to the tracked layers' outputs (so no
+weight gradient is formed and ``.grad`` is never touched; see :meth:`hookinf.Watch.gradient_targets` and
+:func:`hookinf.autograd.differentiate`), checks what came back and returns the (compressed) step;
+``Runner.steps(data, description)`` does it for every batch of a pass, and yields a
+:class:`~hookinf.GradientStore`'s stored gradients instead when ``data`` is one. The helpers feed those steps to
+their consumers: accumulators, the gradient logger, the scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from contextlib import ExitStack, contextmanager
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+from hookinf.autograd import differentiate
+from hookinf.capture import Step
+from hookinf.compress import Compressor, require_compressor
+from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.hooks import Watch
+from hookinf.losses import SampledLoss
+from hookinf.pipeline import Collect, Pipeline
+from hookinf.progress import PassProgress
+from hookinf.selection import ModuleSpec, select
+from hookinf.shapes import fingerprint
+from hookinf.store import GradientStore, store_step
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum (a scalar)."""
+
+
+class Runner:
+    """Runs passes of ``loss_fn`` over data inside one watch (in eval mode) and yields the captured steps.
+
+    Use it as a context manager: the model is in eval mode (dropout off) and the watch's hooks are on inside.
+
+    Args:
+        model: the model (left unchanged).
+        loss_fn: ``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum.
+        modules: which layers to track (see :func:`hookinf.watch`).
+        compress: the compressor every step is compressed with (once, as the watch's transform), or ``None``.
+        progress: show a rich progress bar per pass.
+
+    Attributes:
+        watch: the hook-owning watch.
+        compressor: ``compress`` bound to the tracked layers, or ``None``.
+        shapes: the gradient shapes steps come in (compressed when there is a compressor), in model order.
+        params: the tracked layers' trainable parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        compress: Compressor | None = None,
+        progress: bool = True,
+    ) -> None:
+        require_compressor(compress)
+        selection = select(model, modules)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.params = selection.parameters()
+        self.compressor = compress.bind(selection.shapes) if compress is not None else None
+        self.shapes = self.compressor.shapes if self.compressor is not None else selection.shapes
+        self._collected = Collect()
+        transforms = [self.compressor.compress] if self.compressor is not None else []
+        consumer = Pipeline([self._collected], transforms)
+        self.watch = Watch(model, modules=selection, loss_reduction="sum", consumers=[consumer])
+        self.counts: dict[int, set[int]] = {}  # id(data) → example counts of its passes
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Runner:
+        with ExitStack() as stack:
+            stack.enter_context(eval_mode(self.model))
+            stack.enter_context(self.watch)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
+
+    @property
+    def compress(self) -> Compressor | None:
+        """The compressor (its configuration) the steps are compressed with, or ``None``."""
+        return self.compressor.compressor if self.compressor is not None else None
+
+    def steps(
+        self, data: Iterable[Any] | GradientStore, description: str, sample: torch.Generator | None = None
+    ) -> Iterator[Step]:
+        """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher).
+
+        A :class:`GradientStore` yields its stored (already compressed) gradients chunk by chunk.
+        """
+        if isinstance(data, GradientStore):
+            yield from self._store_steps(data, description, sample)
+            return
+        seen = 0
+        total = len(data) if isinstance(data, Sized) else None
+        with PassProgress(description, total, enabled=self.progress) as bar:
+            for batch in data:
+                step = self.step(batch, description, sample)
+                seen += step.batch_size
+                yield step
+                bar.advance(step.batch_size)
+        self.counts.setdefault(id(data), set()).add(seen)
+
+    def _store_steps(self, store: GradientStore, description: str, sample: torch.Generator | None) -> Iterator[Step]:
+        if sample is not None:
+            raise ConfigurationError(
+                "fisher='sampled' needs the model's predictions on the training data, which a gradient store does not "
+                "hold; fit the curvature on the data (hookinf.fit(..., compress=..., fisher='sampled')) and pass it."
+            )
+        assert self.compressor is not None
+        store.check(
+            compressor=self.compressor.compressor.config(),
+            original=self.compressor.original,
+            fingerprint=fingerprint(self.compressor.original),
+        )
+        with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
+            for index, (_, gradients) in enumerate(store.chunks()):
+                step = store_step(index, gradients, store.layers)
+                yield step
+                bar.advance(step.batch_size)
+
+    def step(self, batch: Any, description: str, sample: torch.Generator | None = None) -> Step:
+        """Runs ``loss_fn`` on one batch, differentiates it and returns the captured (compressed) step."""
+        before = self.watch.steps
+        with torch.enable_grad(), self.watch.recording_outputs():
+            if sample is not None:
+                assert isinstance(self.loss_fn, SampledLoss)
+                losses = self.loss_fn.sampled(self.model, batch, sample)
+            else:
+                losses = self.loss_fn(self.model, batch)
+            if not isinstance(losses, Tensor) or losses.dim() > 1:
+                shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise DataError(
+                    f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
+                )
+            if not losses.requires_grad:
+                raise DataError(
+                    "loss_fn returned a loss that does not require grad: does it run under torch.no_grad() or "
+                    "detach the output? hookinf needs to differentiate it."
+                )
+            differentiate(losses.sum(), self.watch.gradient_targets() or self.params, self.model)
+        if self.watch.steps == before:
+            raise CaptureError(
+                f"the loss of a {description} batch does not depend on any tracked layer "
+                f"({', '.join(self.watch.layers)}); check loss_fn and modules=."
+            )
+        step = self._collected.take()
+        if losses.dim() == 1 and losses.shape[0] != step.batch_size:
+            raise DataError(
+                f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
+                f"one loss per example (shape [B]) or their sum."
+            )
+        return step
+
+    def check_count(self) -> None:
+        """Refuses a ``train`` that yielded a different number of examples on different passes."""
+        for counts in self.counts.values():
+            if len(counts) > 1:
+                raise DataError(
+                    f"train yielded {sorted(counts)} examples on different passes; it must yield the same examples "
+                    f"in the same order each time it is iterated (no shuffling, no random augmentation of the count)."
+                )
+
+
+def check_reiterable(data: Iterable[Any] | GradientStore, what: str) -> None:
+    """Refuses data that would not give the same examples in the same order on every pass."""
+    if isinstance(data, GradientStore):
+        return
+    if isinstance(data, DataLoader) and order_changes(data):
+        raise DataError(
+            f"{what} is a DataLoader whose order changes between passes (shuffle=True or a random sampler); "
+            f"hookinf iterates it more than once and column j of the scores must be the same example each time. "
+            f"Use shuffle=False and a sequential sampler."
+        )
+    if iter(data) is data:
+        raise DataError(
+            f"{what} is an iterator that can be consumed only once; pass a list of batches or a DataLoader."
+        )
+
+
+def order_changes(loader: DataLoader[Any]) -> bool:
+    """Whether two passes over ``loader`` would visit the examples in different orders (indices only)."""
+    if isinstance(loader.sampler, RandomSampler):
+        return True
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    order: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    return list(order) != list(order)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Runs the block with every module in eval mode (dropout off), restoring each module's own flag after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
