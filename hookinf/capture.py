@@ -8,6 +8,7 @@ output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` al
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,22 +41,6 @@ class LayerCapture:
         """``B``."""
         return int(self.a.shape[0])
 
-    def check_finite(self) -> None:
-        """Refuses captured factors holding NaN or infinity (influence from them would be meaningless).
-
-        Raises:
-            NonFiniteGradientError: names the layer and which factor.
-        """
-        for what, tensor in (("output gradients", self.delta), ("input activations", self.a)):
-            # A NaN/inf entry makes the sum non-finite, so one reduction screens the tensor (an overflowing sum of
-            # finite values is confirmed or cleared by the full elementwise check).
-            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteGradientError(
-                    f"layer '{self.name}': captured {what} contain NaN or infinity. Check the loss and the inputs of "
-                    f"this batch (a diverging learning rate or a log of zero are common causes); influence computed "
-                    f"from them would be meaningless."
-                )
-
     def gradients(self) -> Tensor:
         """Per-example gradients as matrices ``[B, O, I]`` (``Σ_s δ_s a_sᵀ``)."""
         return per_example_gradients(self.a, self.delta)
@@ -65,6 +50,57 @@ class LayerCapture:
         if self.adapter is None:
             raise ConfigurationError(f"layer '{self.name}': a compressed capture has no parameter-shaped gradients.")
         return self.adapter.param_gradients(self.gradients())
+
+
+@dataclass(eq=False)
+class FiniteCheck:
+    """Whether every captured factor of a step is finite: computed where the factors live, read when asked.
+
+    The flags are device tensors (one 0-dim bool per factor, fused into one per device), so building a check makes no
+    device-to-host read; :meth:`ok` reads the fused flags once (one read per device) and remembers the answer. A
+    watch reads each step's check one step later, when the device has long finished it.
+
+    Attributes:
+        flags: ``(layer, factor, 0-dim bool)`` per captured factor.
+    """
+
+    flags: list[tuple[str, str, Tensor]]
+    _fused: list[Tensor] = field(default_factory=list, repr=False)
+    _ok: bool | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, layers: Mapping[str, LayerCapture]) -> FiniteCheck:
+        """The (unread) check of a step's captures."""
+        flags: list[tuple[str, str, Tensor]] = []
+        for name, capture in layers.items():
+            flags.append((name, "output gradients", torch.isfinite(capture.delta).all()))
+            flags.append((name, "input activations", torch.isfinite(capture.a).all()))
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for _, _, flag in flags:
+            by_device.setdefault(flag.device, []).append(flag)
+        return cls(flags, [torch.stack(group).all() for group in by_device.values()])
+
+    @property
+    def known(self) -> bool:
+        """Whether the flags were read already."""
+        return self._ok is not None
+
+    def ok(self) -> bool:
+        """Whether every factor is finite (reads the fused flags the first time)."""
+        if self._ok is None:
+            self._ok = all(bool(flag) for flag in self._fused)
+        return self._ok
+
+    def raise_if_not_finite(self) -> None:
+        """Raises :class:`~hookinf.NonFiniteGradientError` naming the first non-finite layer and factor."""
+        if self.ok():
+            return
+        name, what = next((name, what) for name, what, flag in self.flags if not bool(flag))
+        raise NonFiniteGradientError(
+            f"layer '{name}': captured {what} contain NaN or infinity. Check the loss and the inputs of this batch (a "
+            f"diverging learning rate or a log of zero are common causes); influence computed from them would be "
+            f"meaningless."
+        )
 
 
 @dataclass(frozen=True)
@@ -77,12 +113,15 @@ class Step:
         layers: layer name → capture, in model order.
         ids: ``[B]`` int64 ids of the step's examples (on the CPU), when the loop named them
             (:meth:`hookinf.Watch.tag`); ``None`` otherwise.
+        finite: whether the captured factors are finite (:class:`FiniteCheck`, read lazily); ``None`` when not
+            checked (a step read from a store).
     """
 
     index: int
     batch_size: int
     layers: dict[str, LayerCapture]
     ids: Tensor | None = field(default=None, repr=False)
+    finite: FiniteCheck | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.ids is not None and self.ids.numel() != self.batch_size:

@@ -16,7 +16,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -56,7 +56,8 @@ class LayerStatistics:
 
     def plus(self, other: Self) -> Self:
         """The sum of two layers' statistics, field by field (statistics are sums)."""
-        return replace(self, **{name: value + getattr(other, name) for name, value in self.tensors().items()})
+        tensors = self.tensors().items()
+        return replace(self, **{name: value + getattr(other, name).to(value.device) for name, value in tensors})
 
     @classmethod
     def read(cls, tensors: Mapping[str, Tensor], layer: str) -> Self:
@@ -104,6 +105,7 @@ class Curvature(ABC):
         self.state = dict(state)
         self.compressor = compressor
         self._cache: dict[str, Any] = {}
+        self._on_device: dict[str, Any] = {}
         wrong = [n for n in self.layers if not isinstance(self.state.get(n), self.statistics_type)]
         if wrong or set(self.state) != set(self.layers):
             raise CurvatureError(
@@ -139,7 +141,7 @@ class Curvature(ABC):
         Returns:
             ``[N, O, I]`` in :meth:`compute_dtype` (float64, or float32 for Kronecker curvatures of float32 models).
         """
-        return self._apply(self._prepared(layer), grads.to(self.compute_dtype(layer)))
+        return self._apply(self._prepared_on(layer, grads.device), grads.to(self.compute_dtype(layer)))
 
     def compute_dtype(self, layer: str) -> torch.dtype:
         """The dtype :meth:`apply` works (and returns) in: float64 unless a method says otherwise."""
@@ -179,6 +181,17 @@ class Curvature(ABC):
                 f"{subject} ({self.method}) was fitted with compress={fitted} but is used with compress={used}; pass "
                 f"the compressor {subject} was fitted with (the same compressor, with the same seed)."
             )
+
+    def _prepared_on(self, layer: str, device: torch.device) -> Any:
+        """:meth:`_prepared` with its tensors on ``device``, cached per device.
+
+        A curvature loaded on the CPU serves gradients on an accelerator, and each layer of a model split over devices
+        is served where it lives.
+        """
+        key = f"{layer}@{device}"
+        if key not in self._on_device:
+            self._on_device[key] = to_device(self._prepared(layer), device)
+        return self._on_device[key]
 
     def _prepared(self, layer: str) -> Any:
         if layer not in self.layers:
@@ -244,7 +257,7 @@ class Curvature(ABC):
         """Saves to the directory ``path`` (created when missing) atomically; returns the path."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {key: value.contiguous() for key, value in self.tensors.items()}
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.tensors.items()}
         digest = _digest(tensors)
         tensor_file = f"curvature-{digest}.safetensors"
         atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, str(tmp)))
@@ -295,6 +308,14 @@ class Curvature(ABC):
         console = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed by Console
         console.print(self.summary_table())
         return console.export_text().rstrip()
+
+
+def to_device(prepared: Any, device: torch.device) -> Any:
+    """A prepared factorisation (a dataclass of tensors and numbers, or ``None``) with its tensors on ``device``."""
+    if prepared is None or not is_dataclass(prepared) or isinstance(prepared, type):
+        return prepared
+    moved = {f.name: getattr(prepared, f.name) for f in fields(prepared)}
+    return replace(prepared, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
 
 def statistics_dtype(params: Iterable[Tensor], dtype: torch.dtype | None = None) -> torch.dtype:

@@ -212,17 +212,17 @@ def self_influence(
         values: list[Tensor] = []
         if isinstance(solved, Curvature):
             for step in runner.steps(train, "self-influence"):
-                total = torch.zeros(step.batch_size, dtype=torch.float64)
+                parts = []
                 for name, capture in step.layers.items():
                     grads = capture.gradients()
                     applied = solved.apply(name, grads)
-                    total += (applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double()
-                values.append(total)
+                    parts.append((applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double())
+                values.append(_summed(parts))
         else:  # a query method: precondition chunks of training gradients as if they were queries
             for chunk in _chunks(runner.steps(train, "self-influence"), _SELF_CHUNK):
                 pre = precondition(solved, chunk, runner)
                 parts = [(pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double() for n in chunk]
-                values.append(torch.stack(parts).sum(dim=0))
+                values.append(_summed(parts))
         runner.check_count()
         if not values:
             raise empty_train()
@@ -298,6 +298,14 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slic
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
+
+
+def _summed(parts: list[Tensor]) -> Tensor:
+    """The sum of per-layer ``[B]`` parts, on the first part's device (layers may live on several devices)."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part.to(total.device)
+    return total
 
 
 def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:

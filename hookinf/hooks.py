@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from hookinf.assembly import assemble
 from hookinf.autograd import in_backward, in_functorch
-from hookinf.capture import LayerCapture, Step
+from hookinf.capture import FiniteCheck, Step
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
@@ -111,6 +112,7 @@ class Watch:
         self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
         self._outputs: list[tuple[str, Tensor, int]] | None = None  # see recording_outputs()
         self._tag: Tensor | None = None
+        self._unverified: FiniteCheck | None = None  # the last step's finiteness, not read yet
         self._last_step: Step | None = None
         self._steps = 0
         self._open = False
@@ -150,6 +152,7 @@ class Watch:
         try:
             if exc_type is None:
                 self._finish_step()
+                self.verify()
             elif self._pending_is_whole():
                 # the block raised between batches: the last step's backward had finished, so it is kept (e.g. its
                 # gradients are logged); never let that mask the user's exception
@@ -183,6 +186,7 @@ class Watch:
         self._tensor_handles.clear()
         self._pending = _Pending()
         self._tag = None
+        self._unverified = None
         for module in self._modules.values():
             if _ACTIVE.get(module) is self:
                 del _ACTIVE[module]
@@ -213,7 +217,7 @@ class Watch:
     def tag(self, ids: Sequence[int] | Tensor) -> None:
         """Names the examples of the next batch (call it before the batch's forward): the step's ``ids``."""
         self._finish_step()  # the previous batch's step is complete once the next batch is tagged
-        self._tag = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        self._tag = torch.as_tensor(ids, dtype=torch.int64, device="cpu").reshape(-1)  # ids stay on the host
 
     @contextlib.contextmanager
     def recording_outputs(self) -> Iterator[None]:
@@ -265,7 +269,22 @@ class Watch:
         """The last step's per-example gradients keyed by parameter name, each ``[B, *param.shape]``."""
         return self._require_step().param_gradients()
 
+    def verify(self) -> None:
+        """Reads the finiteness of the steps not checked yet (one host read per device; a no-op when all are).
+
+        Each step's check is computed on the device when it closes and read when the next one closes (or at the end
+        of the block, or here), so watched steps wait on no device-to-host read of their own.
+
+        Raises:
+            NonFiniteGradientError: a step's captured activations or output gradients hold NaN or infinity.
+        """
+        check, self._unverified = self._unverified, None
+        if check is not None:
+            check.raise_if_not_finite()
+
     def _require_step(self) -> Step:
+        self._finish_step()
+        self.verify()  # the caller is about to use these numbers
         step = self.last_step
         if step is None:
             raise CaptureError(
@@ -358,35 +377,11 @@ class Watch:
                 f"{', '.join(repr(n) for n in missing)}. Either its output does not reach the loss or "
                 f"{_MISSING_HINT}"
             )
-        layers: dict[str, LayerCapture] = {}
-        batch_size: int | None = None
-        first = ""
-        for name in self.layers:
-            calls = fired[name]
-            sizes = sorted({int(a.shape[0]) for a, _ in calls})
-            if len(sizes) > 1:
-                raise CaptureError(
-                    f"layer '{name}' was called with different batch sizes {sizes} within one forward/backward; "
-                    f"per-example gradients need one batch per step. Run one backward per batch."
-                )
-            if batch_size is None:
-                batch_size, first = sizes[0], name
-            elif sizes[0] != batch_size:
-                raise CaptureError(
-                    f"layer '{name}' captured a batch of {sizes[0]} examples while layer '{first}' captured "
-                    f"{batch_size} in the same forward/backward. Each tracked layer must see the batch as its first "
-                    f"dimension: if the model reshapes [B, T, ...] to [B*T, ...] before this layer, exclude it with "
-                    f"watch(model, modules=[...]); if the backward mixes batches, run one backward per batch."
-                )
-            a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls], dim=1)
-            delta = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls], dim=1)
-            if self.loss_reduction == "mean":
-                delta = delta * batch_size
-            layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=self._adapters[name])
-            layers[name].check_finite()
-        assert batch_size is not None
+        layers, batch_size = assemble(fired, self._adapters, self.loss_reduction)
+        self.verify()  # the previous step's check, one step late: its device work is long done
         tag, self._tag = self._tag, None
-        step = Step(index=self._steps, batch_size=batch_size, layers=layers, ids=tag)
+        step = Step(index=self._steps, batch_size=batch_size, layers=layers, ids=tag, finite=FiniteCheck.of(layers))
+        self._unverified = step.finite
         self._last_step = step
         self._steps += 1
         for consumer in self.consumers:

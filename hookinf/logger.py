@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hookinf.capture import Step
+from hookinf.capture import FiniteCheck, Step
 from hookinf.compress import BoundCompressor
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.shapes import fingerprint
@@ -60,9 +61,7 @@ class GradientLogger:
         )
         self._stored = set(self.store.ids.tolist())  # already in the store when logging (re)started: skipped
         self._logged: set[int] = set()  # logged in this run: seeing one again is an error
-        self._ids: list[Tensor] = []
-        self._grads: dict[str, list[Tensor]] = {name: [] for name in self.bound.shapes}
-        self._held = 0
+        self._parts: list[_Part] = []  # buffered steps, oldest first
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookinf-store")
         self._in_flight: Future[None] | None = None
         self.closed = False
@@ -97,28 +96,36 @@ class GradientLogger:
         if not any(keep):
             return
         everything = all(keep)
-        fresh = torch.tensor(keep, dtype=torch.bool)
+        fresh = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.int64, device="cpu")
+        grads: dict[str, Tensor] = {}
         for name, capture in step.layers.items():
             flat = capture.gradients().flatten(1).detach()
-            self._grads[name].append(flat if everything else flat[fresh])
-        self._ids.append(ids if everything else ids[fresh])
+            grads[name] = flat if everything else flat[fresh.to(flat.device)]
+        self._parts.append(_Part(ids if everything else ids[fresh], grads, step.finite))
         self._logged.update(i for i, k in zip(values, keep, strict=True) if k)
-        self._held += sum(keep)
-        if self._held >= self.flush_every:
+        if self.held >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        """Hands the buffered examples to the writer thread as one shard (nothing when the buffer is empty).
+    @property
+    def held(self) -> int:
+        """Examples buffered and not yet handed to the writer."""
+        return sum(int(part.ids.numel()) for part in self._parts)
 
-        Shards are written (and fsynced) in a background thread so the training step does not wait on the disk;
-        at most one shard is in flight — a second flush waits for the first, which bounds memory.
+    def flush(self) -> None:
+        """Hands the buffered steps to the writer thread as one shard, never a step whose factors are not finite.
+
+        The steps' :class:`~hookinf.capture.FiniteCheck` are read here (the watch has read all but the newest one
+        step late already, so this is one read per shard). A non-finite step and the steps after it are dropped (the
+        watch raises for it). Shards are written (and fsynced) in a background thread so the training step does not
+        wait on the disk; at most one shard is in flight — a second flush waits for the first, which bounds memory.
         """
         self._raise_writer_error()
-        if not self._held:
+        bad = next((i for i, part in enumerate(self._parts) if part.finite is not None and not part.finite.ok()), None)
+        parts, self._parts = self._parts[:bad], []
+        if not parts:
             return
-        ids = torch.cat(self._ids)
-        grads = {name: torch.cat(parts) for name, parts in self._grads.items()}
-        self._ids, self._grads, self._held = [], {name: [] for name in self._grads}, 0
+        ids = torch.cat([part.ids for part in parts])
+        grads = {name: torch.cat([part.grads[name] for part in parts]) for name in self.bound.shapes}
         if self._in_flight is not None:
             self._in_flight.result()
         self._in_flight = self._writer.submit(self.store.append, ids, grads)
@@ -140,6 +147,15 @@ class GradientLogger:
             self._in_flight = None
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One buffered step: its new examples' ids (host), their compressed gradients and the step's finiteness."""
+
+    ids: Tensor
+    grads: dict[str, Tensor]
+    finite: FiniteCheck | None
+
+
 def batch_size(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
     if isinstance(batch, Tensor):
@@ -159,8 +175,8 @@ def batch_size(batch: Any) -> int:
 def batch_ids(batch: Any, ids: IdsFn | None, position: int) -> Tensor:
     """The batch's ids: ``ids(batch)``, or positions ``position, position + 1, ...``."""
     if ids is None:
-        return torch.arange(position, position + batch_size(batch), dtype=torch.int64)
-    out = torch.as_tensor(ids(batch), dtype=torch.int64).reshape(-1)
+        return torch.arange(position, position + batch_size(batch), dtype=torch.int64, device="cpu")
+    out = torch.as_tensor(ids(batch), dtype=torch.int64, device="cpu").reshape(-1)
     return out
 
 

@@ -163,6 +163,7 @@ class LoopWatch(Watch):
                 "or hookinf.EKFAC(basis=...))."
             )
         self.steps  # noqa: B018 - closes the pending step, which feeds the accumulator
+        self.verify()  # no curvature of non-finite captures
         return self._accumulator.finish(as_damping(damping))
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from torch import Tensor
+
 from hookinf.capture import Step
 from hookinf.errors import CaptureError
 
@@ -80,18 +82,26 @@ class Rescale:
     """Multiplies every layer's output gradients ``δ`` by a factor: a number, or a function of the step.
 
     A gradient is linear in ``δ`` (``g = Σ_s δ_s a_sᵀ``), so this rescales every per-example gradient of the step;
-    the Trainer callback uses it to undo the Trainer's measured loss weight per micro-batch.
+    the Trainer callback uses it to undo the Trainer's measured loss weight per micro-batch. The function may return
+    a 0-dim tensor on the device (the factor is then never read on the host).
     """
 
-    factor: float | Callable[[Step], float]
+    factor: float | Callable[[Step], float | Tensor]
 
     def __call__(self, step: Step) -> Step:
         """The step with ``δ × factor`` in every layer."""
         factor = self.factor(step) if callable(self.factor) else self.factor
-        if factor == 1.0:
+        if not isinstance(factor, Tensor) and factor == 1.0:
             return step
-        layers = {name: replace(capture, delta=capture.delta * factor) for name, capture in step.layers.items()}
+        layers = {
+            name: replace(capture, delta=capture.delta * _on(factor, capture.delta))
+            for name, capture in step.layers.items()
+        }
         return replace(step, layers=layers)
+
+
+def _on(factor: float | Tensor, like: Tensor) -> float | Tensor:
+    return factor.to(device=like.device, dtype=like.dtype) if isinstance(factor, Tensor) else factor
 
 
 class Collect:

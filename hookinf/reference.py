@@ -57,7 +57,7 @@ def layer_blocks(grads: Mapping[str, Tensor], damping: Damping) -> dict[str, tup
         g = g.double()
         block = g.T @ g / g.shape[0]
         lam = damping.value(float(torch.trace(block)) / block.shape[0])
-        out[name] = (block + lam * torch.eye(block.shape[0], dtype=torch.float64), lam)
+        out[name] = (block + lam * torch.eye(block.shape[0], dtype=torch.float64, device=block.device), lam)
     return out
 
 

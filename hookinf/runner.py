@@ -71,6 +71,7 @@ class Runner:
         self.loss_fn = loss_fn
         self.progress = progress
         self.params = selection.parameters()
+        self.devices = selection.devices
         self.compressor = compress.bind(selection.shapes) if compress is not None else None
         self.shapes = self.compressor.shapes if self.compressor is not None else selection.shapes
         self._collected = Collect()
@@ -130,7 +131,7 @@ class Runner:
             fingerprint=fingerprint(self.compressor.original),
         )
         with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
-            for index, (_, gradients) in enumerate(store.chunks()):
+            for index, (_, gradients) in enumerate(store.chunks(self.devices)):
                 step = store_step(index, gradients, store.layers)
                 yield step
                 bar.advance(step.batch_size)

@@ -86,7 +86,9 @@ class Scores:
             raise ConfigurationError(f"per-layer scores must all be [n_query, n_train]; got shapes {sorted(shapes)}.")
         if self.ids is not None and tuple(self.ids.shape) != (next(iter(shapes))[1],):
             raise ConfigurationError(f"ids {list(self.ids.shape)} must have one id per column (n_train).")
-        object.__setattr__(self, "total", torch.stack(list(self.per_layer.values())).sum(dim=0))
+        device = next(iter(self.per_layer.values())).device  # layers on several devices are summed on the first's
+        total = torch.stack([part.to(device) for part in self.per_layer.values()]).sum(dim=0)
+        object.__setattr__(self, "total", total)
 
     def token_scores(self) -> Tensor:
         """``[n_query, n_train, T]``: per-token scores summed over layers (needs ``per_token=True``)."""

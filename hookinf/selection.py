@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from hookinf.errors import (
@@ -50,6 +51,11 @@ class Selection:
     def shapes(self) -> dict[str, LayerShape]:
         """Layer name → gradient shape, in model order."""
         return layer_shapes(self.adapters)
+
+    @property
+    def devices(self) -> dict[str, torch.device]:
+        """Layer name → the device of its parameters (layers of one model may live on several devices)."""
+        return {name: next(module.parameters(recurse=False)).device for name, module in self.modules.items()}
 
     def parameters(self) -> list[Tensor]:
         """The tracked layers' own trainable parameters."""

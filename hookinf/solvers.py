@@ -78,7 +78,7 @@ def solver(
         # sampled Fisher: every pass draws the same labels (one seeded generator per pass), so a method's passes
         # all see one set of sampled gradients — EK-FAC's correction lives in the eigenbasis of those very
         # gradients, and replaying the first pass from memory (EKFAC(cache_bytes=...)) changes nothing
-        generator = torch.Generator().manual_seed(0) if fisher == "sampled" else None
+        generator = torch.Generator(device="cpu").manual_seed(0) if fisher == "sampled" else None
         return runner.steps(train, description, generator)
 
     if isinstance(resolved, QueryMethod):

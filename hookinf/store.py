@@ -151,18 +151,29 @@ class GradientStore:
         """``[n]`` int64: the id of every stored example, in storage order."""
         if self._ids is None:
             parts = [self._read(shard, [_IDS])[_IDS] for shard in self.shards]
-            self._ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+            self._ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device="cpu")
         return self._ids
 
-    def chunks(self) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """Yields ``(ids [n_k], {layer: [n_k, r_l]})`` shard by shard (memory-mapped reads)."""
-        for shard in self.shards:
-            tensors = self._read(shard, [_IDS, *self.layers])
-            yield tensors.pop(_IDS), tensors
+    def chunks(self, devices: Mapping[str, torch.device] | None = None) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """Yields ``(ids [n_k], {layer: [n_k, r_l]})`` shard by shard (memory-mapped reads).
 
-    def _read(self, shard: Shard, keys: Sequence[str]) -> dict[str, Tensor]:
+        Args:
+            devices: layer → the device its gradients are wanted on (that layer's device in the model); the ids stay
+                on the host. When every layer wants one device, shards are read straight to it; ``None``: the host.
+        """
+        targets = set((devices or {}).values())
+        direct = targets.pop() if len(targets) == 1 else torch.device("cpu")
+        for shard in self.shards:
+            tensors = self._read(shard, list(self.layers), direct)
+            ids = self._read(shard, [_IDS], torch.device("cpu"))[_IDS]
+            if devices and len(set(devices.values())) > 1:  # a model split over devices: each layer to its own
+                tensors = {name: tensor.to(devices.get(name, direct)) for name, tensor in tensors.items()}
+            yield ids, tensors
+
+    def _read(self, shard: Shard, keys: Sequence[str], device: torch.device | None = None) -> dict[str, Tensor]:
+        where = "cpu" if device is None else str(device)
         try:
-            with safe_open(str(self.path / shard.file), framework="pt") as handle:
+            with safe_open(str(self.path / shard.file), framework="pt", device=where) as handle:
                 return {key: handle.get_tensor(key) for key in keys}
         except (OSError, SafetensorError) as err:
             raise StoreError(f"{self.path / shard.file}: unreadable shard ({err}).") from err
@@ -175,7 +186,7 @@ class GradientStore:
             ids: ``[n]`` int64 ids, none already stored.
             gradients: layer → ``[n, r_l]``.
         """
-        ids = ids.to(torch.int64).reshape(-1)
+        ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)  # host-side bookkeeping
         if ids.numel() == 0:
             return
         if torch.unique(ids).numel() != ids.numel():
@@ -194,13 +205,13 @@ class GradientStore:
         index = len(self.shards)
         file = f"shard-{index:06d}.safetensors"
         tensors = {name: gradients[name].detach().to(self.dtype).contiguous().cpu() for name in self.layers}
-        tensors[_IDS] = ids.cpu().contiguous()
+        tensors[_IDS] = ids.contiguous()
         atomic_write(self.path / file, lambda tmp: save_file(tensors, str(tmp)))
         self.shards.append(Shard(file, ids.numel()))
         manifest = json.loads((self.path / _MANIFEST).read_text(encoding="utf-8"))
         manifest["shards"] = [{"file": s.file, "count": s.count} for s in self.shards]
         _write_manifest(self.path, manifest)
-        self._ids = torch.cat([self.ids, ids.cpu()])
+        self._ids = torch.cat([self.ids, ids])
 
     def __repr__(self) -> str:
         kind = self.compressor.get("kind", "?")
@@ -226,6 +237,6 @@ def store_step(index: int, gradients: Mapping[str, Tensor], layers: Mapping[str,
         flat = gradients[name]
         batch = int(flat.shape[0])
         matrices = flat.reshape(batch, shape.out_features, shape.in_features)
-        eye = torch.eye(shape.in_features, dtype=flat.dtype).expand(batch, -1, -1)
+        eye = torch.eye(shape.in_features, dtype=flat.dtype, device=flat.device).expand(batch, -1, -1)
         captures[name] = LayerCapture(name=name, a=eye, delta=matrices.transpose(1, 2), adapter=None)
     return Step(index=index, batch_size=batch, layers=captures)

@@ -33,7 +33,10 @@ from hookinf.shapes import LayerShape
 def layer_generator(seed: int, layer: str) -> torch.Generator:
     """A generator seeded from ``seed`` and the layer's name (stable across runs and processes)."""
     digest = hashlib.sha256(f"{seed}:{layer}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    # a host generator: projections are drawn on the CPU in float64 whatever the model's device, so a CUDA and a CPU
+    # run (or torch.set_default_device) draw the same numbers
+    generator = torch.Generator(device="cpu")
+    return generator.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 class Compressor(ABC):
@@ -72,6 +75,20 @@ class BoundCompressor(ABC):
         self.compressor = compressor
         self.original = dict(shapes)
         self.shapes: dict[str, LayerShape] = {}
+        self._placed: dict[tuple[int, torch.dtype | None, torch.device], Tensor] = {}
+
+    def placed(self, tensor: Tensor, like: Tensor, cast: bool = True) -> Tensor:
+        """``tensor`` (a host-side projection or index) on ``like``'s device (and in its dtype when ``cast``).
+
+        Cached per tensor, dtype and device: after a layer's first step no projection is cast or copied again, so a
+        step on an accelerator makes no host-to-device copy.
+        """
+        dtype = like.dtype if cast else None
+        key = (id(tensor), dtype, like.device)
+        out = self._placed.get(key)
+        if out is None:
+            out = self._placed[key] = tensor.to(device=like.device, dtype=dtype)
+        return out
 
     def compress(self, step: Step) -> Step:
         """The step with every layer's factors replaced by their compressed form."""

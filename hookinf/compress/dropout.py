@@ -69,14 +69,14 @@ class BoundDropout(BoundCompressor):
         self.cols: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             r = compressor.entries(shape.dim)
-            flat = torch.randperm(shape.dim, generator=layer_generator(compressor.seed, name))[:r]
+            flat = torch.randperm(shape.dim, generator=layer_generator(compressor.seed, name), device="cpu")[:r]
             self.rows[name], self.cols[name] = flat // shape.in_features, flat % shape.in_features
             self.shapes[name] = vector_shape(r)
 
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:
         """``g̃_k = Σ_s δ_s[row_k] a_s[col_k]`` for every example."""
-        rows = self.rows[capture.name].to(capture.delta.device)
-        cols = self.cols[capture.name].to(capture.a.device)
+        rows = self.placed(self.rows[capture.name], capture.delta, cast=False)
+        cols = self.placed(self.cols[capture.name], capture.a, cast=False)
         kept = einsum("bsk,bsk->bk", capture.delta[..., rows], capture.a[..., cols])
         return vector_capture(capture.name, kept)
 
@@ -84,6 +84,6 @@ class BoundDropout(BoundCompressor):
         """``Ĩ``: ``r`` rows of the identity ``[r, d]``."""
         shape = self.original[layer]
         flat = self.rows[layer] * shape.in_features + self.cols[layer]
-        out = torch.zeros(flat.numel(), shape.dim, dtype=torch.float64)
-        out[torch.arange(flat.numel()), flat] = 1.0
+        out = torch.zeros(flat.numel(), shape.dim, dtype=torch.float64, device="cpu")
+        out[torch.arange(flat.numel(), device="cpu"), flat] = 1.0
         return out

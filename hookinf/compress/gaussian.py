@@ -64,13 +64,14 @@ class BoundGaussian(BoundCompressor):
         for name, shape in shapes.items():
             r = min(compressor.r, shape.dim)
             generator = layer_generator(compressor.seed, name)
-            self.matrices[name] = torch.randn(r, shape.dim, generator=generator, dtype=torch.float64) / math.sqrt(r)
+            drawn = torch.randn(r, shape.dim, generator=generator, dtype=torch.float64, device="cpu")
+            self.matrices[name] = drawn / math.sqrt(r)
             self.shapes[name] = vector_shape(r)
 
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:
         """``P vec(g)`` for every example (forms the per-example gradients)."""
         grads = capture.gradients().flatten(1)
-        matrix = self.matrices[capture.name].to(dtype=grads.dtype, device=grads.device)
+        matrix = self.placed(self.matrices[capture.name], grads)
         return vector_capture(capture.name, grads @ matrix.T)
 
     def projection(self, layer: str) -> Tensor:

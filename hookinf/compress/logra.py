@@ -24,7 +24,7 @@ from hookinf.shapes import LayerShape
 
 def draw(rows: int, cols: int, init: str, generator: torch.Generator) -> Tensor:
     """A ``[rows, cols]`` float64 projection: Gaussian ``N(0, 1/rows)`` or with orthonormal rows."""
-    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64, device="cpu")
     if init == "gaussian":
         return gaussian / math.sqrt(rows)
     q, r = torch.linalg.qr(gaussian.T)  # [cols, rows] with orthonormal columns
@@ -85,8 +85,8 @@ class BoundLoGra(BoundCompressor):
 
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:
         """``a' = a P_inᵀ``, ``δ' = δ P_outᵀ``."""
-        p_in = self.p_in[capture.name].to(dtype=capture.a.dtype, device=capture.a.device)
-        p_out = self.p_out[capture.name].to(dtype=capture.delta.dtype, device=capture.delta.device)
+        p_in = self.placed(self.p_in[capture.name], capture.a)
+        p_out = self.placed(self.p_out[capture.name], capture.delta)
         return LayerCapture(name=capture.name, a=capture.a @ p_in.T, delta=capture.delta @ p_out.T, adapter=None)
 
     def projection(self, layer: str) -> Tensor:

@@ -20,7 +20,6 @@ what hookinf's own passes capture.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,8 +153,12 @@ class EpochCapture:
                 f"compute_loss that calls the model more than once is not supported."
             )
 
-    def _per_example_scale(self, step: Step) -> float:
-        """``normaliser / w`` for the micro-batch of ``step``: its δ become the gradients of each example's own loss."""
+    def _per_example_scale(self, step: Step) -> Tensor:
+        """``normaliser / w`` for the micro-batch of ``step``: its δ become the gradients of each example's own loss.
+
+        A device tensor, never read on the host: a zero or non-finite weight (which nothing can rescale) makes the
+        step's output gradients non-finite, which the watch's finiteness check reports.
+        """
         self._check_one_micro_batch(self._consumed + 1)
         record = self.batches[0]
         if record.weight is None:
@@ -163,22 +166,19 @@ class EpochCapture:
                 "no gradient reached the loss the model returned, so the Trainer's loss scale is unknown; the Trainer "
                 "must differentiate the model's own loss (its default compute_loss)."
             )
-        weight = float(record.weight)
-        if weight == 0.0 or not math.isfinite(weight):
-            raise CaptureError(f"the Trainer differentiated the model's loss times {weight}; cannot rescale it.")
+        weight = record.weight.double()
         if self.loss.reduction == "mean":
-            normaliser = float(step.batch_size)
-        elif self.loss.reduction == "sum":
-            normaliser = 1.0
-        else:
-            if record.num_items is None:
-                raise ConfigurationError(
-                    "loss_reduction='num_items', but the model received no num_items_in_batch: the Trainer passes it "
-                    "only to models whose forward takes **kwargs (model_accepts_loss_kwargs) when the batch has "
-                    "'labels'. Declare the model's own reduction, e.g. loss_reduction='mean'."
-                )
-            normaliser = float(record.num_items)
-        return normaliser / weight
+            return step.batch_size / weight
+        if self.loss.reduction == "sum":
+            return 1.0 / weight
+        if record.num_items is None:
+            raise ConfigurationError(
+                "loss_reduction='num_items', but the model received no num_items_in_batch: the Trainer passes it only "
+                "to models whose forward takes **kwargs (model_accepts_loss_kwargs) when the batch has 'labels'. "
+                "Declare the model's own reduction, e.g. loss_reduction='mean'."
+            )
+        num_items = record.num_items
+        return (num_items.to(weight.device) if isinstance(num_items, Tensor) else float(num_items)) / weight
 
 
 class _Interrupted(Exception):

@@ -27,7 +27,14 @@ from hookinf.damping import Damping
 from hookinf.errors import ConfigurationError, CurvatureError
 from hookinf.linalg import einsum
 from hookinf.methods.base import Accumulator, Method, RunPass
-from hookinf.methods.kfac import Eigen, FactorAccumulator, KFACCurvature, KroneckerCurvature, check_positive
+from hookinf.methods.kfac import (
+    Eigen,
+    FactorAccumulator,
+    KFACCurvature,
+    KroneckerCurvature,
+    check_positive,
+    host_count,
+)
 from hookinf.shapes import LayerShape
 
 
@@ -55,7 +62,11 @@ class EKFACStatistics(LayerStatistics):
 
     def plus(self, other: EKFACStatistics) -> EKFACStatistics:
         """Adds the corrections of two fits in the same eigenbasis (factors and basis kept; see ``merge``)."""
-        return replace(self, eigen=self.eigen + other.eigen, corrected=self.corrected + other.corrected)
+        return replace(
+            self,
+            eigen=self.eigen + other.eigen.to(self.eigen.device),
+            corrected=self.corrected + other.corrected.to(self.corrected.device),
+        )
 
 
 class EKFACCurvature(KroneckerCurvature):
@@ -86,7 +97,8 @@ class EKFACCurvature(KroneckerCurvature):
         self._check_mergeable(other)
         for name in self.layers:
             for key in ("A", "S", "positions", "QA", "QS"):
-                if not torch.equal(self.stat(name, key), other.stat(name, key)):
+                mine = self.stat(name, key)
+                if not torch.equal(mine, other.stat(name, key).to(mine.device)):
                     raise CurvatureError(
                         f"cannot merge EK-FAC fits of layer '{name}': they were corrected in different eigenbases "
                         f"(each fit computed its own). Merge the K-FAC factors instead — fit(..., method='kfac') per "
@@ -104,37 +116,44 @@ class _CorrectionAccumulator(Accumulator):
         super().__init__(basis.compressor)
         self.basis = basis
         self.shapes = dict(basis.layers)
-        self.sums: dict[str, EKFACStatistics] = {}
-        for name, shape in self.shapes.items():
+        self.dtype = dtype
+        self.rotations: dict[str, tuple[Tensor, Tensor]] = {}  # (Q_A, Q_S) where the basis is
+        for name in self.shapes:
             stats = basis.state[name]
             if isinstance(stats, EKFACStatistics):
                 q_a, q_s = stats.QA, stats.QS
             else:
                 _, q_a, _, q_s = basis.eigenbasis(name)  # type: ignore[union-attr]  # a KFACCurvature here
             # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
-            self.sums[name] = EKFACStatistics(
-                A=basis.stat(name, "A"),
-                S=basis.stat(name, "S"),
-                positions=basis.stat(name, "positions"),
-                QA=q_a.to(dtype).contiguous(),
-                QS=q_s.to(dtype).contiguous(),
-                eigen=torch.zeros(shape.out_features, shape.in_features, dtype=dtype),
-                corrected=torch.zeros((), dtype=torch.float64),
-            )
+            self.rotations[name] = (q_a.to(dtype).contiguous(), q_s.to(dtype).contiguous())
+        self.placed: dict[str, tuple[Tensor, Tensor]] = {}  # the rotations on the device of the layer's captures
+        self.eigen: dict[str, Tensor] = {}
 
     def _update(self, step: Step) -> None:
         for name, capture in step.layers.items():
-            sums = self.sums[name]
-            a = capture.a.to(sums.QA.dtype) @ sums.QA  # [B, S, I] in A's eigenbasis
-            d = capture.delta.to(sums.QS.dtype) @ sums.QS  # [B, S, O] in S's eigenbasis
-            squared_gradient_sum(a, d, out=sums.eigen)
-            sums.corrected.add_(capture.batch_size)
+            if name not in self.placed:  # the layer's first step: its device is known
+                self.placed[name] = tuple(q.to(capture.a.device) for q in self.rotations[name])  # type: ignore[assignment]
+            q_a, q_s = self.placed[name]
+            a = capture.a.to(self.dtype) @ q_a  # [B, S, I] in A's eigenbasis
+            d = capture.delta.to(self.dtype) @ q_s  # [B, S, O] in S's eigenbasis
+            if name not in self.eigen:
+                self.eigen[name] = a.new_zeros(d.shape[2], a.shape[2])
+            squared_gradient_sum(a, d, out=self.eigen[name])
 
     def finish(self, damping: Damping) -> EKFACCurvature:
+        """The EK-FAC curvature: the basis's factors, the rotations and the corrected eigenvalue sums."""
         self._require_data()
         state = {
-            name: replace(sums, eigen=sums.eigen.clone(), corrected=sums.corrected.clone())
-            for name, sums in self.sums.items()
+            name: EKFACStatistics(
+                A=self.basis.stat(name, "A"),
+                S=self.basis.stat(name, "S"),
+                positions=self.basis.stat(name, "positions"),
+                QA=self.placed[name][0],
+                QS=self.placed[name][1],
+                eigen=eigen.clone(),
+                corrected=host_count(self.count),
+            )
+            for name, eigen in self.eigen.items()
         }
         return EKFACCurvature(self.shapes, damping, self.basis.num_examples, state, self.compressor)
 

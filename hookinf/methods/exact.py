@@ -52,7 +52,7 @@ class ExactCurvature(Curvature):
             raise CurvatureError(f"layer '{layer}': the exact Gauss-Newton block holds NaN or infinity.")
         dim = block.shape[0]
         lam = self.damping.value(float(torch.trace(block)) / dim)
-        damped = block + lam * torch.eye(dim, dtype=torch.float64)
+        damped = block + lam * torch.eye(dim, dtype=torch.float64, device=block.device)
         chol, info = torch.linalg.cholesky_ex(damped)
         # Cholesky can "succeed" on a singular block through a rounding-sized pivot, so also refuse pivots below
         # numpy.linalg.matrix_rank's tolerance, and λ ≈ 0 when rank(G_l) ≤ n < d_l is certain.
@@ -115,15 +115,21 @@ class Exact(Method):
 
 
 class _GramAccumulator(Accumulator):
+    """Sums ``vec(g) vec(g)ᵀ`` per layer, on the layer's own device (allocated at its first step)."""
+
     def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None) -> None:
         super().__init__(compressor)
         self.shapes = dict(shapes)
-        self.grams = {name: torch.zeros(s.dim, s.dim, dtype=dtype) for name, s in shapes.items()}
+        self.dtype = dtype
+        self.grams: dict[str, Tensor] = {}
 
     def _update(self, step: Step) -> None:
         for name, capture in step.layers.items():
-            flat = capture.gradients().reshape(step.batch_size, -1).to(self.grams[name].dtype)
-            self.grams[name].addmm_(flat.T, flat)
+            flat = capture.gradients().reshape(step.batch_size, -1).to(self.dtype)
+            gram = self.grams.get(name)
+            if gram is None:
+                gram = self.grams[name] = flat.new_zeros(flat.shape[1], flat.shape[1])
+            gram.addmm_(flat.T, flat)
 
     def finish(self, damping: Damping) -> Curvature:
         self._require_data()

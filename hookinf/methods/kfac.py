@@ -158,37 +158,43 @@ class KFACCurvature(KroneckerCurvature):
 
 
 class FactorAccumulator(Accumulator):
-    """Sums ``Σ a aᵀ``, ``Σ δ δᵀ`` and position counts per layer (lower triangles, mirrored by ``finish``)."""
+    """Sums ``Σ a aᵀ`` and ``Σ δ δᵀ`` per layer on the layer's own device (lower triangles, mirrored by ``finish``).
+
+    The sums are allocated at a layer's first step, on the device its captures come from; position counts are kept
+    on the host (python integers), so an update makes no device-to-host read.
+    """
 
     def __init__(self, shapes: Mapping[str, LayerShape], dtype: torch.dtype, compressor: Compressor | None) -> None:
         super().__init__(compressor)
         self.shapes = dict(shapes)
-        self.sums = {
-            name: KFACFactors(
-                A=torch.zeros(shape.in_features, shape.in_features, dtype=dtype),
-                S=torch.zeros(shape.out_features, shape.out_features, dtype=dtype),
-                positions=torch.zeros((), dtype=torch.float64),
-            )
-            for name, shape in shapes.items()
-        }
+        self.dtype = dtype
+        self.sums: dict[str, tuple[Tensor, Tensor]] = {}
+        self.positions = dict.fromkeys(shapes, 0)
 
     def _update(self, step: Step) -> None:
         for name, capture in step.layers.items():
-            sums = self.sums[name]
-            a = capture.a.reshape(-1, capture.a.shape[-1]).to(sums.A.dtype)  # [B·S, I]
-            d = capture.delta.reshape(-1, capture.delta.shape[-1]).to(sums.A.dtype)  # [B·S, O]
-            _add_lower_gram(sums.A, a)
-            _add_lower_gram(sums.S, d)
-            sums.positions.add_(a.shape[0])
+            a = capture.a.reshape(-1, capture.a.shape[-1]).to(self.dtype)  # [B·S, I]
+            d = capture.delta.reshape(-1, capture.delta.shape[-1]).to(self.dtype)  # [B·S, O]
+            if name not in self.sums:
+                self.sums[name] = (a.new_zeros(a.shape[1], a.shape[1]), d.new_zeros(d.shape[1], d.shape[1]))
+            a_sum, s_sum = self.sums[name]
+            _add_lower_gram(a_sum, a)
+            _add_lower_gram(s_sum, d)
+            self.positions[name] += a.shape[0]
 
     def finish(self, damping: Damping) -> KFACCurvature:
         """The K-FAC curvature of the factor sums so far."""
         self._require_data()
         state = {
-            name: KFACFactors(_mirror_lower(sums.A), _mirror_lower(sums.S), sums.positions.clone())
-            for name, sums in self.sums.items()
+            name: KFACFactors(_mirror_lower(a_sum), _mirror_lower(s_sum), host_count(self.positions[name]))
+            for name, (a_sum, s_sum) in self.sums.items()
         }
         return KFACCurvature(self.shapes, damping, self.count, state, self.compressor)
+
+
+def host_count(count: int) -> Tensor:
+    """A count as the float64 scalar tensor statistics files hold, on the host."""
+    return torch.tensor(float(count), dtype=torch.float64, device="cpu")
 
 
 _BLOCKED_GRAM_MIN = 256  # below this many features one full product is as fast

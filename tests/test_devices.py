@@ -1,0 +1,177 @@
+"""Device placement and host synchronisation, checked with CPU stand-ins (and on CUDA when a GPU is present).
+
+* ``torch.set_default_device("meta")`` with the model and data on the CPU: any tensor hookinf creates without taking
+  the device from the model, the capture or the host explicitly lands on ``meta`` and the entry point fails (or its
+  numbers are lost). Every entry point must give the numbers it gives without a default device — exactly.
+* A ``TorchDispatchMode`` counts the aten calls that read a device tensor on the host (``_local_scalar_dense``,
+  ``nonzero``, ``is_nonzero``, ``equal``): on an accelerator each is a synchronisation that stalls the step. A
+  watched training step (logging, statistics) may add at most one per step to the same plain steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hookinf
+
+LOGRA = hookinf.LoGra(3, 2)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def make_data(n: int = 24, batch: int = 6, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+@pytest.fixture
+def meta_default() -> Iterator[None]:
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def entry_points(model: nn.Module, train: list[Any], query: list[Any], path: Path) -> dict[str, Tensor]:
+    """Every entry point's numbers on one model (each as a CPU tensor)."""
+    out: dict[str, Tensor] = {}
+    for method in ("exact", "identity", "datainf", "kfac", "ekfac"):
+        out[f"influence {method}"] = hookinf.influence(
+            model, train, query, loss_fn, method=method, progress=False
+        ).total
+    out["influence lissa"] = hookinf.influence(
+        model, train, query, loss_fn, method=hookinf.LiSSA(depth=4, batch_size=6), progress=False
+    ).total
+    out["self_influence exact"] = hookinf.self_influence(model, train, loss_fn, progress=False)
+    kfac = hookinf.fit(model, train, loss_fn, method="kfac", compress=LOGRA, progress=False)
+    out["fit kfac (LoGra)"] = kfac.stat("0", "A")
+    ekfac = hookinf.fit(model, train, loss_fn, method="ekfac", progress=False)
+    out["fit ekfac"] = ekfac.stat("2", "eigen")
+    loaded = hookinf.load(ekfac.save(path / "ekfac"))
+    out["loaded ekfac"] = hookinf.influence(model, train, query, loss_fn, method=loaded, progress=False).total
+    for compress in (LOGRA, hookinf.Dropout(r=9), hookinf.Gaussian(8)):
+        store = hookinf.log(model, train, loss_fn, compress=compress, path=path / compress.kind, progress=False)
+        out[f"store {compress.kind}"] = hookinf.influence(model, store, query, loss_fn, progress=False).total
+    out["store kfac"] = hookinf.influence(
+        model, hookinf.GradientStore(path / "logra"), query, loss_fn, method=kfac, progress=False
+    ).total
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with hookinf.watch(model, fit="kfac", log_to=path / "watched", compress=LOGRA) as w:
+        for i, (x, y) in enumerate(train):
+            w.tag(range(6 * i, 6 * i + 6))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        out["watch per-example"] = w.per_example_gradients()["0"]
+    out["watch kfac"] = w.curvature().stat("0", "S")
+    out["watch store"] = hookinf.GradientStore(path / "watched").chunks().__next__()[1]["0"]
+    return out
+
+
+def test_every_entry_point_takes_its_devices_from_the_model_not_the_default(tmp_path: Path, meta_default: None) -> None:
+    torch.set_default_device(None)
+    model, train, query = make_model(), make_data(), make_data(6, 3, seed=2)
+    expected = entry_points(model, train, query, tmp_path / "plain")
+    torch.set_default_device("meta")
+    got = entry_points(model, train, query, tmp_path / "meta")
+    torch.set_default_device(None)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].device.type == "cpu", key
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten calls that copy a tensor's value to the host (a synchronisation on an accelerator)."""
+
+    NAMES = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ in self.NAMES:
+            self.count += 1
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def train_steps(model: nn.Module, batches: list[tuple[Tensor, Tensor]], tag: Any = None) -> HostReads:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with HostReads() as reads:
+        for i, (x, y) in enumerate(batches):
+            if tag is not None:
+                tag(range(6 * i, 6 * i + 6))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return reads
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"log_to": True, "compress": LOGRA},
+        {"log_to": True, "compress": hookinf.Dropout(r=9), "flush_every": 12},
+        {"fit": "kfac"},
+        {"fit": "exact", "log_to": True, "compress": LOGRA, "flush_every": 6},
+    ],
+    ids=["capture", "log-logra", "log-dropout-flushing", "fit-kfac", "fit-exact-and-log"],
+)
+def test_a_watched_step_reads_the_device_at_most_once_more_than_a_plain_step(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    batches = make_data(48)
+    plain = train_steps(make_model(), batches)
+    model = make_model()
+    if options.get("log_to"):
+        options = {**options, "log_to": tmp_path / "store"}
+    with hookinf.watch(model, **options) as w:
+        watched = train_steps(model, batches, w.tag if options.get("log_to") else None)
+    assert watched.count <= plain.count + len(batches), watched.calls
+
+
+def test_a_nonfinite_step_is_reported_one_step_late_and_never_stored(tmp_path: Path) -> None:
+    model, batches = make_model(), make_data(24)
+    with (  # noqa: PT012 - the loop is the subject
+        pytest.raises(hookinf.NonFiniteGradientError, match="'0'"),
+        hookinf.watch(model, log_to=tmp_path / "store", compress=LOGRA, flush_every=100) as w,
+    ):
+        for i, (x, y) in enumerate(batches):
+            w.tag(range(6 * i, 6 * i + 6))
+            scale = float("nan") if i == 2 else 1.0
+            (F.cross_entropy(model(x), y) * scale).backward()
+    store = hookinf.GradientStore(tmp_path / "store")
+    assert store.ids.tolist() == list(range(12))  # the two finite steps before it are kept; it and later are not
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_entry_point_equals_the_cpu(tmp_path: Path) -> None:
+    model, train, query = make_model(), make_data(), make_data(6, 3, seed=2)
+    expected = entry_points(model, train, query, tmp_path / "cpu")
+    cuda = make_model().cuda()
+    on = [(x.cuda(), y.cuda()) for x, y in train]
+    got = entry_points(cuda, on, [(x.cuda(), y.cuda()) for x, y in query], tmp_path / "cuda")
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].cpu(), value, rtol=1e-9, atol=1e-12, msg=key)
