@@ -105,7 +105,7 @@ class Curvature(ABC):
         self.state = dict(state)
         self.compressor = compressor
         self._cache: dict[str, Any] = {}
-        self._on_device: dict[str, Any] = {}
+        self._on_device: dict[tuple[str, torch.device], Any] = {}
         wrong = [n for n in self.layers if not isinstance(self.state.get(n), self.statistics_type)]
         if wrong or set(self.state) != set(self.layers):
             raise CurvatureError(
@@ -188,7 +188,7 @@ class Curvature(ABC):
         A curvature loaded on the CPU serves gradients on an accelerator, and each layer of a model split over devices
         is served where it lives.
         """
-        key = f"{layer}@{device}"
+        key = (layer, device)
         if key not in self._on_device:
             self._on_device[key] = to_device(self._prepared(layer), device)
         return self._on_device[key]
