@@ -120,8 +120,8 @@ def host_reads(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torc
                     opt.zero_grad()
                     loss().backward()
                     opt.step()
-            if w is not None:
-                w.__exit__(None, None, None)
+                if w is not None:
+                    w.__exit__(None, None, None)  # counted too: it reads the last step's check
             counts[label] = reads.count / steps
     shown = "   ".join(f"{label} {value:.2f}" for label, value in counts.items())
     print(f"{name:10s} host reads per step: {shown}")
