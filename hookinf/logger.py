@@ -62,6 +62,7 @@ class GradientLogger:
         self._stored = set(self.store.ids.tolist())  # already in the store when logging (re)started: skipped
         self._logged: set[int] = set()  # logged in this run: seeing one again is an error
         self._parts: list[_Part] = []  # buffered steps, oldest first
+        self.held = 0  # examples buffered and not yet handed to the writer
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookinf-store")
         self._in_flight: Future[None] | None = None
         self.closed = False
@@ -103,13 +104,9 @@ class GradientLogger:
             grads[name] = flat if everything else flat[fresh.to(flat.device)]
         self._parts.append(_Part(ids if everything else ids[fresh], grads, step.finite))
         self._logged.update(i for i, k in zip(values, keep, strict=True) if k)
+        self.held += sum(keep)
         if self.held >= self.flush_every:
             self.flush()
-
-    @property
-    def held(self) -> int:
-        """Examples buffered and not yet handed to the writer."""
-        return sum(int(part.ids.numel()) for part in self._parts)
 
     def flush(self) -> None:
         """Hands the buffered steps to the writer thread as one shard, never a step whose factors are not finite.
@@ -121,7 +118,7 @@ class GradientLogger:
         """
         self._raise_writer_error()
         bad = next((i for i, part in enumerate(self._parts) if part.finite is not None and not part.finite.ok()), None)
-        parts, self._parts = self._parts[:bad], []
+        parts, self._parts, self.held = self._parts[:bad], [], 0
         if not parts:
             return
         ids = torch.cat([part.ids for part in parts])

@@ -132,7 +132,8 @@ class _CorrectionAccumulator(Accumulator):
     def _update(self, step: Step) -> None:
         for name, capture in step.layers.items():
             if name not in self.placed:  # the layer's first step: its device is known
-                self.placed[name] = tuple(q.to(capture.a.device) for q in self.rotations[name])  # type: ignore[assignment]
+                q_a, q_s = self.rotations[name]
+                self.placed[name] = (q_a.to(capture.a.device), q_s.to(capture.a.device))
             q_a, q_s = self.placed[name]
             a = capture.a.to(self.dtype) @ q_a  # [B, S, I] in A's eigenbasis
             d = capture.delta.to(self.dtype) @ q_s  # [B, S, O] in S's eigenbasis
