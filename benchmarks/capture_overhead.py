@@ -14,20 +14,30 @@ until the device catches up): plain, inside a bare ``watch``, with ``fit="kfac"`
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
+from hookinf.logger import GradientLogger, model_dtype
+from hookinf.pipeline import Pipeline
+from hookinf.selection import select
+
+Builder = Callable[[], tuple[nn.Module, Callable[[], torch.Tensor]]]
 
 
 def mlp() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
@@ -38,8 +48,8 @@ def mlp() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
 
 def cnn() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 15 * 15, 10),
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
     )  # fmt: skip
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     return model, lambda: F.cross_entropy(model(x), y)
@@ -53,30 +63,145 @@ def tiny_gpt2() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     return model, lambda: model(input_ids=ids, labels=ids).loss
 
 
-def step_time(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> float:
-    start = time.perf_counter()
+def step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
     opt.zero_grad()
     loss().backward()
     opt.step()
-    return time.perf_counter() - start
 
 
-def measure(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torch.Tensor]]], repeats: int) -> None:
+class Variant:
+    """One way to run the training step, on its own copy of the model (same weights; lr 0, so every step is alike)."""
+
+    def __init__(self, label: str, model: nn.Module, loss: Callable[[], torch.Tensor], how: str, tmp: Path) -> None:
+        self.label = label
+        self.model, self.loss = model, loss
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        self.ids = 0
+        self.batch = _batch_size(model, loss)
+        self.stack = ExitStack()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GPT-2's tied lm_head is left out of the default selection
+            self.watch = _watch(model, how, tmp / label.replace(" ", "-"))
+        if self.watch is not None:
+            self.stack.enter_context(self.watch)
+
+    def step(self) -> None:
+        if self.watch is not None and self.watch.consumers:
+            self.watch.tag(range(self.ids, self.ids + self.batch))
+            self.ids += self.batch
+        step(self.loss, self.opt)
+        if self.watch is not None:
+            self.watch.last_step  # noqa: B018 - closes the step (compress, buffer), as a consumer of the captures does
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+LOGRA = hookinf.LoGra(16, 16)
+VARIANTS = {
+    "plain": "plain",
+    "watch": "watch",
+    "log LoGra": "log",
+    "log LoGra, compressed after the step": "log-late",
+}
+
+
+def _watch(model: nn.Module, how: str, directory: Path) -> hookinf.Watch | None:
+    """The watch of a variant. ``log-late`` is the data path before compression moved into the hooks: the raw
+    factors are held until the step closes, then compressed by a pipeline transform (kept here for comparison)."""
+    if how == "plain":
+        return None
+    if how == "watch":
+        return hookinf.Watch(model)
+    if how == "log":
+        return hookinf.watch(model, log_to=directory, compress=LOGRA, flush_every=1 << 20)
+    selection = select(model, None)
+    bound = LOGRA.bind(selection.shapes)
+    logger = GradientLogger(directory, bound, model_dtype(selection.parameters()), 1 << 20)
+    return hookinf.Watch(model, modules=selection, consumers=[Pipeline([logger], [bound.compress])])
+
+
+def variants(build: Builder, tmp: Path) -> list[Variant]:
     torch.manual_seed(0)
-    model, loss = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: identical work each step
-    plain, watched = [], []
-    for _ in range(3):
-        step_time(loss, opt)
-    for _ in range(repeats):  # interleaved so that drift in machine load hits both alike
-        plain.append(step_time(loss, opt))
-        with hookinf.watch(model) as w:
-            start = time.perf_counter()
-            step_time(loss, opt)
-            w.last_step  # noqa: B018 - closes the step, as a consumer of the captures does
-            watched.append(time.perf_counter() - start)
-    p, c = statistics.median(plain), statistics.median(watched)
-    print(f"{name:10s} plain {p * 1e3:8.2f} ms   watched {c * 1e3:8.2f} ms   ratio {c / p:5.2f}")
+    model, _ = build()
+    state = copy.deepcopy(model.state_dict())
+    out = []
+    for label, how in VARIANTS.items():
+        torch.manual_seed(0)
+        twin, loss = build()
+        twin.load_state_dict(state)
+        out.append(Variant(label, twin, loss, how, tmp))
+    return out
+
+
+def measure(name: str, build: Builder, repeats: int) -> None:
+    """Median step time of each variant, interleaved; the logging variants never flush (the writes are the
+    logging benchmark's), so this is the hooks' and the compression's cost."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = variants(build, Path(tmp))
+        times: dict[str, list[float]] = {v.label: [] for v in runs}
+        try:
+            for _ in range(3):
+                for v in runs:
+                    v.step()
+            for _ in range(repeats):
+                for v in random.sample(runs, len(runs)):  # a fresh order each round: drift hits all alike
+                    start = time.perf_counter()
+                    v.step()
+                    times[v.label].append(time.perf_counter() - start)
+        finally:
+            for v in runs:
+                v.close()
+    plain = statistics.median(times["plain"])
+    cells = "   ".join(f"{label} {statistics.median(t) / plain:5.2f}" for label, t in times.items() if label != "plain")
+    print(f"{name:10s} plain {plain * 1e3:8.2f} ms   ÷ plain: {cells}")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated inside the block and alive at once (a CPU stand-in for
+    ``torch.cuda.max_memory_allocated``: the tensors an accelerator would hold, without the allocator's caching).
+
+    Every op output that does not alias an input is a new storage; it counts until it is freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+        results = out if isinstance(out, tuple | list) else (out,)
+        for ret, result in zip(func._schema.returns, results, strict=False):
+            if ret.alias_info is not None:
+                continue  # a view or an in-place result: no new storage
+            for tensor in pytree.tree_leaves(result):
+                if isinstance(tensor, torch.Tensor):
+                    storage = tensor.untyped_storage()
+                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def peak_memory(name: str, build: Builder) -> None:
+    """Peak live tensor memory of one training step per variant (after warm-up steps), and its excess over plain."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = variants(build, Path(tmp))
+        peaks: dict[str, float] = {}
+        try:
+            for v in runs:
+                for _ in range(2):
+                    v.step()
+                with LiveBytes() as live:
+                    v.step()
+                peaks[v.label] = live.peak / 2**20
+        finally:
+            for v in runs:
+                v.close()
+    plain = peaks["plain"]
+    cells = "   ".join(f"{label} +{peak - plain:7.2f}" for label, peak in peaks.items() if label != "plain")
+    print(f"{name:10s} peak MiB: plain {plain:8.2f}   extra: {cells}")
 
 
 class HostReads(TorchDispatchMode):
@@ -93,7 +218,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_reads(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torch.Tensor]]], steps: int = 8) -> None:
+def host_reads(name: str, build: Builder, steps: int = 8) -> None:
     torch.manual_seed(0)
     model, loss = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -152,9 +277,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    for name, build in (("mlp", mlp), ("cnn", cnn), ("tiny-gpt2", tiny_gpt2)):
+    models: tuple[tuple[str, Builder], ...] = (("mlp", mlp), ("cnn", cnn), ("tiny-gpt2", tiny_gpt2))
+    print("1. step time ÷ a plain step (median, interleaved)")
+    for name, build in models:
         measure(name, build, args.repeats)
-    for name, build in (("mlp", mlp), ("cnn", cnn), ("tiny-gpt2", tiny_gpt2)):
+    print("2. peak live tensor memory of one step (MiB) and the excess over the plain step")
+    for name, build in models:
+        peak_memory(name, build)
+    print("3. device-to-host reads per step")
+    for name, build in models:
         host_reads(name, build)
 
 

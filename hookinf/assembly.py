@@ -1,25 +1,85 @@
-"""Assembling one step from the (activation, output-gradient) pairs a watch's hooks received (pure; no hook).
+"""What a watch's hooks received for the open step, and assembling the finished step from it (no hook here).
 
 Each tracked layer may have been called several times in one forward (a shared module); its calls' ``a`` and ``δ``
 are concatenated along the position axis ``S``, so their contributions sum in ``Σ_s δ_s a_sᵀ``. Every layer must
 see the same batch size ``B`` (its first dimension). With ``loss_reduction="mean"`` the loss averaged the batch, so
-``δ`` is multiplied by ``B`` to make each example's gradient its own loss's.
+``δ`` is multiplied by ``B`` to make each example's gradient its own loss's. When the hooks mapped the factors (a
+:class:`~hookinf.pipeline.FactorMap`, e.g. a compressor's projections), the same happens to the mapped factors —
+the maps act per position and linearly on ``δ``, so the order does not matter — and the map builds the capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from hookinf.capture import LayerCapture
+from hookinf.capture import FiniteCheck, LayerCapture
 from hookinf.errors import CaptureError
 from hookinf.layers import LayerAdapter
+from hookinf.pipeline import FactorMap
+
+
+@dataclass(eq=False)
+class Call:
+    """One forward call of one tracked module, waiting for its output gradient."""
+
+    name: str
+    adapter: LayerAdapter
+    a: Tensor
+    done: bool = False
+
+
+@dataclass
+class Pending:
+    """What the current (not yet closed) step has received."""
+
+    fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    flags: list[tuple[str, str, Tensor]] = field(default_factory=list)  # finiteness of the raw factors, unread
+
+    def __bool__(self) -> bool:
+        return bool(self.fired)
+
+    def is_whole(self, layers: Sequence[str]) -> bool:
+        """Whether a backward reached every one of ``layers`` and every forward call made."""
+        return bool(self.fired) and all(n in self.fired for n in layers) and all(c.done for c in self.calls)
+
+
+MISSING_HINT = (
+    "A module whose own forward() is never called (e.g. nn.MultiheadAttention uses out_proj's weights directly) "
+    "has no captures, and its influence would be silently missing: exclude it with watch(model, modules=[...]) "
+    "listing the layers to track."
+)
+
+
+def check_received(fired: Mapping[str, object], layers: Sequence[str]) -> None:
+    """Refuses a step in which a tracked layer received no output gradient.
+
+    Raises:
+        CaptureError: naming the layers that received none.
+    """
+    missing = [name for name in layers if name not in fired]
+    if missing:
+        raise CaptureError(
+            f"{len(missing)} tracked layer(s) received no output gradient in this forward/backward: "
+            f"{', '.join(repr(n) for n in missing)}. Either its output does not reach the loss or {MISSING_HINT}"
+        )
+
+
+def finite_check(flags: list[tuple[str, str, Tensor]], layers: Sequence[str]) -> FiniteCheck:
+    """The step's check from the hooks' flags, in model order (an error names the first non-finite layer)."""
+    order = {name: index for index, name in enumerate(layers)}
+    return FiniteCheck.of(sorted(flags, key=lambda flag: order[flag[0]]))
 
 
 def assemble(
-    fired: Mapping[str, Sequence[tuple[Tensor, Tensor]]], adapters: Mapping[str, LayerAdapter], loss_reduction: str
+    fired: Mapping[str, Sequence[tuple[Tensor, Tensor]]],
+    adapters: Mapping[str, LayerAdapter],
+    loss_reduction: str,
+    factor_map: FactorMap | None = None,
 ) -> tuple[dict[str, LayerCapture], int]:
     """The step's captures (in ``adapters``' order) and its batch size.
 
@@ -27,6 +87,7 @@ def assemble(
         fired: layer → the ``(a [B, S_k, I], δ [B, S_k, O])`` of each of its calls, every tracked layer present.
         adapters: layer → adapter, in model order.
         loss_reduction: ``"mean"`` or ``"sum"`` (see :func:`hookinf.watch`).
+        factor_map: what mapped the factors in the hooks (it then builds each capture), or ``None``.
 
     Raises:
         CaptureError: a layer's calls, or two layers, saw different batch sizes.
@@ -55,6 +116,9 @@ def assemble(
         delta = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls], dim=1)
         if loss_reduction == "mean":
             delta = delta * batch_size
-        layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=adapters[name])
+        if factor_map is None:
+            layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=adapters[name])
+        else:
+            layers[name] = factor_map.capture(name, a, delta, adapters[name])
     assert batch_size is not None
     return layers, batch_size

@@ -69,16 +69,21 @@ class FiniteCheck:
     _ok: bool | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, layers: Mapping[str, LayerCapture]) -> FiniteCheck:
-        """The (unread) check of a step's captures."""
-        flags: list[tuple[str, str, Tensor]] = []
-        for name, capture in layers.items():
-            flags.append((name, "output gradients", _all_finite(capture.delta)))
-            flags.append((name, "input activations", _all_finite(capture.a)))
+    def of(cls, flags: list[tuple[str, str, Tensor]]) -> FiniteCheck:
+        """The (unread) check of a step from its flags (see :func:`all_finite`), fused per device."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for _, _, flag in flags:
             by_device.setdefault(flag.device, []).append(flag)
         return cls(flags, [torch.stack(group).all() for group in by_device.values()])
+
+    @classmethod
+    def of_layers(cls, layers: Mapping[str, LayerCapture]) -> FiniteCheck:
+        """The (unread) check of a step's captures."""
+        flags: list[tuple[str, str, Tensor]] = []
+        for name, capture in layers.items():
+            flags.append((name, "output gradients", all_finite(capture.delta)))
+            flags.append((name, "input activations", all_finite(capture.a)))
+        return cls.of(flags)
 
     @property
     def known(self) -> bool:
@@ -103,7 +108,7 @@ class FiniteCheck:
         )
 
 
-def _all_finite(tensor: Tensor) -> Tensor:
+def all_finite(tensor: Tensor) -> Tensor:
     """A 0-dim bool: no NaN or infinity in ``tensor``.
 
     Exact with one reduction and no temporary the size of the tensor: the minimum and the maximum are finite exactly

@@ -8,6 +8,13 @@ received a gradient, calls of one module are concatenated along ``S``, ``δ`` is
 ``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` goes to the watch's consumers
 (:mod:`hookinf.pipeline`). The watch owns its hooks and nothing else.
 
+Given a :class:`~hookinf.pipeline.FactorMap` (a compressor), the hooks map each call's factors as they arrive — the
+forward hook keeps ``a P_inᵀ`` ``[B, S, r_in]``, never the full-width input, and the gradient hook ``δ P_outᵀ`` — so
+between a forward and its backward the watch holds only the mapped factors. Finiteness is checked on the raw
+tensors in the hooks (one fused flag per device and step, read a step late). A watch with consumers keeps no
+reference to a step once they have it (:attr:`Watch.last_step` is then weak), so a step's tensors live no longer
+than its consumers hold them.
+
 Design notes: output gradients come from tensor hooks, not ``register_full_backward_hook`` (which breaks with
 in-place activations); each forward call captures at most once (a ``create_graph=True`` second backward adds
 nothing); forwards re-run by gradient checkpointing happen inside backward and never close a step; the model is
@@ -19,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, get_args
 
@@ -27,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from hookinf.assembly import assemble
+from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check
 from hookinf.autograd import in_backward, in_functorch
-from hookinf.capture import FiniteCheck, Step
+from hookinf.capture import FiniteCheck, Step, all_finite
 from hookinf.errors import (
     CaptureError,
     ConfigurationError,
@@ -37,7 +43,7 @@ from hookinf.errors import (
     NestedWatchError,
 )
 from hookinf.layers import LayerAdapter
-from hookinf.pipeline import Consumer, close_all
+from hookinf.pipeline import Consumer, FactorMap, close_all
 from hookinf.selection import ModuleSpec, Selection, select
 
 LossReduction = Literal["mean", "sum"]
@@ -45,27 +51,6 @@ LossReduction = Literal["mean", "sum"]
 # Tracked module → the watch that owns it, so a second watch over the same modules is refused.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Watch] = weakref.WeakKeyDictionary()
 _HANDLE_PRUNE_AT = 4096
-
-
-@dataclass(eq=False)
-class _Call:
-    """One forward call of one tracked module, waiting for its output gradient."""
-
-    name: str
-    adapter: LayerAdapter
-    a: Tensor
-    done: bool = False
-
-
-@dataclass
-class _Pending:
-    """What the current (not yet closed) step has received."""
-
-    fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
-    calls: list[_Call] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.fired)
 
 
 class Watch:
@@ -80,7 +65,10 @@ class Watch:
             :class:`~hookinf.selection.Selection`.
         loss_reduction: ``"mean"`` or ``"sum"`` (see :func:`hookinf.watch`).
         consumers: what receives every finished step, in order (:class:`~hookinf.pipeline.Consumer`); each is
-            closed when the block ends.
+            closed when the block ends. A watch with consumers holds no finished step itself (see
+            :attr:`last_step`).
+        factor_map: maps every layer's factors inside the hooks (a bound compressor, so that only the compressed
+            factors are ever held); the steps then hold the mapped factors. ``None``: the canonical factors.
 
     Attributes:
         layers: tracked layer names in model order.
@@ -94,6 +82,7 @@ class Watch:
         modules: ModuleSpec | Sequence[ModuleSpec] | Selection | None = None,
         loss_reduction: LossReduction = "mean",
         consumers: Sequence[Consumer] = (),
+        factor_map: FactorMap | None = None,
     ) -> None:
         if loss_reduction not in get_args(LossReduction):
             raise ConfigurationError(
@@ -106,14 +95,15 @@ class Watch:
         self._adapters = self.selection.adapters
         self.layers: tuple[str, ...] = self.selection.layers
         self.consumers: tuple[Consumer, ...] = tuple(consumers)
+        self.factor_map = factor_map
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
-        self._pending = _Pending()
+        self._pending = Pending()
         self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
         self._outputs: list[tuple[str, Tensor, int]] | None = None  # see recording_outputs()
         self._tag: Tensor | None = None
         self._unverified: FiniteCheck | None = None  # the last step's finiteness, not read yet
-        self._last_step: Step | None = None
+        self._last_step: Step | weakref.ref[Step] | None = None  # weak when consumers hold the steps
         self._steps = 0
         self._open = False
 
@@ -163,13 +153,7 @@ class Watch:
 
     def _pending_is_whole(self) -> bool:
         """Whether the open step's backward reached every tracked layer and every forward call it made."""
-        pending = self._pending
-        return (
-            bool(pending)
-            and not in_backward()
-            and all(name in pending.fired for name in self.layers)
-            and all(call.done for call in pending.calls)
-        )
+        return not in_backward() and self._pending.is_whole(self.layers)
 
     def _close(self) -> None:
         """Closes the consumers (completed steps become durable), then removes every hook whatever they raised."""
@@ -184,7 +168,7 @@ class Watch:
             handle.remove()
         self._handles.clear()
         self._tensor_handles.clear()
-        self._pending = _Pending()
+        self._pending = Pending()
         self._tag = None
         self._unverified = None
         for module in self._modules.values():
@@ -204,9 +188,17 @@ class Watch:
 
     @property
     def last_step(self) -> Step | None:
-        """The most recent complete step (closing the current one if gradients have arrived), or ``None``."""
-        self._finish_step()
-        return self._last_step
+        """The most recent complete step (closing the current one if gradients have arrived), or ``None``.
+
+        A watch without consumers keeps its last step until the next one closes. A watch with consumers (``fit=``,
+        ``log_to=``) keeps none once they have it, so read it right after the backward (reading it closes the step);
+        once a later batch's forward or :meth:`tag` closed it, it is ``None`` unless a consumer still holds it.
+        """
+        return self._finish_step() or self._recall()
+
+    def _recall(self) -> Step | None:
+        last = self._last_step
+        return last() if isinstance(last, weakref.ref) else last
 
     @property
     def steps(self) -> int:
@@ -283,9 +275,13 @@ class Watch:
             check.raise_if_not_finite()
 
     def _require_step(self) -> Step:
-        self._finish_step()
+        step = self._finish_step() or self._recall()
         self.verify()  # the caller is about to use these numbers
-        step = self.last_step
+        if step is None and self._steps:
+            raise CaptureError(
+                "the last step went to this watch's consumers (fit=/log_to=), which keep no step for later: ask for "
+                "per-example gradients right after loss.backward(), before the next batch's forward or tag()."
+            )
         if step is None:
             raise CaptureError(
                 "no gradients captured yet: run a forward and loss.backward() inside the watch before asking for "
@@ -305,6 +301,8 @@ class Watch:
             return None
         if self._open and torch.is_grad_enabled() and not in_backward() and not in_functorch():
             self._ran = set()
+            if not self._pending:
+                self._pending = Pending()  # calls of earlier forwards whose backward never came
         return None
 
     def _on_model_forward_end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -317,7 +315,7 @@ class Watch:
         if missing:
             raise CaptureError(
                 f"{len(missing)} tracked layer(s) did not run during the model's forward: "
-                f"{', '.join(repr(n) for n in missing)}. {_MISSING_HINT}"
+                f"{', '.join(repr(n) for n in missing)}. {MISSING_HINT}"
             )
         return None
 
@@ -333,7 +331,10 @@ class Watch:
                 self._finish_step()  # a new forward outside backward: the previous step is complete
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None  # no_grad / frozen path: nothing will flow back
-            call = _Call(name, adapter, adapter.activations(adapter.input_tensor(args, kwargs)))
+            x = adapter.input_tensor(args, kwargs).detach()
+            self._pending.flags.append((name, "input activations", all_finite(x)))
+            fmap = self.factor_map
+            call = Call(name, adapter, adapter.activations(x) if fmap is None else fmap.activations(name, adapter, x))
             if self._outputs is not None and not in_backward():
                 self._outputs.append((name, output, output._version))
             self._pending.calls.append(call)
@@ -344,7 +345,7 @@ class Watch:
 
         return forward_hook
 
-    def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
+    def _on_output_grad(self, call: Call, grad: Tensor) -> None:
         if not self._open or call.done:
             return None
         call.done = True
@@ -355,41 +356,37 @@ class Watch:
                 f"{list(call.a.shape)} in the batch/position dimensions; the module's output was reshaped in a way "
                 f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
             )
+        self._pending.flags.append((call.name, "output gradients", all_finite(delta)))
+        if self.factor_map is not None:
+            delta = self.factor_map.output_gradients(call.name, delta)
         self._pending.fired.setdefault(call.name, []).append((call.a, delta))
         return None
 
     # ------------------------------------------------------------------ step assembly
-    def _finish_step(self) -> None:
+    def _finish_step(self) -> Step | None:
+        """Closes the open step when its gradients have arrived, hands it to the consumers and returns it."""
         if not self._pending:
             # forwards whose backward never came (e.g. an evaluation pass with grad enabled): drop their calls, which
-            # hold activations, so they cannot pile up over many forwards
-            self._pending.calls.clear()
-            return
-        fired = self._pending.fired
-        self._pending = _Pending()
+            # hold activations, so they cannot pile up over many forwards — but not those of the model forward now
+            # running (`_ran` is set), whose backward is still to come
+            if self._ran is None:
+                self._pending = Pending()
+            return None
+        fired, flags = self._pending.fired, self._pending.flags
+        self._pending = Pending()
         for handle in self._tensor_handles:
             handle.remove()
         self._tensor_handles.clear()
-        missing = [name for name in self.layers if name not in fired]
-        if missing:
-            raise CaptureError(
-                f"{len(missing)} tracked layer(s) received no output gradient in this forward/backward: "
-                f"{', '.join(repr(n) for n in missing)}. Either its output does not reach the loss or "
-                f"{_MISSING_HINT}"
-            )
-        layers, batch_size = assemble(fired, self._adapters, self.loss_reduction)
+        check_received(fired, self.layers)
+        layers, batch_size = assemble(fired, self._adapters, self.loss_reduction, self.factor_map)
+        del fired  # the raw per-call factors go as soon as the step's are built
         self.verify()  # the previous step's check, one step late: its device work is long done
         tag, self._tag = self._tag, None
-        step = Step(index=self._steps, batch_size=batch_size, layers=layers, ids=tag, finite=FiniteCheck.of(layers))
+        finite = finite_check(flags, self.layers)
+        step = Step(index=self._steps, batch_size=batch_size, layers=layers, ids=tag, finite=finite)
         self._unverified = step.finite
-        self._last_step = step
+        self._last_step = weakref.ref(step) if self.consumers else step
         self._steps += 1
         for consumer in self.consumers:
             consumer.consume(step)
-
-
-_MISSING_HINT = (
-    "A module whose own forward() is never called (e.g. nn.MultiheadAttention uses out_proj's weights directly) "
-    "has no captures, and its influence would be silently missing: exclude it with watch(model, modules=[...]) "
-    "listing the layers to track."
-)
+        return step

@@ -1,9 +1,9 @@
 """``hookinf.watch``: capture from the user's own loop, with the consumers ``fit=`` and ``log_to=`` ask for.
 
-:func:`watch` resolves the tracked layers once, builds the pipeline — the compressor's ``compress`` as a transform
-(so each step is compressed once), then the method's accumulator and the gradient logger as consumers — and
-returns a :class:`LoopWatch`: the hook-owning :class:`~hookinf.Watch` given that pipeline, plus the accessors for
-what the consumers built (:meth:`LoopWatch.curvature`, :attr:`LoopWatch.store`).
+:func:`watch` resolves the tracked layers once, binds the compressor (which the watch applies inside its hooks, so
+each step is compressed once and only its compressed factors are held) and builds the consumers — the method's
+accumulator and the gradient logger — and returns a :class:`LoopWatch`: the hook-owning :class:`~hookinf.Watch`
+given those, plus the accessors for what the consumers built (:meth:`LoopWatch.curvature`, :attr:`LoopWatch.store`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hookinf.hooks import LossReduction, Watch
 from hookinf.logger import GradientLogger, model_dtype
 from hookinf.methods import Method, check_basis_compressor, resolve_method
 from hookinf.methods.base import Accumulator
-from hookinf.pipeline import Consumer, Pipeline, Transform
+from hookinf.pipeline import Consumer
 from hookinf.selection import ModuleSpec, Selection, select
 from hookinf.store import GradientStore
 
@@ -71,6 +71,8 @@ def watch(
             for ``fit``: the statistics are then accumulated in the compressed space (as
             ``hookinf.fit(..., compress=...)`` does), so a curvature and a store from the same loop score together —
             ``hookinf.influence(model, store, query, loss_fn, method=w.curvature())`` — with no further pass.
+            The projections run inside the hooks, so the watch never holds the full-width factors; its steps (and
+            ``w.per_example_gradients()``) are then the compressed ones.
         flush_every: see ``log_to``.
 
     Returns:
@@ -128,9 +130,7 @@ class LoopWatch(Watch):
         if log_to is not None and bound is not None:
             self._logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
         consumers: list[Consumer] = [c for c in (self._accumulator, self._logger) if c is not None]
-        transforms: list[Transform] = [bound.compress] if bound is not None else []
-        pipeline = [Pipeline(consumers, transforms)] if consumers else []
-        super().__init__(model, modules=selection, loss_reduction=loss_reduction, consumers=pipeline)
+        super().__init__(model, modules=selection, loss_reduction=loss_reduction, consumers=consumers, factor_map=bound)
 
     def __enter__(self) -> LoopWatch:
         if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store

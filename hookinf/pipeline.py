@@ -1,7 +1,10 @@
 """The one data path: a :class:`~hookinf.Watch` hands every finished :class:`~hookinf.capture.Step` to consumers.
 
 A *transform* maps a step to a step in the same canonical form (``a`` ``[B, S, I]``, ``δ`` ``[B, S, O]`` per layer):
-a bound compressor's ``compress``, a :class:`Rescale`. A *consumer* takes steps and is closed once when the watch's
+a :class:`Rescale`, a bound compressor's ``compress``. A transform that is linear per position and per factor can run
+earlier, inside the hooks, as a :class:`FactorMap`: a compressor projects ``a`` in the forward hook and ``δ`` in the
+gradient hook, so the watch holds only the compressed ``[B, S, r]`` factors between forward and backward.
+A *consumer* takes steps and is closed once when the watch's
 block ends: curvature accumulators (:class:`hookinf.methods.base.Accumulator`), the gradient logger
 (:class:`hookinf.logger.GradientLogger`), the :class:`Collect` queue the one-call helpers read, and whatever a
 later feature adds. A :class:`Pipeline` is a consumer that applies transforms once and fans the result out, so a
@@ -19,8 +22,9 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from hookinf.capture import Step
+from hookinf.capture import LayerCapture, Step
 from hookinf.errors import CaptureError
+from hookinf.layers import LayerAdapter
 
 Transform = Callable[[Step], Step]
 """A map from a step to a step of the same examples (compression, rescaling)."""
@@ -35,6 +39,30 @@ class Consumer(Protocol):
 
     def close(self) -> None:
         """Ends the consumer's work (flushes what it buffers); called once, also when the block raised."""
+
+
+@runtime_checkable
+class FactorMap(Protocol):
+    """Maps a layer's factors while they are captured (inside the hooks), then builds the layer's capture.
+
+    A :class:`~hookinf.Watch` given one calls :meth:`activations` in each forward hook and :meth:`output_gradients`
+    in each gradient hook and keeps only what they return; when the step closes it concatenates a layer's calls
+    along ``S``, applies the ``loss_reduction`` scale to the mapped ``δ`` and calls :meth:`capture`. Both maps must
+    act on each position (and, for ``δ``, linearly), so that concatenating and scaling after them is the same as
+    before them. A bound compressor is one (:class:`hookinf.compress.BoundCompressor`).
+    """
+
+    def activations(self, layer: str, adapter: LayerAdapter, x: Tensor) -> Tensor:
+        """The module's input ``x`` → the mapped activations ``[B, S, ·]``."""
+        ...
+
+    def output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """Output gradients ``δ`` ``[B, S, O]`` → the mapped ``[B, S, ·]``."""
+        ...
+
+    def capture(self, layer: str, a: Tensor, delta: Tensor, adapter: LayerAdapter) -> LayerCapture:
+        """The layer's capture from the mapped, concatenated and scaled factors of one step."""
+        ...
 
 
 def close_all(consumers: Iterable[Consumer]) -> None:

@@ -1,7 +1,8 @@
 """Runs ``loss_fn`` over data inside one watch and yields the captured steps: the data path of the one-call helpers.
 
-A :class:`Runner` owns a :class:`~hookinf.Watch` over the tracked layers whose one consumer is a pipeline — the
-compressor's ``compress`` as its transform, then a :class:`~hookinf.pipeline.Collect` queue. ``Runner.step(batch)``
+A :class:`Runner` owns a :class:`~hookinf.Watch` over the tracked layers that compresses in its hooks (the bound
+compressor is its :class:`~hookinf.pipeline.FactorMap`) and whose one consumer is a
+:class:`~hookinf.pipeline.Collect` queue. ``Runner.step(batch)``
 runs ``loss_fn`` on one batch, differentiates the summed loss with respect to the tracked layers' outputs (so no
 weight gradient is formed and ``.grad`` is never touched; see :meth:`hookinf.Watch.gradient_targets` and
 :func:`hookinf.autograd.differentiate`), checks what came back and returns the (compressed) step;
@@ -27,7 +28,7 @@ from hookinf.compress import Compressor, require_compressor
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
 from hookinf.losses import SampledLoss
-from hookinf.pipeline import Collect, Pipeline
+from hookinf.pipeline import Collect
 from hookinf.progress import PassProgress
 from hookinf.selection import ModuleSpec, select
 from hookinf.shapes import fingerprint
@@ -46,7 +47,7 @@ class Runner:
         model: the model (left unchanged).
         loss_fn: ``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum.
         modules: which layers to track (see :func:`hookinf.watch`).
-        compress: the compressor every step is compressed with (once, as the watch's transform), or ``None``.
+        compress: the compressor every step is compressed with (inside the watch's hooks), or ``None``.
         progress: show a rich progress bar per pass.
 
     Attributes:
@@ -75,9 +76,9 @@ class Runner:
         self.compressor = compress.bind(selection.shapes) if compress is not None else None
         self.shapes = self.compressor.shapes if self.compressor is not None else selection.shapes
         self._collected = Collect()
-        transforms = [self.compressor.compress] if self.compressor is not None else []
-        consumer = Pipeline([self._collected], transforms)
-        self.watch = Watch(model, modules=selection, loss_reduction="sum", consumers=[consumer])
+        self.watch = Watch(
+            model, modules=selection, loss_reduction="sum", consumers=[self._collected], factor_map=self.compressor
+        )
         self.counts: dict[int, set[int]] = {}  # id(data) → example counts of its passes
         self._stack = ExitStack()
 

@@ -31,6 +31,7 @@ from hookinf.compress.dropout import BoundDropout
 from hookinf.compress.gaussian import BoundGaussian
 from hookinf.compress.logra import BoundLoGra
 from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
+from hookinf.pipeline import Collect
 
 Batch = tuple[Tensor, ...]
 F64 = torch.float64
@@ -163,6 +164,61 @@ def test_lora_minilm_compressed_gradients_equal_projection_of_func_gradients(lor
         hookinf.Gaussian(16),
     )
     check_against_oracle(lora_minilm, compressors)
+
+
+# In-hook compression (a watch with the bound compressor as its factor map) vs compressing the raw step afterwards:
+# the same float64 numbers up to summation order — LoGra's convolution or affine map vs unfold, ones column and
+# matmul; Dropout's gather of distinct rows/columns then entries vs entries directly (exact); Gaussian the same code.
+IN_HOOK_TOL = 1e-12
+
+
+@pytest.mark.parametrize("case_id", list(MODEL_CASES))
+@pytest.mark.parametrize("loss_reduction", ["sum", "mean"])
+def test_compressing_in_the_hooks_equals_compressing_the_captured_step(case_id: str, loss_reduction: str) -> None:
+    case = MODEL_CASES[case_id]()
+    params = [p for p in case.model.parameters() if p.requires_grad]
+    with hookinf.watch(case.model, modules=case.modules, loss_reduction=loss_reduction) as w:
+        losses = case.loss_fn(case.model, case.batch)
+        torch.autograd.grad(losses.sum() if loss_reduction == "sum" else losses.mean(), params, allow_unused=True)
+        raw = w.last_step
+        shapes = {name: hookinf.LayerShape.of(adapter) for name, adapter in w.adapters.items()}
+    assert raw is not None
+    for compressor in (hookinf.LoGra(3, 2), hookinf.LoGra(10_000, 10_000, init="orthogonal"), *COMPRESSORS[-4:]):
+        bound = compressor.bind(shapes)
+        expected = bound.compress(raw)
+        collected = Collect()
+        watch = hookinf.Watch(
+            case.model, modules=case.modules, loss_reduction=loss_reduction, consumers=[collected], factor_map=bound
+        )
+        with watch:
+            losses = case.loss_fn(case.model, case.batch)
+            torch.autograd.grad(losses.sum() if loss_reduction == "sum" else losses.mean(), params, allow_unused=True)
+            assert watch.steps == 1
+            step = collected.take()
+        for layer, capture in expected.layers.items():
+            what = f"{case_id}/{compressor}/{layer}"
+            got = step.layers[layer]
+            assert got.adapter is None, what
+            assert got.a.shape == capture.a.shape, what
+            assert got.delta.shape == capture.delta.shape, what
+            close(got.gradients(), capture.gradients(), IN_HOOK_TOL, what)
+
+
+def test_a_watch_that_compresses_holds_only_the_projected_factors_between_forward_and_backward() -> None:
+    """Between the forward and the backward, what the watch keeps is the [B, S, r_in] projection, not the input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(4, 3, 6, 6)
+    shapes = {name: hookinf.LayerShape.of(adapter) for name, adapter in hookinf.Watch(model).adapters.items()}
+    bound = hookinf.LoGra(2, 2).bind(shapes)
+    held: dict[bool, list[tuple[int, ...]]] = {}
+    for in_hooks in (False, True):
+        with hookinf.Watch(model, consumers=[Collect()], factor_map=bound if in_hooks else None) as w:
+            out = model(x)
+            held[in_hooks] = [tuple(call.a.shape) for call in w._pending.calls]  # what waits for the backward
+            out.sum().backward()
+    assert held[False] == [(4, 36, 3 * 9 + 1), (4, 1, 8 * 36 + 1)]  # the unfolded patches, the full input
+    assert held[True] == [(4, 36, 2), (4, 1, 2)]  # conv: 36 positions × r_in = 2, never the [4, 36, 27 + 1] patches
 
 
 # ---------------------------------------------------------------------------------------------------- 2. determinism

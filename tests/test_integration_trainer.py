@@ -352,17 +352,23 @@ def test_each_micro_batch_is_compressed_once_for_the_curvature_and_the_store(
     models: dict[str, nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, data = models["plain"], dataset("plain")
-    compressed: list[int] = []
-    compress = BoundCompressor.compress
+    compressed: dict[str, list[int]] = {}
+    capture = BoundCompressor.capture
 
-    def spy(self: BoundCompressor, step: Any) -> Any:
-        compressed.append(step.batch_size)
-        return compress(self, step)
+    def spy(self: BoundCompressor, layer: str, a: Any, delta: Any, adapter: Any) -> Any:
+        compressed.setdefault(layer, []).append(a.shape[0])
+        return capture(self, layer, a, delta, adapter)
 
-    monkeypatch.setattr(BoundCompressor, "compress", spy)
+    def refuse(self: BoundCompressor, step: Any) -> Any:
+        raise AssertionError("the watch compresses in its hooks; a step must not be compressed again")
+
+    monkeypatch.setattr(BoundCompressor, "capture", spy)
+    monkeypatch.setattr(BoundCompressor, "compress", refuse)
     callback = HookinfCallback(fit="kfac", log_to=tmp_path / "grads", compress=hookinf.LoGra(4, 2))
     train(model, data, callback, tmp_path, gradient_accumulation_steps=2)
-    assert compressed == [2, 2, 2, 2, 1]  # one call per micro-batch (it was two: statistics and store apart)
+    assert len(compressed) == 25  # 24 LoRA adapters and the classifier head
+    for sizes in compressed.values():  # one capture per layer and micro-batch, shared by the statistics and the store
+        assert sizes == [2, 2, 2, 2, 1]
     assert callback.curvature is not None
     assert callback.curvature.num_examples == N_TRAIN
     assert callback.store is not None

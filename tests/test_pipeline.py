@@ -155,23 +155,29 @@ def test_rescale_scales_every_gradient_and_keeps_ids(setup: Any) -> None:
         torch.testing.assert_close(grads, 3.0 * plain[name], rtol=1e-15, atol=0.0)  # one rounding at most
 
 
-def test_a_watch_that_fits_and_logs_compresses_each_step_once(
+def test_a_watch_that_fits_and_logs_compresses_each_step_once_in_its_hooks(
     setup: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, batches = setup
-    calls: list[int] = []
-    compress = BoundCompressor.compress
+    built: list[tuple[int, str]] = []
+    capture = BoundCompressor.capture
+    watches: list[hookinf.Watch] = []
 
-    def spy(self: BoundCompressor, step: Step) -> Step:
-        calls.append(step.index)
-        return compress(self, step)
+    def spy(self: BoundCompressor, layer: str, a: Tensor, delta: Tensor, adapter: Any) -> Any:
+        built.append((watches[0].steps, layer))  # the step being closed: the watch counts it once it is built
+        return capture(self, layer, a, delta, adapter)
 
-    monkeypatch.setattr(BoundCompressor, "compress", spy)
+    def refuse(self: BoundCompressor, step: Step) -> Step:
+        raise AssertionError("a compressed watch must not compress its steps again")
+
+    monkeypatch.setattr(BoundCompressor, "capture", spy)
+    monkeypatch.setattr(BoundCompressor, "compress", refuse)
     with hookinf.watch(model, fit="kfac", log_to=tmp_path / "g", compress=hookinf.LoGra(3, 2)) as w:
+        watches.append(w)
         for i, (x, y) in enumerate(batches):
             w.tag(range(6 * i, 6 * i + 6))
             F.cross_entropy(model(x), y).backward()
-    assert calls == [0, 1, 2, 3]
+    assert built == [(step, layer) for step in range(4) for layer in ("0", "2")]
     assert len(w.store) == 24
     assert w.curvature().num_examples == 24
 

@@ -3,7 +3,12 @@
 A compressor is configured once (a frozen dataclass: ranks, seed) and *bound* to the tracked layers' shapes, which
 draws each layer's projection from ``(seed, layer name)`` in float64 (so a float32 and a float64 model get the same
 projection up to rounding). A bound compressor maps every :class:`~hookinf.capture.LayerCapture` of a step to a
-compressed capture of the same canonical form, so every influence method runs unchanged in the compressed space:
+compressed capture of the same canonical form, so every influence method runs unchanged in the compressed space.
+Compression is three maps: one of the activations, one of the output gradients (each per position) and their
+combination into the compressed capture. So a bound compressor is also a :class:`~hookinf.pipeline.FactorMap`: a
+watch applies the first two inside its hooks and keeps only what they return (LoGra's ``[B, S, r]``), and
+:meth:`BoundCompressor.compress` applies all three to a step captured without it — the same numbers.
+
 
 * LoGra keeps the factor structure: ``a' = a P_inᵀ`` ``[B, S, r_in]``, ``δ' = δ P_outᵀ`` ``[B, S, r_out]``, and
   the compressed gradient is ``Σ_s δ'_s a'_sᵀ = P_out g P_inᵀ`` (``(P_out ⊗ P_in) vec(g)``).
@@ -27,6 +32,7 @@ from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
 from hookinf.errors import ConfigurationError
+from hookinf.layers import LayerAdapter
 from hookinf.shapes import LayerShape
 
 
@@ -95,9 +101,36 @@ class BoundCompressor(ABC):
         layers = {name: self.compress_layer(capture) for name, capture in step.layers.items()}
         return replace(step, layers=layers)
 
-    @abstractmethod
     def compress_layer(self, capture: LayerCapture) -> LayerCapture:
         """Compressed factors of one layer."""
+        name = capture.name
+        a = self.project_activations(name, capture.a)
+        return self.combine(name, a, self.project_output_gradients(name, capture.delta))
+
+    # ---- the same maps inside a watch's hooks (hookinf.pipeline.FactorMap)
+    def activations(self, layer: str, adapter: LayerAdapter, x: Tensor) -> Tensor:
+        """The module's input → the activations' compressed form (what the forward hook keeps)."""
+        return self.project_activations(layer, adapter.activations(x))
+
+    def output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """``δ`` ``[B, S, O]`` → its compressed form (what the gradient hook keeps)."""
+        return self.project_output_gradients(layer, delta)
+
+    def capture(self, layer: str, a: Tensor, delta: Tensor, adapter: LayerAdapter) -> LayerCapture:
+        """The compressed capture from the step's mapped factors."""
+        return self.combine(layer, a, delta)
+
+    @abstractmethod
+    def project_activations(self, layer: str, a: Tensor) -> Tensor:
+        """``a`` ``[B, S, I]`` → ``[B, S, ·]``, per position."""
+
+    @abstractmethod
+    def project_output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """``δ`` ``[B, S, O]`` → ``[B, S, ·]``, per position and linear."""
+
+    @abstractmethod
+    def combine(self, layer: str, a: Tensor, delta: Tensor) -> LayerCapture:
+        """The compressed capture from the two projected factors."""
 
     @abstractmethod
     def projection(self, layer: str) -> Tensor:

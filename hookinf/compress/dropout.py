@@ -67,18 +67,30 @@ class BoundDropout(BoundCompressor):
         super().__init__(compressor, shapes)
         self.rows: dict[str, Tensor] = {}
         self.cols: dict[str, Tensor] = {}
+        self._rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self._cols: dict[str, tuple[Tensor, Tensor]] = {}
         for name, shape in shapes.items():
             r = compressor.entries(shape.dim)
             flat = torch.randperm(shape.dim, generator=layer_generator(compressor.seed, name), device="cpu")[:r]
             self.rows[name], self.cols[name] = flat // shape.in_features, flat % shape.in_features
+            # the distinct rows and columns an entry needs, and where each entry finds its own among them
+            self._rows[name] = torch.unique(self.rows[name], return_inverse=True)
+            self._cols[name] = torch.unique(self.cols[name], return_inverse=True)
             self.shapes[name] = vector_shape(r)
 
-    def compress_layer(self, capture: LayerCapture) -> LayerCapture:
-        """``g̃_k = Σ_s δ_s[row_k] a_s[col_k]`` for every example."""
-        rows = self.placed(self.rows[capture.name], capture.delta, cast=False)
-        cols = self.placed(self.cols[capture.name], capture.a, cast=False)
-        kept = einsum("bsk,bsk->bk", capture.delta[..., rows], capture.a[..., cols])
-        return vector_capture(capture.name, kept)
+    def project_activations(self, layer: str, a: Tensor) -> Tensor:
+        """The columns of ``a`` some kept entry uses (what a watch holds until the backward)."""
+        return a[..., self.placed(self._cols[layer][0], a, cast=False)]
+
+    def project_output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """The rows of ``δ`` some kept entry uses."""
+        return delta[..., self.placed(self._rows[layer][0], delta, cast=False)]
+
+    def combine(self, layer: str, a: Tensor, delta: Tensor) -> LayerCapture:
+        """``g̃_k = Σ_s δ_s[row_k] a_s[col_k]`` for every example, from the kept rows and columns."""
+        rows = self.placed(self._rows[layer][1], delta, cast=False)
+        cols = self.placed(self._cols[layer][1], a, cast=False)
+        return vector_capture(layer, einsum("bsk,bsk->bk", delta[..., rows], a[..., cols]))
 
     def projection(self, layer: str) -> Tensor:
         """``Ĩ``: ``r`` rows of the identity ``[r, d]``."""

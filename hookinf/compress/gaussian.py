@@ -68,11 +68,19 @@ class BoundGaussian(BoundCompressor):
             self.matrices[name] = drawn / math.sqrt(r)
             self.shapes[name] = vector_shape(r)
 
-    def compress_layer(self, capture: LayerCapture) -> LayerCapture:
+    def project_activations(self, layer: str, a: Tensor) -> Tensor:
+        """``a`` itself: the dense projection needs the whole gradient."""
+        return a
+
+    def project_output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """``δ`` itself."""
+        return delta
+
+    def combine(self, layer: str, a: Tensor, delta: Tensor) -> LayerCapture:
         """``P vec(g)`` for every example (forms the per-example gradients)."""
-        grads = capture.gradients().flatten(1)
-        matrix = self.placed(self.matrices[capture.name], grads)
-        return vector_capture(capture.name, grads @ matrix.T)
+        grads = LayerCapture(name=layer, a=a, delta=delta, adapter=None).gradients().flatten(1)
+        matrix = self.placed(self.matrices[layer], grads)
+        return vector_capture(layer, grads @ matrix.T)
 
     def projection(self, layer: str) -> Tensor:
         """``P`` ``[r, d]``."""

@@ -4,6 +4,10 @@ Per layer, ``P_in ∈ R^{r_in × I}`` (``I`` counts the bias coordinate) and ``P
 compressed gradient is ``Σ_s (P_out δ_s)(P_in a_s)ᵀ = P_out g P_inᵀ``, i.e. ``(P_out ⊗ P_in) vec(g)``, at a cost of
 ``O(S (I r_in + O r_out))`` per example — no full gradient is ever formed. Because the projected factors keep the
 canonical ``[B, S, ·]`` form, K-FAC and EK-FAC can be fitted on them directly (LogIX's recipe).
+
+Inside a watch the projections run in the hooks: ``a P_inᵀ`` in the forward hook — an affine map of the layer's
+input for dense layers, a convolution with ``r_in`` kernels for convolutions (no unfold) — and ``δ P_outᵀ`` in the
+gradient hook, so only the ``[B, S, r]`` factors are ever held.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from hookinf.capture import LayerCapture
 from hookinf.compress.base import BoundCompressor, Compressor, layer_generator
 from hookinf.errors import ConfigurationError
+from hookinf.layers import LayerAdapter
 from hookinf.shapes import LayerShape
 
 
@@ -83,12 +88,33 @@ class BoundLoGra(BoundCompressor):
             )
             self.shapes[name] = LayerShape(r_out, r_in, ())
 
-    def compress_layer(self, capture: LayerCapture) -> LayerCapture:
-        """``a' = a P_inᵀ``, ``δ' = δ P_outᵀ``."""
-        p_in = self.placed(self.p_in[capture.name], capture.a)
-        p_out = self.placed(self.p_out[capture.name], capture.delta)
-        return LayerCapture(name=capture.name, a=capture.a @ p_in.T, delta=capture.delta @ p_out.T, adapter=None)
+    def project_activations(self, layer: str, a: Tensor) -> Tensor:
+        """``a' = a P_inᵀ``."""
+        return _project(a, self.placed(self.p_in[layer], a))
+
+    def activations(self, layer: str, adapter: LayerAdapter, x: Tensor) -> Tensor:
+        """``a P_inᵀ`` from the module's input, never forming ``a`` (see the adapter's ``projected_activations``)."""
+        return adapter.projected_activations(x, self.placed(self.p_in[layer], x))
+
+    def project_output_gradients(self, layer: str, delta: Tensor) -> Tensor:
+        """``δ' = δ P_outᵀ``."""
+        return _project(delta, self.placed(self.p_out[layer], delta))
+
+    def combine(self, layer: str, a: Tensor, delta: Tensor) -> LayerCapture:
+        """The projected factors are the compressed capture (``Σ_s δ'_s a'_sᵀ = P_out g P_inᵀ``)."""
+        return LayerCapture(name=layer, a=a, delta=delta, adapter=None)
 
     def projection(self, layer: str) -> Tensor:
         """``P_out ⊗ P_in`` ``[r_out r_in, O I]``."""
         return torch.kron(self.p_out[layer], self.p_in[layer])
+
+
+def _project(factor: Tensor, projection: Tensor) -> Tensor:
+    """``factor Pᵀ`` for ``[B, S, F]`` factors, without copying a factor that is a transposed view.
+
+    A convolution's ``δ`` is its ``[B, O, L]`` output gradient seen as ``[B, L, O]``; ``factor @ Pᵀ`` would first copy
+    it into ``[B·L, O]`` rows, while ``(P @ factorᵀ)ᵀ`` reads it as it lies.
+    """
+    if factor.dim() == 3 and factor.stride(-2) == 1 and factor.shape[-2] > 1 and not factor.is_contiguous():
+        return (projection @ factor.mT).mT
+    return factor @ projection.T

@@ -2,9 +2,10 @@
 
 :class:`EpochCapture` is what :class:`~hookinf.integrations.HookinfCallback` opens for the chosen epoch. It builds
 the same parts as :func:`hookinf.watch`: a :class:`~hookinf.Watch` over the tracked layers whose pipeline rescales
-each micro-batch's step by the Trainer's measured loss weight (a :class:`~hookinf.pipeline.Rescale` transform),
-compresses it once, then hands it to the method's accumulator and the gradient logger. The callback's model hooks
-report each micro-batch's forward (its ids, its ``num_items_in_batch``, the loss the model returned) here.
+each micro-batch's step (compressed in the watch's hooks) by the Trainer's measured loss weight (a
+:class:`~hookinf.pipeline.Rescale` transform), then hands it to the method's accumulator and the gradient logger.
+The callback's model hooks report each micro-batch's forward (its ids, its ``num_items_in_batch``, the loss the
+model returned) here.
 
 **The Trainer's loss scale is measured, not guessed.** The Trainer differentiates ``w × (the model's loss)``, with
 a weight ``w`` that depends on its configuration: ``1/k`` for a micro-batch of an optimizer step of ``k``
@@ -94,12 +95,16 @@ class EpochCapture:
             assert bound is not None
             self.logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
             consumers.append(self.logger)
-        transforms: list[Transform] = [Rescale(self._per_example_scale)]
-        if bound is not None:
-            transforms.append(bound.compress)
+        transforms: list[Transform] = [Rescale(self._per_example_scale)]  # linear in δ: applies to δ' alike
         self.batches: list[MicroBatch] = []  # forwards whose steps are not consumed yet
         self._consumed = 0  # watch steps consumed so far
-        self.watch = Watch(model, modules=selection, loss_reduction="sum", consumers=[Pipeline(consumers, transforms)])
+        self.watch = Watch(
+            model,
+            modules=selection,
+            loss_reduction="sum",
+            consumers=[Pipeline(consumers, transforms)],
+            factor_map=bound,
+        )
         self.watch.__enter__()
 
     def forward_started(self, ids: Tensor | None, num_items: Any) -> MicroBatch:
@@ -114,7 +119,7 @@ class EpochCapture:
         self.batches.append(record)
 
     def consume(self) -> None:
-        """Closes the step of the micro-batch whose backward just ran: the pipeline rescales, compresses, feeds it."""
+        """Closes the step of the micro-batch whose backward just ran: the pipeline rescales it and feeds it."""
         if self.logger is not None and self.batches and self.batches[0].ids is None:
             raise DataError(
                 f"a training batch has no {self.loss.id_column!r} column, which holds the examples' ids for the "

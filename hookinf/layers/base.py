@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hookinf.errors import UnsupportedModuleError
@@ -90,6 +91,16 @@ class LayerAdapter(ABC):
         if self.has_bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
+
+    def projected_activations(self, x: Tensor, projection: Tensor) -> Tensor:
+        """``a Pᵀ`` ``[B, S, r]`` for a ``[r, I]`` projection ``P``, without forming ``a`` where the layer allows.
+
+        The bias's ones column is never built: ``a Pᵀ = a₀ P₀ᵀ + p_I`` with ``P₀`` the first ``I − 1`` columns and
+        ``p_I`` the last (an affine map, :func:`torch.nn.functional.linear`). Convolutions override this with a
+        convolution, so their patches are never unfolded.
+        """
+        bias = projection[:, self.in_features] if self.has_bias else None
+        return F.linear(self._activations(x.detach()), projection[:, : self.in_features], bias)
 
     def param_gradients(self, grad: Tensor) -> dict[str, Tensor]:
         """Splits per-example gradient matrices into the module's parameter shapes.

@@ -4,6 +4,10 @@ The input is padded exactly as the module pads it (any ``padding``/``padding_mod
 unfolded into patches: ``a`` is ``[B, L, C·k]`` with ``L`` output positions and ``C·k`` the flattened receptive
 field in the weight's ``(in_channels, *kernel_size)`` order, and ``δ`` is ``[B, L, O]``. Grouped convolutions
 (``groups > 1``) have a block-diagonal weight that does not fit the ``[O, I]`` layout and are refused.
+
+A projection of the patches ``a Pᵀ`` (LoGra's ``P_in``) is itself a convolution of the padded input with ``r`` output
+channels whose kernels are ``P``'s rows (:meth:`ConvAdapter.projected_activations`), so it never unfolds: ``k``
+times less memory than the patches and one convolution instead of an unfold and a matrix product.
 """
 
 from __future__ import annotations
@@ -44,14 +48,29 @@ class ConvAdapter(LayerAdapter):
             receptive *= k
         return int(out_channels), int(receptive)
 
-    def _activations(self, x: Tensor) -> Tensor:
+    def _padded(self, x: Tensor) -> Tensor:
+        """The input as the module's convolution sees it, as a 2-D batch ``[B, C, H, W]``."""
         self._require_batched(x, self._spatial + 2, f"a {self._spatial + 2}-D input [B, C, ...]")
         if any(self._pad):
             x = F.pad(x, self._pad, mode=self._pad_mode)
-        if self._spatial == 1:
-            x = x.unsqueeze(2)  # [B, C, 1, L]: a Conv1d is a Conv2d of height 1
-        patches = F.unfold(x, kernel_size=self._kernel, dilation=self._dilation, stride=self._stride)
+        return x.unsqueeze(2) if self._spatial == 1 else x  # [B, C, 1, L]: a Conv1d is a Conv2d of height 1
+
+    def _activations(self, x: Tensor) -> Tensor:
+        patches = F.unfold(self._padded(x), kernel_size=self._kernel, dilation=self._dilation, stride=self._stride)
         return patches.transpose(1, 2)  # [B, C·Πk, L] → [B, L, C·Πk]
+
+    def projected_activations(self, x: Tensor, projection: Tensor) -> Tensor:
+        """``a Pᵀ`` ``[B, L, r]`` as one convolution with kernels ``P`` ``[r, C, *k]`` (and ``P``'s bias column).
+
+        Unfolding orders a patch's entries as the weight does, ``(C, *k)``, so row ``j`` of ``P`` reshaped to the
+        weight's shape is the kernel whose convolution with the padded input gives ``(a Pᵀ)[:, :, j]`` at every
+        output position.
+        """
+        x = self._padded(x.detach())
+        kernels = projection[:, : self.in_features].reshape(projection.shape[0], x.shape[1], *self._kernel)
+        bias = projection[:, self.in_features] if self.has_bias else None
+        out = F.conv2d(x, kernels, bias, stride=self._stride, dilation=self._dilation)
+        return out.flatten(2).transpose(1, 2)  # [B, r, *spatial] → [B, L, r]
 
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """``[B, O, *spatial]`` → ``[B, L, O]``."""
