@@ -52,6 +52,7 @@ def fit(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping = 0.1,
     fisher: Fisher = "empirical",
+    seed: int = 0,
     compress: Compressor | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -70,6 +71,9 @@ def fit(
         fisher: ``"empirical"`` (gradients at the given labels, the default) or ``"sampled"`` (labels drawn from
             the model, the true Fisher; needs a loss with a ``sampled`` method such as :class:`hookinf.CrossEntropy`).
             Scores always use the given labels.
+        seed: seeds the labels of ``fisher="sampled"``: pass ``k`` of the fit draws fresh labels from a generator
+            seeded with :func:`hookinf.losses.pass_seed` of ``(seed, k)``, so the passes differ and the same seed
+            gives the same curvature (on the same devices). Unused with ``fisher="empirical"``.
         compress: fit in a compressed gradient space (``hookinf.LoGra``, ``hookinf.Dropout``,
             ``hookinf.Gaussian``); the curvature remembers the compressor and must be used with the same one.
         dtype: the dtype statistics accumulate in; default float64 for a float64 model and float32 otherwise.
@@ -78,6 +82,9 @@ def fit(
     Returns:
         The fitted :class:`hookinf.Curvature`; pass it as ``method=`` to :func:`influence` /
         :func:`self_influence` to reuse it, or :meth:`~hookinf.Curvature.save` it.
+
+    Raises:
+        ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
     """
     resolved = resolve_method(method)
     if not isinstance(resolved, Method):
@@ -88,7 +95,7 @@ def fit(
     damp = as_damping(damping)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
-        curvature = solver(runner, resolved, train, damp, dtype, fisher)
+        curvature = solver(runner, resolved, train, damp, dtype, fisher, seed)
         assert isinstance(curvature, Curvature)
         return curvature
 
@@ -103,6 +110,7 @@ def influence(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
+    seed: int = 0,
     compress: Compressor | None = None,
     per_token: bool = False,
     query_rank: int | None = None,
@@ -124,6 +132,7 @@ def influence(
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
         fisher: which labels the curvature's gradients use, see :func:`fit` (ignored for a fitted curvature).
+        seed: seeds the sampled labels of ``fisher="sampled"``, see :func:`fit`.
         compress: compute influence in a compressed gradient space: ``hookinf.LoGra(r_in, r_out)`` (projected
             factors; every method, K-FAC/EK-FAC included, runs on them), ``hookinf.Dropout(r=...)`` (kept entries)
             or ``hookinf.Gaussian(r)``; the damping rule applies with the compressed dimension
@@ -152,7 +161,7 @@ def influence(
         )
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         layers = runner.watch.layers
-        solved = solver(runner, method, train, damping, None, fisher)
+        solved = solver(runner, method, train, damping, None, fisher, seed)
         raw: dict[str, list[Tensor]] = {name: [] for name in layers}
         for step in runner.steps(query, "query gradients"):
             for name, capture in step.layers.items():
@@ -192,6 +201,7 @@ def self_influence(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
+    seed: int = 0,
     compress: Compressor | None = None,
     progress: bool = True,
 ) -> Tensor:
@@ -208,7 +218,7 @@ def self_influence(
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
-        solved = solver(runner, method, train, damping, None, fisher)
+        solved = solver(runner, method, train, damping, None, fisher, seed)
         values: list[Tensor] = []
         if isinstance(solved, Curvature):
             for step in runner.steps(train, "self-influence"):

@@ -27,7 +27,7 @@ from hookinf.capture import Step
 from hookinf.compress import Compressor, require_compressor
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
-from hookinf.losses import SampledLoss
+from hookinf.losses import SampledLoss, Sampler
 from hookinf.pipeline import Collect
 from hookinf.progress import PassProgress
 from hookinf.selection import ModuleSpec, select
@@ -100,9 +100,12 @@ class Runner:
         return self.compressor.compressor if self.compressor is not None else None
 
     def steps(
-        self, data: Iterable[Any] | GradientStore, description: str, sample: torch.Generator | None = None
+        self, data: Iterable[Any] | GradientStore, description: str, sample: Sampler | None = None
     ) -> Iterator[Step]:
         """One pass over ``data``; with ``sample``, the loss uses labels drawn from the model (sampled Fisher).
+
+        ``sample`` is the pass's random source (one generator per device, see :class:`hookinf.losses.Sampler`): its
+        generators advance over the pass's batches, so the pass's draws are one reproducible stream.
 
         A :class:`GradientStore` yields its stored (already compressed) gradients chunk by chunk.
         """
@@ -119,7 +122,7 @@ class Runner:
                 bar.advance(step.batch_size)
         self.counts.setdefault(id(data), set()).add(seen)
 
-    def _store_steps(self, store: GradientStore, description: str, sample: torch.Generator | None) -> Iterator[Step]:
+    def _store_steps(self, store: GradientStore, description: str, sample: Sampler | None) -> Iterator[Step]:
         if sample is not None:
             raise ConfigurationError(
                 "fisher='sampled' needs the model's predictions on the training data, which a gradient store does not "
@@ -137,7 +140,7 @@ class Runner:
                 yield step
                 bar.advance(step.batch_size)
 
-    def step(self, batch: Any, description: str, sample: torch.Generator | None = None) -> Step:
+    def step(self, batch: Any, description: str, sample: Sampler | None = None) -> Step:
         """Runs ``loss_fn`` on one batch, differentiates it and returns the captured (compressed) step."""
         before = self.watch.steps
         with torch.enable_grad(), self.watch.recording_outputs():

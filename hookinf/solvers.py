@@ -4,12 +4,16 @@
 against the model's layers and the compressor), a fitted method (its curvature is fitted over ``train`` now), or a
 query method (DataInf, LiSSA), which comes back as :class:`Streaming` — bound to the passes over ``train`` it will
 stream over when :func:`precondition` is called with the queries.
+
+The passes over ``train`` are run by :class:`TrainPasses`; with ``fisher="sampled"``, pass ``k`` draws its labels from
+``Sampler.for_pass(seed, k)`` (:mod:`hookinf.losses`), so every pass draws fresh labels and a fit is reproducible
+for its seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,19 +23,62 @@ from hookinf.capture import Step
 from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError
-from hookinf.losses import Fisher, check_fisher
-from hookinf.methods import EKFAC, KFAC, Method, Preconditioned, QueryMethod, RunPass, resolve_method
+from hookinf.losses import Fisher, Sampler, check_fisher
+from hookinf.methods import EKFAC, KFAC, Method, Preconditioned, QueryMethod, resolve_method
 from hookinf.methods.base import check_basis_compressor
 from hookinf.runner import Runner
 from hookinf.store import GradientStore
 
 
+@dataclass
+class TrainPasses:
+    """``run_pass(description)`` over the training data (a :data:`~hookinf.methods.RunPass`), counting its passes.
+
+    With ``sampled``, pass ``k`` (counted from 0 by this object) draws labels from ``Sampler.for_pass(seed, k)``:
+    each pass draws fresh labels, and the same passes in the same order draw the same labels. ``fresh_draws`` tells
+    a method that a pass must not be replayed from memory in place of running the next one
+    (:func:`hookinf.methods.base.fresh_draws`).
+
+    Attributes:
+        runner: runs the passes (its watch is active).
+        train: the training data (or a gradient store).
+        sampled: whether the losses are taken at labels drawn from the model (``fisher="sampled"``).
+        seed: the fit's seed.
+        count: the passes run so far.
+    """
+
+    runner: Runner
+    train: Iterable[Any] | GradientStore
+    sampled: bool
+    seed: int
+    count: int = field(default=0, init=False)
+
+    @property
+    def fresh_draws(self) -> bool:
+        """Whether each pass draws new labels (``fisher="sampled"``)."""
+        return self.sampled
+
+    def __call__(self, description: str) -> Iterator[Step]:
+        """Runs the next pass over ``train``, labelled ``description`` in the progress bar."""
+        sampler = Sampler.for_pass(self.seed, self.count) if self.sampled else None
+        self.count += 1
+        return self.runner.steps(self.train, description, sampler)
+
+    def restarted(self) -> TrainPasses:
+        """The same passes counted from 0 again (the same draws as this object's first passes)."""
+        return replace(self)
+
+
 @dataclass(frozen=True)
 class Streaming:
-    """A query method bound to the training passes it streams over."""
+    """A query method bound to the training passes it streams over.
+
+    Every :func:`precondition` call restarts the passes, so each set of queries (e.g. each chunk of
+    :func:`hookinf.self_influence`) is preconditioned with the same sampled labels.
+    """
 
     method: QueryMethod
-    run_pass: RunPass
+    run_pass: TrainPasses
     damping: Damping
 
 
@@ -46,6 +93,7 @@ def solver(
     damping: float | Damping | None,
     dtype: torch.dtype | None,
     fisher: Fisher,
+    seed: int = 0,
 ) -> Solver:
     """A fitted curvature (checked), a fit of ``method`` over ``train``, or a query method bound to ``train``.
 
@@ -56,8 +104,13 @@ def solver(
         damping: the damping rule; ``None`` keeps a fitted curvature's own, or 0.1.
         dtype: the dtype statistics accumulate in (``None``: from the model).
         fisher: ``"empirical"`` or ``"sampled"`` labels for the curvature's gradients.
+        seed: seeds the sampled labels: pass ``k`` of the fit draws from ``Sampler.for_pass(seed, k)``.
+
+    Raises:
+        ConfigurationError: an invalid ``fisher`` or ``seed`` (:func:`~hookinf.losses.check_fisher`), or a
+            K-FAC/EK-FAC fit asked of a gradient store.
     """
-    check_fisher(fisher, runner.loss_fn)
+    check_fisher(fisher, runner.loss_fn, seed)
     if isinstance(method, Curvature):
         method.check_compressor(runner.compress)
         method.check_compatible(runner.shapes)
@@ -74,13 +127,7 @@ def solver(
             f"compressor>) — and pass that curvature as method=; or use 'exact', 'datainf', 'lissa' or 'identity'."
         )
 
-    def run_pass(description: str) -> Iterator[Step]:
-        # sampled Fisher: every pass draws the same labels (one seeded generator per pass), so a method's passes
-        # all see one set of sampled gradients — EK-FAC's correction lives in the eigenbasis of those very
-        # gradients, and replaying the first pass from memory (EKFAC(cache_bytes=...)) changes nothing
-        generator = torch.Generator(device="cpu").manual_seed(0) if fisher == "sampled" else None
-        return runner.steps(train, description, generator)
-
+    run_pass = TrainPasses(runner, train, fisher == "sampled", seed)
     if isinstance(resolved, QueryMethod):
         return Streaming(resolved, run_pass, damp)
     return resolved.fit(run_pass, runner.shapes, damp, statistics_dtype(runner.params, dtype), runner.compress)
@@ -90,7 +137,7 @@ def precondition(solver: Solver, queries: dict[str, Tensor], runner: Runner) -> 
     """``(G_l + λ_l I)⁻¹`` (or the method's approximation) applied to ``[n, O, I]`` gradients per layer."""
     if isinstance(solver, Curvature):
         return Preconditioned({n: solver.apply(n, q) for n, q in queries.items()}, solver.lambdas)
-    return solver.method.precondition(queries, solver.run_pass, runner.shapes, solver.damping)
+    return solver.method.precondition(queries, solver.run_pass.restarted(), runner.shapes, solver.damping)
 
 
 def solver_name(solver: Solver) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
+from hookinf.losses import draw_labels
 
 LOGRA = hookinf.LoGra(3, 2)
 
@@ -99,6 +100,31 @@ def test_every_entry_point_takes_its_devices_from_the_model_not_the_default(tmp_
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
 
+SAMPLED = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
+
+
+def sampled_fit(model: nn.Module, train: list[Any]) -> dict[str, Tensor]:
+    """An EK-FAC fit on the sampled Fisher: labels drawn on the logits' device, each pass afresh."""
+    fit = hookinf.fit(model, train, SAMPLED, method="ekfac", fisher="sampled", seed=3, progress=False)
+    return {key: value.cpu() for key, value in fit.tensors.items()}
+
+
+def test_sampled_labels_are_drawn_on_the_logits_device_not_the_default(meta_default: None) -> None:
+    torch.set_default_device(None)
+    model, train = make_model(), make_data()
+    expected = sampled_fit(model, train)
+    torch.set_default_device("meta")
+    got = sampled_fit(model, train)
+    torch.set_default_device(None)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    # A model on meta: any copy of the logits to the host would fail (a meta tensor holds no values to copy).
+    x, y = train[0]
+    losses = SAMPLED.sampled(make_model().to("meta"), (x.to("meta"), y.to("meta")), hookinf.Sampler(0))
+    assert losses.device.type == "meta"
+    assert losses.shape == (6,)
+
+
 class HostReads(TorchDispatchMode):
     """Counts the aten calls that copy a tensor's value to the host (a synchronisation on an accelerator)."""
 
@@ -152,6 +178,14 @@ def test_a_watched_step_reads_the_device_at_most_once_more_than_a_plain_step(
     assert watched.count <= plain.count + len(batches), watched.calls
 
 
+def test_sampled_labels_read_nothing_on_the_host() -> None:
+    model, (batch, *_) = make_model(), make_data()
+    sampler = hookinf.Sampler(0)
+    with HostReads() as reads:
+        SAMPLED.sampled(model, batch, sampler).sum().backward()
+    assert reads.count == 0, reads.calls
+
+
 def test_a_nonfinite_step_is_reported_one_step_late_and_never_stored(tmp_path: Path) -> None:
     model, batches = make_model(), make_data(24)
     with (  # noqa: PT012 - the loop is the subject
@@ -175,3 +209,13 @@ def test_on_cuda_every_entry_point_equals_the_cpu(tmp_path: Path) -> None:
     got = entry_points(cuda, on, [(x.cuda(), y.cuda()) for x, y in query], tmp_path / "cuda")
     for key, value in expected.items():
         torch.testing.assert_close(got[key].cpu(), value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_sampled_labels_are_drawn_on_the_device_reproducibly() -> None:
+    model, train = make_model().cuda(), [(x.cuda(), y.cuda()) for x, y in make_data()]
+    logits = model(train[0][0])
+    assert draw_labels(logits, hookinf.Sampler(0).generator(logits.device)).is_cuda
+    first, again = sampled_fit(model, train), sampled_fit(model, train)
+    for key, value in first.items():
+        assert torch.equal(value, again[key]), key

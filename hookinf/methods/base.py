@@ -5,7 +5,8 @@ time (per-example factors ``a`` ``[B, S, I]`` and ``δ`` ``[B, S, O]`` of every 
 :class:`~hookinf.pipeline.Consumer`, so the same code serves :func:`hookinf.fit` (which runs the passes itself
 through ``run_pass(description)``), a :func:`hookinf.watch` around the user's own loop and the Trainer callback
 (which feed it the steps of that loop). Multi-pass methods (EK-FAC) override :meth:`Method.fit`; the data is
-iterated in the same order on each pass.
+iterated in the same order on each pass. With a sampled Fisher each pass draws fresh labels, so a pass may not be
+replayed from memory in place of running the next one (:func:`fresh_draws`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from hookinf.shapes import LayerShape
 
 RunPass = Callable[[str], Iterable[Step]]
 """``run_pass(description)`` runs one pass over the training data and yields its steps."""
+
+
+def fresh_draws(run_pass: RunPass) -> bool:
+    """Whether each pass of ``run_pass`` draws new random labels (``fisher="sampled"``), so that no two agree.
+
+    A ``run_pass`` says so with a ``fresh_draws`` attribute that is ``True`` (:class:`hookinf.solvers.TrainPasses`);
+    any other callable runs the same numbers on every pass, which a method may then replay from memory.
+    """
+    return getattr(run_pass, "fresh_draws", False) is True
 
 
 class Accumulator(ABC):

@@ -26,7 +26,7 @@ from hookinf.curvature import Curvature, LayerStatistics
 from hookinf.damping import Damping
 from hookinf.errors import ConfigurationError, CurvatureError
 from hookinf.linalg import einsum
-from hookinf.methods.base import Accumulator, Method, RunPass
+from hookinf.methods.base import Accumulator, Method, RunPass, fresh_draws
 from hookinf.methods.kfac import (
     Eigen,
     FactorAccumulator,
@@ -197,7 +197,9 @@ class EKFAC(Method):
             reads them instead of running the model over the data again (the weights are fixed, so they are the
             same numbers). When the captures outgrow the budget they are dropped at once and the correction pass
             runs the model, so peak memory stays bounded whatever the number of examples. ``0`` always runs two
-            passes. Results are identical either way.
+            passes. Results are identical either way. With ``fisher="sampled"`` the cache is not used (the model
+            runs twice): each pass draws fresh labels, and correcting the eigenvalues with the very draws that
+            fitted the eigenbasis overfits the correction to them.
     """
 
     basis: Curvature | None = None
@@ -245,10 +247,14 @@ class EKFAC(Method):
         dtype: torch.dtype,
         compressor: Compressor | None = None,
     ) -> Curvature:
-        """Runs the factor pass (unless ``basis`` is given) and the correction pass."""
+        """Runs the factor pass (unless ``basis`` is given) and the correction pass.
+
+        The first pass's steps are replayed for the correction within ``cache_bytes``, unless the passes draw fresh
+        labels (:func:`~hookinf.methods.base.fresh_draws`): then the correction pass runs the model on new draws.
+        """
         self.check(shapes)
         basis = self.basis
-        cache = _StepCache(self.cache_bytes if basis is None else 0)
+        cache = _StepCache(self.cache_bytes if basis is None and not fresh_draws(run_pass) else 0)
         if basis is None:
             factors = FactorAccumulator(shapes, dtype, compressor)
             for step in run_pass("fit ekfac factors (pass 1/2)"):
