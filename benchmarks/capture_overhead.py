@@ -1,14 +1,14 @@
-"""Cost of capturing per-example factors: a training step inside ``hookinf.watch`` ÷ the same step without it.
+"""Cost of capturing per-example factors: time, peak memory and host reads of a watched step against a plain one.
 
     .venv/bin/python benchmarks/capture_overhead.py [--repeats 30]
 
-Both variants run side by side in one process on the same model and batches (interleaved, median of repeats),
-so the ratio is comparable across machines; absolute times are printed for context only.
-
-Then, per model, the device-to-host reads per training step (the aten calls ``_local_scalar_dense``, ``nonzero``,
-``is_nonzero`` and ``equal``, counted with a ``TorchDispatchMode``; on an accelerator each one stalls the step
-until the device catches up): plain, inside a bare ``watch``, with ``fit="kfac"`` and with ``log_to=`` +
-``LoGra(16, 16)``. They are counts, not timings, so the CPU gives the numbers a GPU would.
+Every variant (plain, a bare watch, logging with LoGra compressed in the hooks, and logging compressed after the
+step — the data path before compression moved into the hooks) runs on its own copy of the model, side by side in
+one process (interleaved, median of repeats), so the ratios are comparable across machines; absolute times are
+printed for context only. Then the peak live tensor memory of one step of each variant (a ``TorchDispatchMode``
+tracking every allocated storage until it is freed) and the device-to-host reads per training step (the aten calls
+``_local_scalar_dense``, ``nonzero``, ``is_nonzero`` and ``equal``; on an accelerator each one stalls the step until
+the device catches up). Memory and reads are counts, not timings, so the CPU gives the numbers a GPU would.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from hookinf.errors import (
 from hookinf.helpers import fit, influence, log, self_influence
 from hookinf.hooks import Watch
 from hookinf.loop import LoopWatch, watch
-from hookinf.losses import CrossEntropy, SampledLoss, Sampler
+from hookinf.losses import CrossEntropy, SampledLoss, Sampler, Summed, summed
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK, load_scores
 from hookinf.shapes import LayerShape
@@ -60,6 +60,8 @@ __all__ = [
     "LayerShape",
     "Damping",
     "CrossEntropy",
+    "Summed",
+    "summed",
     "SampledLoss",
     "Sampler",
     # compression

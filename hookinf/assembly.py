@@ -29,6 +29,7 @@ class Call:
     name: str
     adapter: LayerAdapter
     a: Tensor
+    dtype: torch.dtype  # the layer's weight dtype: both factors are captured in it (see hookinf.hooks)
     done: bool = False
 
 

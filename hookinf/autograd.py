@@ -3,12 +3,14 @@
 * :func:`in_backward` / :func:`in_functorch`: where the current Python code runs (inside a backward pass, e.g. a
   checkpoint's recomputation; inside a ``torch.func`` transform), which hooks use to ignore calls that are not the
   user's batch.
+* :func:`without_autocast`: the hooks' own arithmetic runs in the dtypes it chooses, not autocast's.
 * :func:`differentiate`: runs the backward of a loss far enough to reach given tensors, keeping no gradient, also
   through a reentrant checkpoint (which refuses ``torch.autograd.grad``), with every ``.grad`` put back.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,17 @@ def in_backward() -> bool:
     """Whether autograd is executing a backward pass on this thread (true during checkpoint recomputation)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and bool(task_id() != -1)
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A block in which autocast is off on ``device_type`` (a no-op context when it is off already).
+
+    A forward hook runs inside the user's ``torch.autocast`` region, where ``F.linear``, ``F.conv2d`` and ``@`` would
+    cast hookinf's projections to bfloat16 or float16; the hooks compute in the layer's weight dtype instead.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def differentiate(loss: Tensor, targets: Sequence[Tensor], model: nn.Module) -> None:

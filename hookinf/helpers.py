@@ -62,7 +62,8 @@ def fit(
     Args:
         model: the trained model (left unchanged; run in eval mode during the passes).
         train: batches of training examples (iterated once, twice for ``ekfac``; same order each time).
-        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
+            sum of the batch's per-example losses with :func:`hookinf.summed`).
         method: ``"ekfac"`` (default), ``"kfac"``, ``"exact"`` (small layers), ``"identity"``, or a
             :class:`hookinf.Method` such as ``hookinf.EKFAC(basis=...)``.
         modules: which layers to track (see :func:`hookinf.watch`).
@@ -124,7 +125,8 @@ def influence(
             the scoring pass); column ``j`` of the scores is the ``j``-th example in that order. A shuffling
             DataLoader is refused.
         query: batches of query examples; row ``q`` of the scores is the ``q``-th query.
-        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
+            sum of the batch's per-example losses with :func:`hookinf.summed`).
         method: ``"exact"`` (explicit damped blocks), ``"kfac"``, ``"ekfac"``, ``"identity"`` (TracIn-style dot
             products), a :class:`hookinf.Method` such as ``hookinf.Exact(max_dim=...)``, or a fitted
             :class:`hookinf.Curvature` (from :func:`fit` or :func:`hookinf.load`), which is reused without refitting.
@@ -256,7 +258,8 @@ def log(
     Args:
         model: the model (left unchanged; run in eval mode).
         train: batches of training examples (iterated once; a generator is fine).
-        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` or their sum.
+        loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
+            sum of the batch's per-example losses with :func:`hookinf.summed`).
         compress: the compressor (``hookinf.LoGra(16, 16)``, ``hookinf.Dropout(r=...)``, ``hookinf.Gaussian(r)``).
         path: the store's directory. When it already holds a store of the same compressor and model, logging
             resumes: batches whose ids are all stored are skipped without running the model, and the store ends

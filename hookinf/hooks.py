@@ -8,17 +8,16 @@ received a gradient, calls of one module are concatenated along ``S``, ``δ`` is
 ``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` goes to the watch's consumers
 (:mod:`hookinf.pipeline`). The watch owns its hooks and nothing else.
 
-Given a :class:`~hookinf.pipeline.FactorMap` (a compressor), the hooks map each call's factors as they arrive — the
-forward hook keeps ``a P_inᵀ`` ``[B, S, r_in]``, never the full-width input, and the gradient hook ``δ P_outᵀ`` — so
-between a forward and its backward the watch holds only the mapped factors. Finiteness is checked on the raw
-tensors in the hooks (one fused flag per device and step, read a step late). A watch with consumers keeps no
-reference to a step once they have it (:attr:`Watch.last_step` is then weak), so a step's tensors live no longer
-than its consumers hold them.
+Given a :class:`~hookinf.pipeline.FactorMap` (a compressor), the hooks keep only the mapped factors (``a P_inᵀ``,
+``δ P_outᵀ``), never the full-width ones. Finiteness is checked on the raw tensors in the hooks (one fused flag per
+device and step, read a step late). A watch with consumers holds its last step weakly.
 
 Design notes: output gradients come from tensor hooks, not ``register_full_backward_hook`` (which breaks with
 in-place activations); each forward call captures at most once (a ``create_graph=True`` second backward adds
 nothing); forwards re-run by gradient checkpointing happen inside backward and never close a step; the model is
-never modified, and every handle is removed when the block exits, whatever a consumer raises.
+never modified — not even a hook is stored on it: the forward hooks are two global module hooks that look the module
+up by identity, so a deep copy made inside the block carries none — and every handle is removed when the block
+exits, whatever a consumer raises.
 """
 
 from __future__ import annotations
@@ -31,10 +30,11 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check
-from hookinf.autograd import in_backward, in_functorch
+from hookinf.autograd import in_backward, in_functorch, without_autocast
 from hookinf.capture import FiniteCheck, Step, all_finite
 from hookinf.errors import (
     CaptureError,
@@ -92,6 +92,7 @@ class Watch:
         self.loss_reduction: LossReduction = loss_reduction
         self.selection = select(model, modules)
         self._modules = self.selection.modules
+        self._names = {id(module): name for name, module in self._modules.items()}
         self._adapters = self.selection.adapters
         self.layers: tuple[str, ...] = self.selection.layers
         self.consumers: tuple[Consumer, ...] = tuple(consumers)
@@ -118,15 +119,13 @@ class Watch:
                     f"same model are not supported. Use the outer watch, or exit it before entering a new one."
                 )
         try:
-            for name, module in self._modules.items():
+            for module in self._modules.values():
                 _ACTIVE[module] = self
-                hook = self._make_forward_hook(name, self._adapters[name])
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            # Around the whole model's forward: which tracked layers ran (catches layers whose forward() is
-            # never called even when no other layer produces a step).
-            # closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's watch along with it
-            self._handles.append(self.model.register_forward_pre_hook(lambda m, a: self._on_model_forward_start(m, a)))
-            self._handles.append(self.model.register_forward_hook(lambda m, a, o: self._on_model_forward_end(m, a, o)))
+            # Global module hooks (torch.nn.modules.module.register_module_forward_hook), matched to the tracked
+            # modules by identity: no hook is stored on any module, so a deep copy of the model made inside the block
+            # (an EMA twin, a checkpoint copy) carries none, pickles, and is never captured.
+            self._handles.append(register_module_forward_pre_hook(self._on_forward_start))
+            self._handles.append(register_module_forward_hook(self._on_forward_end, with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -294,20 +293,27 @@ class Watch:
         return f"Watch({state}, {len(self.layers)} layers, loss_reduction={self.loss_reduction!r}, steps={self._steps})"
 
     # ------------------------------------------------------------------ hooks
-    # A deep copy of the model made inside the block (an EMA twin, a checkpoint copy) carries copies of these hook
-    # entries; every hook checks that it runs on the module it was registered on, so copies are inert.
-    def _on_model_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module is not self.model:
-            return None
+    # Two global hooks see every module call in the process while the block runs; each looks the module up by identity
+    # (one dict lookup) and returns at once for any module that is neither the model nor a tracked layer.
+    def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module is self.model:
+            self._on_model_forward_start()
+
+    def _on_forward_end(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        name = self._names.get(id(module))
+        if name is not None and self._modules[name] is module:
+            self._on_layer_forward(name, args, kwargs, output)
+        if module is self.model:
+            self._on_model_forward_end()
+
+    def _on_model_forward_start(self) -> None:
         if self._open and torch.is_grad_enabled() and not in_backward() and not in_functorch():
             self._ran = set()
             if not self._pending:
                 self._pending = Pending()  # calls of earlier forwards whose backward never came
         return None
 
-    def _on_model_forward_end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if module is not self.model:
-            return None
+    def _on_model_forward_end(self) -> None:
         ran, self._ran = self._ran, None
         if ran is None or not self._open:
             return None
@@ -319,31 +325,30 @@ class Watch:
             )
         return None
 
-    def _make_forward_hook(self, name: str, adapter: LayerAdapter) -> Any:
-        owner = self._modules[name]
-
-        def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if module is not owner or not self._open or in_functorch():
-                return None  # a deep copy's inherited hook, closed, or inside a torch.func transform
-            if self._ran is not None:
-                self._ran.add(name)
-            if not in_backward():
-                self._finish_step()  # a new forward outside backward: the previous step is complete
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return None  # no_grad / frozen path: nothing will flow back
-            x = adapter.input_tensor(args, kwargs).detach()
-            self._pending.flags.append((name, "input activations", all_finite(x)))
-            fmap = self.factor_map
-            call = Call(name, adapter, adapter.activations(x) if fmap is None else fmap.activations(name, adapter, x))
-            if self._outputs is not None and not in_backward():
-                self._outputs.append((name, output, output._version))
-            self._pending.calls.append(call)
-            self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
-            if len(self._tensor_handles) > _HANDLE_PRUNE_AT:
-                self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
-            return None
-
-        return forward_hook
+    def _on_layer_forward(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self._open or in_functorch():
+            return  # closed, or inside a torch.func transform
+        if self._ran is not None:
+            self._ran.add(name)
+        if not in_backward():
+            self._finish_step()  # a new forward outside backward: the previous step is complete
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return  # no_grad / frozen path: nothing will flow back
+        adapter, weight = self._adapters[name], self._modules[name].weight
+        x = adapter.input_tensor(args, kwargs).detach()
+        dtype = weight.dtype if isinstance(weight, Tensor) else x.dtype
+        self._pending.flags.append((name, "input activations", all_finite(x)))
+        fmap = self.factor_map
+        with without_autocast(x.device.type):
+            x = x.to(dtype)  # under autocast a float32 layer may get a bfloat16 input: capture in the weight's dtype
+            a = adapter.activations(x) if fmap is None else fmap.activations(name, adapter, x)
+        call = Call(name, adapter, a, dtype)
+        if self._outputs is not None and not in_backward():
+            self._outputs.append((name, output, output._version))
+        self._pending.calls.append(call)
+        self._tensor_handles.append(output.register_hook(lambda grad: self._on_output_grad(call, grad)))
+        if len(self._tensor_handles) > _HANDLE_PRUNE_AT:
+            self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
 
     def _on_output_grad(self, call: Call, grad: Tensor) -> None:
         if not self._open or call.done:
@@ -357,8 +362,10 @@ class Watch:
                 f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
             )
         self._pending.flags.append((call.name, "output gradients", all_finite(delta)))
+        delta = delta.to(call.dtype)  # under autocast δ is bfloat16/float16 while the weight is float32
         if self.factor_map is not None:
-            delta = self.factor_map.output_gradients(call.name, delta)
+            with without_autocast(delta.device.type):
+                delta = self.factor_map.output_gradients(call.name, delta)
         self._pending.fired.setdefault(call.name, []).append((call.a, delta))
         return None
 

@@ -156,6 +156,12 @@ class _Part:
 def batch_size(batch: Any) -> int:
     """The number of examples in a batch: the first dimension of its first tensor."""
     if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            raise DataError(
+                "the batch's first tensor is a scalar (0-d), so it has no batch dimension to count examples along: "
+                "put the examples along the first dimension of the batch's first tensor, or pass ids=lambda batch: "
+                "... returning the batch's example ids."
+            )
         return int(batch.shape[0])
     if isinstance(batch, Mapping):
         batch = list(batch.values())

@@ -109,6 +109,43 @@ def draw_labels(logits: Tensor, generator: torch.Generator) -> Tensor:
     return torch.cat(labels)
 
 
+def sums_examples(loss_fn: object) -> bool:
+    """Whether ``loss_fn`` declares that the scalar it returns is the sum of the batch's per-example losses.
+
+    A declaration, not a guess: a scalar is a batch mean as often as a sum (``F.cross_entropy``'s default), and a mean
+    taken as a sum makes every gradient ``1/B`` too small. Declared by a true ``sums_examples`` attribute
+    (:func:`summed`, :class:`hookinf.integrations.ModelLoss`).
+    """
+    return getattr(loss_fn, "sums_examples", False) is True
+
+
+@dataclass(frozen=True)
+class Summed:
+    """A ``loss_fn`` whose scalar result is the sum of the batch's per-example losses (see :func:`summed`).
+
+    Attributes:
+        fn: ``fn(model, batch)`` → the sum over the batch's examples of each example's loss (a scalar).
+    """
+
+    fn: Callable[[nn.Module, Any], Tensor]
+    sums_examples = True
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        """``fn(model, batch)``."""
+        return self.fn(model, batch)
+
+
+def summed(fn: Callable[[nn.Module, Any], Tensor]) -> Summed:
+    """Declares that ``fn`` returns the *sum* of its batch's per-example losses, so a one-call helper may take it.
+
+    hookinf's helpers take per-example losses ``[B]``; a scalar is refused unless declared a sum this way, because a
+    batch mean (``F.cross_entropy``'s default) cannot be told from a sum and would scale every gradient by ``1/B``::
+
+        loss_fn = hookinf.summed(lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="sum"))
+    """
+    return Summed(fn)
+
+
 @runtime_checkable
 class SampledLoss(Protocol):
     """A ``loss_fn`` that can also compute the loss at labels sampled from the model.

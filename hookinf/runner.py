@@ -27,7 +27,7 @@ from hookinf.capture import Step
 from hookinf.compress import Compressor, require_compressor
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
-from hookinf.losses import SampledLoss, Sampler
+from hookinf.losses import SampledLoss, Sampler, sums_examples
 from hookinf.pipeline import Collect
 from hookinf.progress import PassProgress
 from hookinf.selection import ModuleSpec, select
@@ -35,7 +35,8 @@ from hookinf.shapes import fingerprint
 from hookinf.store import GradientStore, store_step
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-"""``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum (a scalar)."""
+"""``loss_fn(model, batch)`` → per-example losses ``[B]`` (or their sum, a scalar, declared with
+:func:`hookinf.summed`)."""
 
 
 class Runner:
@@ -45,7 +46,8 @@ class Runner:
 
     Args:
         model: the model (left unchanged).
-        loss_fn: ``loss_fn(model, batch)`` → per-example losses ``[B]`` or their sum.
+        loss_fn: ``loss_fn(model, batch)`` → per-example losses ``[B]``, or their sum when declared so
+            (:func:`hookinf.summed`).
         modules: which layers to track (see :func:`hookinf.watch`).
         compress: the compressor every step is compressed with (inside the watch's hooks), or ``None``.
         progress: show a rich progress bar per pass.
@@ -152,7 +154,15 @@ class Runner:
             if not isinstance(losses, Tensor) or losses.dim() > 1:
                 shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                 raise DataError(
-                    f"loss_fn must return per-example losses of shape [B] or their sum (a scalar); got {shape}."
+                    f"loss_fn must return per-example losses of shape [B] (or their declared sum, see "
+                    f"hookinf.summed); got {shape}."
+                )
+            if losses.dim() == 0 and not sums_examples(self.loss_fn):
+                raise DataError(
+                    "loss_fn returned one number for the whole batch: hookinf cannot tell a batch mean (the default "
+                    "of F.cross_entropy, which would make every gradient 1/B too small) from a sum. Return one loss "
+                    "per example, shape [B] — e.g. F.cross_entropy(logits, y, reduction='none') — or, if the number "
+                    "is the sum of the batch's per-example losses, declare it: loss_fn=hookinf.summed(your_fn)."
                 )
             if not losses.requires_grad:
                 raise DataError(
@@ -169,7 +179,7 @@ class Runner:
         if losses.dim() == 1 and losses.shape[0] != step.batch_size:
             raise DataError(
                 f"loss_fn returned {losses.shape[0]} losses for a batch of {step.batch_size} examples; return "
-                f"one loss per example (shape [B]) or their sum."
+                f"one loss per example (shape [B])."
             )
         return step
 

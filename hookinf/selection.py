@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,20 @@ def select(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] | Select
     if isinstance(modules, Selection):
         return modules
     chosen = select_modules(model, modules)
+    _check_materialised(chosen)
     return Selection(dict(chosen), {name: adapter_for(name, module) for name, module in chosen})
+
+
+def _check_materialised(chosen: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuses tracked layers whose parameters hold no values (the ``meta`` device)."""
+    for name, module in chosen:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            raise ConfigurationError(
+                f"layer '{name}' has its parameters on the 'meta' device: they have shapes but no values, so no "
+                f"gradient can be computed. Materialise the model first (load its weights, e.g. "
+                f"model.to_empty(device='cpu') then model.load_state_dict(...), or from_pretrained without a meta "
+                f"device_map)."
+            )
 
 
 def _trackable(module: nn.Module) -> bool:
@@ -156,6 +169,11 @@ def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] 
             )
         return [(name, module) for name, module in named if name in kept]
     specs: Iterable[ModuleSpec] = [modules] if isinstance(modules, str | type) else modules
+    if isinstance(specs, Sized) and len(specs) == 0:
+        raise ConfigurationError(
+            "modules=[] selects no layer, so there would be nothing to attribute: pass modules=None to track every "
+            "supported layer with trainable parameters, or list the layers (names, glob patterns or module types)."
+        )
     by_name = dict(named)
     chosen = set()
     for spec in specs:

@@ -141,3 +141,20 @@ def test_concentration_is_a_share_between_the_uniform_and_the_top_pair(fitted):
     share = scores.concentration(0.01)
     assert 0 < share <= 1
     assert scores.concentration(1.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_reports_of_non_finite_scores_say_so_without_a_traceback(tmp_path, capsys, bad):
+    part = torch.randn(3, 5, dtype=torch.float64)
+    broken = part.clone()
+    broken[2, 4] = bad
+    path = hookinf.Scores({"fc1": part, "fc2": broken}, method="identity").save(tmp_path / "s")
+    assert main(["report", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "not finite: 1 entry is NaN or infinite" in err
+    assert "layer 'fc2', query 2, training example 4" in err
+    assert "Traceback" not in err
+    assert main(["report", str(path), "--html", str(tmp_path / "r.html")]) == 1
+    assert not (tmp_path / "r.html").exists()
+    assert main(["info", str(path)]) == 0  # info describes the directory, and says the shares are not finite
+    assert "not finite" in capsys.readouterr().out

@@ -69,12 +69,12 @@ def assert_close(actual: Tensor, expected: Tensor, what: str, rtol: float = RTOL
 
 
 def summed(loss_fn: LossFn) -> LossFn:
-    """The same loss returned as the sum over the batch (a scalar) instead of per-example ``[B]``."""
+    """The same loss returned as the sum over the batch (a scalar, declared so) instead of per-example ``[B]``."""
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
         return loss_fn(model, batch).sum()
 
-    return loss
+    return hookinf.summed(loss)
 
 
 LOSS_FORMS: dict[str, Callable[[LossFn], LossFn]] = {"per-example": lambda f: f, "summed": summed}

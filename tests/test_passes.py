@@ -9,6 +9,7 @@ two backwards run the same products for δ, so they agree to rounding, 1e-12 rel
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,76 @@ def test_reentrant_checkpoint_leaves_every_grad_as_it_was(
             assert torch.equal(p.grad, marks[name]), name
         else:
             assert p.grad is None, name
+
+
+# ---------------------------------------------------------------------------------------------------- scalar losses
+def _mean_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])  # the batch mean, F.cross_entropy's default
+
+
+def _sum_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model, train, loss: hookinf.fit(model, train, loss, method="kfac", progress=False),
+        lambda model, train, loss: hookinf.influence(model, train, train[:1], loss, method="identity", progress=0),
+        lambda model, train, loss: hookinf.self_influence(model, train, loss, method="exact", progress=False),
+    ],
+    ids=["fit", "influence", "self_influence"],
+)
+def test_a_scalar_loss_is_refused_unless_declared_a_sum(call: object) -> None:
+    """A batch mean taken as a sum would scale every gradient by 1/B: refused, with the two fixes in the message."""
+    model, train = mlp(inplace=False), data(3, seed=0)
+    assert callable(call)
+    with pytest.raises(hookinf.DataError, match=r"reduction='none'.*hookinf\.summed"):
+        call(model, train, _mean_loss)
+    with pytest.raises(hookinf.DataError, match="one number for the whole batch"):
+        call(model, train, _sum_loss)  # a sum, undeclared: refused too (hookinf cannot tell)
+    declared, per_example = call(model, train, hookinf.summed(_sum_loss)), call(model, train, loss_fn)
+    if isinstance(declared, hookinf.Curvature):
+        for key, value in per_example.tensors.items():
+            assert_close(declared.tensors[key], value, rtol=1e-12, atol=1e-14)
+    elif isinstance(declared, hookinf.Scores):
+        assert isinstance(per_example, hookinf.Scores)
+        assert_close(declared.total, per_example.total, rtol=1e-10, atol=0)
+    else:
+        assert_close(declared, per_example, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_an_empty_module_list_is_refused_with_what_to_pass() -> None:
+    model, train = mlp(inplace=False), data(1, seed=0)
+    with pytest.raises(hookinf.ConfigurationError, match=r"modules=\[\] selects no layer.*modules=None"):
+        hookinf.fit(model, train, loss_fn, modules=[], method="kfac", progress=False)
+    with pytest.raises(hookinf.ConfigurationError, match=r"modules=\[\]"):
+        hookinf.watch(model, modules=[])
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_layer() -> None:
+    with torch.device("meta"):
+        model = mlp(inplace=False)
+    with pytest.raises(hookinf.ConfigurationError, match=r"layer 'fc1' has its parameters on the 'meta' device"):
+        hookinf.fit(model, data(1, seed=0), loss_fn, method="kfac", progress=False)
+    with pytest.raises(hookinf.ConfigurationError, match="meta"):
+        hookinf.watch(model)
+
+
+def test_a_batch_led_by_a_scalar_tensor_is_refused_when_ids_are_counted(tmp_path: Path) -> None:
+    model = mlp(inplace=False)
+    batches = [(torch.tensor(i), x, y) for i, (x, y) in enumerate(data(2, seed=0))]  # a batch index put first
+
+    def indexed_loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return loss_fn(model, (batch[1], batch[2]))
+
+    compress = hookinf.LoGra(2, 2)
+    with pytest.raises(hookinf.DataError, match=r"first tensor is a scalar \(0-d\).*ids="):
+        hookinf.log(model, batches, indexed_loss, compress=compress, path=tmp_path / "s", progress=False)
+
+    def ids(batch: tuple[Tensor, Tensor, Tensor]) -> range:
+        return range(5 * int(batch[0]), 5 * int(batch[0]) + 5)
+
+    store = hookinf.log(model, batches, indexed_loss, compress=compress, path=tmp_path / "t", ids=ids, progress=False)
+    assert sorted(store.ids.tolist()) == list(range(10))

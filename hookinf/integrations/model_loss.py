@@ -45,6 +45,8 @@ class ModelLoss:
 
     reduction: LossReduction = "mean"
     id_column: str = "idx"
+    #: the scalar returned is the sum of the batch's per-example losses (:func:`hookinf.losses.sums_examples`).
+    sums_examples = True
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from hookinf.errors import ConfigurationError
+from hookinf.errors import ConfigurationError, DataError
 from hookinf.metrics import auc
 from hookinf.scores import Scores
 
@@ -153,6 +153,25 @@ def check_self_scores(self_scores: Tensor) -> Tensor:
     return values
 
 
+def check_finite_scores(scores: Scores) -> None:
+    """A :class:`DataError` naming the non-finite entries of ``scores`` (their count, first layer, query and example).
+
+    A report ranks, sums and shares scores; one NaN or infinity makes every share and ranking meaningless, so a
+    report says so instead of drawing them.
+    """
+    for name, part in scores.per_layer.items():
+        bad = ~part.isfinite()
+        if bool(bad.any()):
+            query, example = (int(i) for i in bad.nonzero()[0])
+            total = sum(int((~p.isfinite()).sum()) for p in scores.per_layer.values())
+            raise DataError(
+                f"the scores are not finite: {total} entr{'y is' if total == 1 else 'ies are'} NaN or infinite (the "
+                f"first in layer '{layer_label(name)}', query {query}, training example {example}), so no share or "
+                f"ranking can be reported. Typical causes: a damping too small for a singular curvature "
+                f"(raise damping=), or non-finite model outputs for that query."
+            )
+
+
 def check_flipped(flipped: Tensor, n_train: int) -> Tensor:
     """``flipped`` as a bool ``[n_train]`` CPU tensor, or a :class:`ConfigurationError`."""
     if not isinstance(flipped, Tensor) or flipped.dtype != torch.bool or tuple(flipped.shape) != (n_train,):
@@ -169,6 +188,15 @@ def check_k(k: int) -> None:
     """A :class:`ConfigurationError` unless ``k``, the number of examples per list, is a positive integer."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigurationError(f"k={k!r}: the number of examples per list must be a positive integer.")
+
+
+def damping_text(damping: dict[str, float]) -> str:
+    """The damping of a report's summary: one value, or the range over the layers."""
+    if not damping:
+        return "— (none)"
+    values = list(damping.values())
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g} … {hi:.3g} (per layer)"
 
 
 def layer_label(name: str) -> str:

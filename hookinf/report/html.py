@@ -24,7 +24,16 @@ from torch import Tensor
 
 from hookinf.errors import ConfigurationError
 from hookinf.presenter import ImageFn
-from hookinf.report.content import ExampleRow, check_self_scores, detection, example_rows, layer_label, select_queries
+from hookinf.report.content import (
+    ExampleRow,
+    check_finite_scores,
+    check_self_scores,
+    damping_text,
+    detection,
+    example_rows,
+    layer_label,
+    select_queries,
+)
 from hookinf.report.images import img_tag
 from hookinf.report.page import Section, check_anchor, escape, figure_html, save_html, summary_cards
 from hookinf.scores import Scores
@@ -76,6 +85,7 @@ def scores_section(
         ConfigurationError: a bad ``queries``, ``k`` or ``anchor``, an image of a bad shape, or matplotlib missing.
     """
     check_anchor(anchor)
+    check_finite_scores(scores)
     _require_matplotlib()
     from hookinf.report import plots  # numpy and matplotlib: loaded when a section is drawn, not by import hookinf
 
@@ -92,7 +102,7 @@ def scores_section(
         ("method", scores.method),
         ("queries × training examples", f"{n_query:,} × {n_train:,}"),
         ("layers", str(len(scores.layers))),
-        ("damping λ", _damping_text(scores.damping)),
+        ("damping λ", damping_text(scores.damping)),
         ("top 1% of pairs hold", f"{scores.concentration(0.01):.1%} of |influence|"),
         ("top 10% of pairs hold", f"{scores.concentration(0.10):.1%} of |influence|"),
         ("harmful pairs (score > 0)", f"{positive:.1%}"),
@@ -385,11 +395,3 @@ def _require_matplotlib() -> None:
         raise ConfigurationError(
             "the HTML report draws its plots with matplotlib, which is not installed: pip install 'hookinf[report]'."
         ) from err
-
-
-def _damping_text(damping: dict[str, float]) -> str:
-    if not damping:
-        return "— (none)"
-    values = list(damping.values())
-    lo, hi = min(values), max(values)
-    return f"{lo:.3g}" if lo == hi else f"{lo:.3g} … {hi:.3g} (per layer)"

@@ -12,6 +12,7 @@ increases the query's loss), a negative one *helpful*.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from rich.text import Text
 from torch import Tensor
 
 from hookinf.report.content import (
+    check_finite_scores,
     check_flipped,
     check_k,
     check_self_scores,
@@ -49,11 +51,11 @@ def layer_table(scores: Scores, title: str | None = None) -> Table:
     table.add_column("λ", justify="right")
     dominant = torch.bincount(scores.query_layer_shares().argmax(dim=1), minlength=len(scores.per_layer))
     for idx, (name, share) in enumerate(scores.layer_shares().items()):
-        bar = "█" * round(20 * share)
+        finite = math.isfinite(share)
         lam = scores.damping.get(name)
         table.add_row(
             layer_label(name),
-            f"{share:6.1%} {bar}",
+            f"{share:6.1%} {'█' * round(20 * share)}" if finite else "not finite",
             f"{float(scores.per_layer[name].sum()):.4g}",
             str(int(dominant[idx])),
             "—" if lam is None else f"{lam:.3g}",
@@ -240,6 +242,7 @@ def scores_report(
         A rich renderable (``console.print`` it).
     """
     check_k(k)
+    check_finite_scores(scores)
     chosen = select_queries(scores, queries)
     n_query, n_train = scores.shape
     header = (
