@@ -18,6 +18,7 @@ from hookinf.errors import (
     CurvatureError,
     DataError,
     HookinfError,
+    HookinfWarning,
     NestedWatchError,
     NonFiniteGradientError,
     NoTrackableModuleError,
@@ -75,6 +76,7 @@ __all__ = [
     "TopK",
     # errors
     "HookinfError",
+    "HookinfWarning",
     "CaptureError",
     "CompressorMismatchError",
     "ConfigurationError",

@@ -48,7 +48,7 @@ def fit(
     train: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method = "ekfac",
+    method: str | Method = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping = 0.1,
     fisher: Fisher = "empirical",
@@ -64,8 +64,10 @@ def fit(
         train: batches of training examples (iterated once, twice for ``ekfac``; same order each time).
         loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
             sum of the batch's per-example losses with :func:`hookinf.summed`).
-        method: ``"ekfac"`` (default), ``"kfac"``, ``"exact"`` (small layers), ``"identity"``, or a
-            :class:`hookinf.Method` such as ``hookinf.EKFAC(basis=...)``.
+        method: ``"auto"`` (default: ``"exact"`` when every layer has at most 8,192 parameters — compressed
+            dimensions when compressing — else ``"ekfac"``; the curvature's ``method`` says which), ``"ekfac"``,
+            ``"kfac"``, ``"exact"`` (small layers), ``"identity"``, or a :class:`hookinf.Method` such as
+            ``hookinf.EKFAC(basis=...)``.
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping (see :mod:`hookinf.damping`), or ``hookinf.Damping(absolute=...)``; stored with
             the curvature.
@@ -87,15 +89,15 @@ def fit(
     Raises:
         ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
     """
-    resolved = resolve_method(method)
-    if not isinstance(resolved, Method):
-        raise ConfigurationError(
-            f"method={resolved.name!r} has no curvature to fit: it streams over the training data for each set of "
-            f"queries. Pass it to hookinf.influence(...) directly, or fit 'ekfac', 'kfac' or 'exact'."
-        )
     damp = as_damping(damping)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+        resolved = resolve_method(method, runner.shapes)
+        if not isinstance(resolved, Method):
+            raise ConfigurationError(
+                f"method={resolved.name!r} has no curvature to fit: it streams over the training data for each set "
+                f"of queries. Pass it to hookinf.influence(...) directly, or fit 'ekfac', 'kfac' or 'exact'."
+            )
         curvature = solver(runner, resolved, train, damp, dtype, fisher, seed)
         assert isinstance(curvature, Curvature)
         return curvature
@@ -107,7 +109,7 @@ def influence(
     query: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | QueryMethod | Curvature = "exact",
+    method: str | Method | QueryMethod | Curvature = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
@@ -127,9 +129,11 @@ def influence(
         query: batches of query examples; row ``q`` of the scores is the ``q``-th query.
         loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
             sum of the batch's per-example losses with :func:`hookinf.summed`).
-        method: ``"exact"`` (explicit damped blocks), ``"kfac"``, ``"ekfac"``, ``"identity"`` (TracIn-style dot
-            products), a :class:`hookinf.Method` such as ``hookinf.Exact(max_dim=...)``, or a fitted
-            :class:`hookinf.Curvature` (from :func:`fit` or :func:`hookinf.load`), which is reused without refitting.
+        method: ``"auto"`` (default: ``"exact"`` when every layer has at most 8,192 parameters, else ``"ekfac"``;
+            the scores' ``method`` says which), ``"exact"`` (explicit damped blocks), ``"kfac"``, ``"ekfac"``,
+            ``"identity"`` (TracIn-style dot products), a :class:`hookinf.Method` such as
+            ``hookinf.Exact(max_dim=...)``, or a fitted :class:`hookinf.Curvature` (from :func:`fit` or
+            :func:`hookinf.load`), which is reused without refitting.
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
@@ -199,7 +203,7 @@ def self_influence(
     train: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | QueryMethod | Curvature = "exact",
+    method: str | Method | QueryMethod | Curvature = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",

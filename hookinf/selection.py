@@ -134,6 +134,35 @@ def _check_tied(model: nn.Module, chosen: list[str], explicit: bool) -> list[str
     return kept
 
 
+def _warn_left_out(named: Sequence[tuple[str, nn.Module]], kept: set[str]) -> None:
+    """Warns, for the default selection, about trainable parameters no tracked layer holds (their influence is lost).
+
+    Embeddings, normalisation layers and other unsupported modules (and tied layers left out) hold trainable
+    parameters whose gradients hookinf does not capture; the scores then attribute only through the tracked layers.
+    """
+    tracked = {id(p) for name, m in named if name in kept for p in m.parameters(recurse=False)}
+    left: list[tuple[str, str, int]] = []
+    seen: set[int] = set(tracked)
+    for name, module in named:
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if own and name not in kept:
+            left.append((name or "<model>", type(module).__name__, sum(p.numel() for p in own)))
+    if not left:
+        return
+    out = sum(n for *_, n in left)
+    total = out + sum(p.numel() for name, m in named if name in kept for p in m.parameters(recurse=False))
+    shown = ", ".join(f"'{name}' ({kind}, {n:,})" for name, kind, n in left[:4])
+    more = f" and {len(left) - 4} more" if len(left) > 4 else ""
+    warnings.warn(
+        f"hookinf tracks {len(kept)} layer(s) and leaves out {len(left)} module(s) holding {out:,} trainable "
+        f"parameters ({out / total:.1%} of them) that it cannot track: {shown}{more}. Their influence is not in the "
+        f"scores. Name the layers to track with modules=[...] to silence this.",
+        HookinfWarning,
+        stacklevel=6,
+    )
+
+
 def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] | None) -> list[tuple[str, nn.Module]]:
     """Resolves a ``modules=`` selection to ``(qualified name, module)`` pairs in model order.
 
@@ -167,6 +196,7 @@ def select_modules(model: nn.Module, modules: ModuleSpec | Sequence[ModuleSpec] 
                 f"{type(model).__name__}'s only supported trainable modules share their weights with other modules "
                 f"(see the warning above); nothing can be tracked without a partial gradient."
             )
+        _warn_left_out(named, kept)
         return [(name, module) for name, module in named if name in kept]
     specs: Iterable[ModuleSpec] = [modules] if isinstance(modules, str | type) else modules
     if isinstance(specs, Sized) and len(specs) == 0:

@@ -115,7 +115,7 @@ def solver(
         method.check_compressor(runner.compress)
         method.check_compatible(runner.shapes)
         return method if damping is None else method.with_damping(as_damping(damping))
-    resolved = resolve_method(method)
+    resolved = resolve_method(method, runner.shapes)
     check_basis_compressor(resolved, runner.compress, "the basis")
     damp = as_damping(0.1 if damping is None else damping)
     resolved.check(runner.shapes)

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import gc
 import pickle
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -875,3 +876,19 @@ def test_capture_under_autocast_matches_float32_on_a_sequence_model(dtype: torch
     (_, stored32), (_, stored) = next(iter(stores["float32"].chunks())), next(iter(stores["autocast"].chunks()))
     for layer, expected in stored32.items():
         close(stored[layer].float(), expected.float(), tol, f"{dtype}/stored/{layer}")
+
+
+def test_the_default_selection_says_which_trainable_parameters_it_leaves_out() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    with pytest.warns(hookinf.HookinfWarning, match=r"leaves out 2 module\(s\) holding 48 trainable parameters") as w:
+        hookinf.watch(model)
+    message = str(w[0].message)
+    assert "'0' (Embedding, 40)" in message
+    assert "'1' (LayerNorm, 8)" in message
+    assert "(76.2% of them)" in message  # 48 of the 63 trainable parameters (the Linear holds 15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hookinf.watch(model, modules=["2"])  # named layers: the user chose, no warning
+        model[0].weight.requires_grad_(False)
+        model[1].requires_grad_(False)
+        hookinf.watch(model)  # nothing trainable left out: no warning

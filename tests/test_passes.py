@@ -227,3 +227,21 @@ def test_a_batch_led_by_a_scalar_tensor_is_refused_when_ids_are_counted(tmp_path
 
     store = hookinf.log(model, batches, indexed_loss, compress=compress, path=tmp_path / "t", ids=ids, progress=False)
     assert sorted(store.ids.tolist()) == list(range(10))
+
+
+def test_the_default_method_is_exact_for_small_layers_and_ekfac_for_large_ones() -> None:
+    """One default for fit, influence and self_influence: a layer above 8,192 parameters no longer fails the call."""
+    small, train = mlp(inplace=False), data(2, seed=0)
+    assert hookinf.fit(small, train, loss_fn, progress=False).method == "exact"
+    assert hookinf.influence(small, train, train[:1], loss_fn, progress=False).method == "exact"
+    with seeded(0):
+        large = nn.Sequential(nn.Linear(6, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 3))
+    large = large.to(DTYPE)
+    scores = hookinf.influence(large, train, train[:1], loss_fn, progress=False)  # Linear(128, 128): 16,512 > 8,192
+    assert scores.method == "ekfac"
+    assert hookinf.fit(large, train, loss_fn, progress=False).method == "ekfac"
+    assert hookinf.self_influence(large, train, loss_fn, progress=False).shape == (10,)
+    compressed = hookinf.influence(large, train, train[:1], loss_fn, compress=hookinf.LoGra(8, 8), progress=False)
+    assert compressed.method == "exact"  # 8 × 8 compressed dimensions per layer
+    with pytest.raises(hookinf.ConfigurationError, match="'auto'"):
+        hookinf.influence(small, train, train[:1], loss_fn, method="bogus", progress=False)
