@@ -1,9 +1,9 @@
 """The ``hookinf`` console script (also ``python -m hookinf``).
 
 Commands: ``demo`` (the embedded default), ``report SCORES_DIR [--html OUT]`` (a terminal or self-contained HTML
-report of saved scores), ``info PATH``
-(what a saved curvature, gradient store or scores directory holds). A missing or corrupt file is one line on stderr
-naming the path and what is wrong, and exit status 1 — never a traceback.
+report of saved scores), ``info PATH [--verify]`` (what a saved curvature, gradient store or scores directory holds;
+``--verify`` also reads every file of a store and checks its checksum). A missing or corrupt file is one line on
+stderr naming the path and what is wrong, and exit status 1 — never a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from hookinf.errors import HookinfError
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         description="What a directory written by Curvature.save, hookinf.log or Scores.save holds.",
     )
     info.add_argument("path", metavar="PATH", help="the directory")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every shard of a gradient store and check its SHA-256, its tensors and that no id repeats "
+        "(curvatures and scores are always checked when loaded); exit status 1 naming the first damaged file",
+    )
     return parser
 
 
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             _report(args.scores, args.queries, args.top, args.html, console)
         elif args.command == "info":
-            _info(Path(args.path), console)
+            _info(Path(args.path), console, verify=args.verify)
     except HookinfError as err:
         print(f"hookinf {args.command}: {err}", file=sys.stderr)
         return 1
@@ -97,31 +104,64 @@ def _report(directory: str, queries: int, top: int, html: str | None, console: C
     console.print(f"wrote the HTML report of {directory} to {path}", highlight=False, soft_wrap=True)
 
 
-def _info(path: Path, console: Console) -> None:
+def _info(path: Path, console: Console, *, verify: bool = False) -> None:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise HookinfError(f"{path}: not a hookinf curvature, gradient store or scores directory (no manifest.json).")
     try:
-        kind = json.loads(manifest.read_text(encoding="utf-8")).get("format")
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        kind = data.get("format")
     except (OSError, ValueError, AttributeError) as err:
         raise HookinfError(f"{manifest}: unreadable manifest ({err}).") from err
+    if kind == "hookinf.gradient-store":
+        _store_info(path, console, verify)
+        return
     if kind == "hookinf.curvature":
         from hookinf.curvature import load
 
         console.print(load(path))
-    elif kind == "hookinf.gradient-store":
-        from hookinf.store import GradientStore
-
-        store = GradientStore(path)
-        console.print(store)
-        console.print(f"compressor: {store.compressor}; dtype: {store.dtype}; {len(store.shards)} shards")
-        ids = store.ids
-        if len(ids):
-            console.print(f"ids: {int(ids.min())} … {int(ids.max())} ({len(ids)} examples)")
     elif kind == "hookinf.scores":
         console.print(load_scores(path))
     else:
         raise HookinfError(f"{manifest}: unknown format {kind!r}.")
+    if verify:  # loading checked everything there is to check
+        console.print(
+            "verified: the manifest and the tensor file match their checksums"
+            if "tensors_sha256" in data
+            else "verified what can be: saved before checksums were recorded (the structure and the tensor file "
+            "name's hash, if any, match)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _store_info(path: Path, console: Console, verify: bool) -> None:
+    from hookinf.store import GradientStore
+
+    store = GradientStore(path)
+    console.print(store)
+    console.print(f"compressor: {store.compressor}; dtype: {store.dtype}; {len(store.shards)} shards")
+    ids = store.ids
+    if isinstance(ids, list) and ids:
+        console.print(f"ids: {len(ids)} strings ({ids[0]!r} … {ids[-1]!r} in storage order)", soft_wrap=True)
+    elif isinstance(ids, torch.Tensor) and len(ids):
+        console.print(f"ids: {int(ids.min())} … {int(ids.max())} ({len(ids)} examples)")
+    if verify:
+        check = store.verify()
+        console.print(
+            f"verified: {check.shards} shards read in full ({check.bytes:,} bytes), {check.examples} examples, every "
+            f"id once; {check.checksummed} SHA-256 checksums match"
+            + (
+                f", {check.shards - check.checksummed} shards predate checksums"
+                if check.checksummed < check.shards
+                else ""
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        if check.unlisted:
+            unlisted = ", ".join(check.unlisted)
+            console.print(f"not part of the store (unlisted shard files, ignored): {unlisted}", soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,15 +3,13 @@
 A curvature holds *sums* and *counts* (never averages), so fits over shards of the data merge by addition
 (:meth:`Curvature.merge`), plus the damping rule. The damped factorisation each method needs (a Cholesky factor, an
 eigendecomposition) is derived lazily and cached. Curvatures are saved as a directory holding one safetensors file
-and a JSON manifest (:meth:`Curvature.save`, :func:`load`); writes are atomic (temporary file, then rename; the
-manifest last, naming the tensor file by its content hash), so an interrupted save leaves the previous state or the
-new one, never a mix.
+and a JSON manifest (:meth:`Curvature.save`, :func:`load`; see :mod:`hookinf.bundle`): the manifest is renamed last,
+naming the tensor file by its content hash with its size and SHA-256, so an interrupted save leaves the previous
+state or the new one, never a mix, and a damaged or edited save is refused when loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -24,13 +22,12 @@ import torch
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hookinf.bundle import load_bundle, save_bundle
 from hookinf.compress import Compressor, from_config
 from hookinf.damping import Damping
-from hookinf.errors import CompressorMismatchError, ConfigurationError, CurvatureError, HookinfError
-from hookinf.io import atomic_write
+from hookinf.errors import CompressorMismatchError, ConfigurationError, CurvatureError
 from hookinf.shapes import LayerShape, fingerprint
 
 FORMAT_VERSION = 1
@@ -254,18 +251,22 @@ class Curvature(ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Saves to the directory ``path`` (created when missing) atomically; returns the path."""
+        """Saves to the directory ``path`` (created when missing), all-or-nothing; returns the path.
+
+        The tensors go to a file named by their hash and the manifest, naming it with its size and SHA-256, replaces
+        the previous one in one rename (see :mod:`hookinf.bundle`): a save killed at any point leaves the previous
+        curvature or this one, never a mix; :func:`load` checks both files.
+
+        Raises:
+            CurvatureError: the directory or a file in it cannot be written (names the directory; chained from the
+                ``OSError``). The directory keeps what it held before.
+        """
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.tensors.items()}
-        digest = _digest(tensors)
-        tensor_file = f"curvature-{digest}.safetensors"
-        atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, str(tmp)))
-        manifest = {
+        fields = {
             "format": "hookinf.curvature",
             "version": FORMAT_VERSION,
             "method": self.method,
-            "tensors": tensor_file,
             "damping": {"relative": self.damping.relative, "absolute": self.damping.absolute},
             "num_examples": self.num_examples,
             "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
@@ -273,11 +274,14 @@ class Curvature(ABC):
             "fingerprint": fingerprint(self.layers),
             "compressor": None if self.compressor is None else self.compressor.config(),
         }
-        text = json.dumps(manifest, indent=2)
-        atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        for stale in directory.glob("curvature-*.safetensors"):
-            if stale.name != tensor_file:
-                stale.unlink(missing_ok=True)
+        try:
+            save_bundle(directory, "curvature", tensors, fields)
+        except (OSError, ValueError) as err:
+            cause = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise CurvatureError(
+                f"{directory}: cannot save the {self.method} curvature ({cause}); the directory keeps what it held "
+                f"before. Fix the cause (e.g. free disk space) and save again."
+            ) from err
         return directory
 
     # ------------------------------------------------------------------ display
@@ -331,21 +335,22 @@ def statistics_dtype(params: Iterable[Tensor], dtype: torch.dtype | None = None)
 
 
 def load(path: str | os.PathLike[str]) -> Curvature:
-    """Loads a curvature saved by :meth:`Curvature.save`.
+    """Loads a curvature saved by :meth:`Curvature.save`, checking its files first.
+
+    The manifest must match its checksum and the tensor file its recorded size and SHA-256 (curvatures saved before
+    checksums were recorded: the hash in the tensor file's name), so a damaged or edited save is refused.
 
     Raises:
-        HookinfError: the directory holds no curvature, or a corrupt one (the message names the file).
+        CurvatureError: the directory holds no curvature, or a damaged or edited one (the message names the file).
     """
     directory = Path(path)
     manifest_path = directory / _MANIFEST
     if not manifest_path.is_file():
-        raise HookinfError(f"{directory}: no hookinf curvature here (missing {_MANIFEST}).")
+        raise CurvatureError(f"{directory}: no hookinf curvature here (missing {_MANIFEST}).")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format") != "hookinf.curvature":
-            raise ValueError("not a hookinf curvature manifest")
+        bundle = load_bundle(directory, "hookinf.curvature", "curvature")
+        manifest, tensors = bundle.manifest, bundle.tensors
         cls = Curvature._registry[manifest["method"]]
-        tensors = load_file(str(directory / manifest["tensors"]))
         layers = {name: LayerShape.from_json(data) for name, data in manifest["layers"].items()}
         damping = Damping(**manifest["damping"])
         num_examples = int(manifest["num_examples"])
@@ -354,13 +359,5 @@ def load(path: str | os.PathLike[str]) -> Curvature:
         compressor = None if config is None else from_config(config)
         state = {name: cls.statistics_type.read(tensors, name) for name in layers}
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, CurvatureError, ConfigurationError) as err:
-        raise HookinfError(f"{directory}: corrupt hookinf curvature ({type(err).__name__}: {err}).") from err
+        raise CurvatureError(f"{directory}: corrupt hookinf curvature ({type(err).__name__}: {err}).") from err
     return cls(layers, damping, num_examples, state, compressor)
-
-
-def _digest(tensors: Mapping[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -52,5 +52,13 @@ class CurvatureError(HookinfError, RuntimeError):
     """A curvature block cannot be built or inverted (too large, not positive definite, ...)."""
 
 
+class StoreError(HookinfError, RuntimeError):
+    """A gradient store is missing, corrupt, locked by another writer, unwritable, or incompatible with the input.
+
+    Incompatible: another compressor, model, dtype or kind of ids than the store holds. The message names the file
+    and what to do; a failed write is chained from the ``OSError`` behind it.
+    """
+
+
 class CompressorMismatchError(CurvatureError, ConfigurationError):
     """A curvature (or an EK-FAC basis) is used, or merged, in another compressed space than it was fitted in."""

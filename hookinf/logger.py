@@ -4,6 +4,12 @@
 examples' ids (from :func:`hookinf.log`'s own loop, a :func:`hookinf.watch` around the user's loop, or the Trainer
 callback), buffers them and flushes a shard every ``flush_every`` examples — so an interruption loses at most the
 examples since the last flush.
+
+The store is opened (created, or resumed) on first use — when the watch is entered, or when :func:`hookinf.log`
+asks which ids are stored — not when the logger is built, and it holds the store's writer lock until
+:meth:`GradientLogger.close`. A write that fails in the background writer thread is raised, as the
+:class:`~hookinf.errors.StoreError` naming the store and chained from the ``OSError``, at the next flush or at
+close; close always releases the lock and stops the thread, so the store resumes in the same process.
 """
 
 from __future__ import annotations
@@ -19,23 +25,28 @@ from torch import Tensor
 
 from hookinf.capture import FiniteCheck, Step
 from hookinf.compress import BoundCompressor
-from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.errors import CaptureError, ConfigurationError, DataError, StoreError
+from hookinf.ids import IdKind, Ids, as_ids, concat, id_kind, id_values, take
 from hookinf.shapes import fingerprint
-from hookinf.store import GradientStore, StoreError
+from hookinf.store import GradientStore
 
-IdsFn = Callable[[Any], Sequence[int] | Tensor]
-"""``ids(batch)`` → the ids of the batch's examples."""
+IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
+"""``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
 
 
 class GradientLogger:
     """Appends compressed steps to a store in shards (a :class:`~hookinf.pipeline.Consumer`).
 
     Args:
-        path: the store's directory (created, or resumed when it holds a compatible store).
+        path: the store's directory (created, or resumed when it holds a compatible store, on first use).
         bound: the compressor bound to the tracked layers; the steps it consumes are in its compressed space, and
             its configuration, seed and the layers' original shapes are recorded in the store.
         dtype: the dtype gradients are stored in.
         flush_every: write a shard whenever this many examples are buffered.
+
+    Attributes:
+        closed: whether the store is closed (also before its first use); :meth:`reopen` opens it.
+        held: examples buffered and not yet handed to the writer.
     """
 
     def __init__(
@@ -47,11 +58,27 @@ class GradientLogger:
         self.bound = bound
         self.dtype = dtype
         self.flush_every = flush_every
-        self.reopen()
+        self._store: GradientStore | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future[None] | None = None
+        self._error: BaseException | None = None  # a failed write: raised again until close
+        self._stored: set[int | str] = set()
+        self._logged: set[int | str] = set()
+        self._kind: IdKind | None = None
+        self._parts: list[_Part] = []
+        self.held = 0
+        self.closed = True
 
     def reopen(self) -> None:
-        """Opens (or resumes) the store: ids stored so far are skipped from now on."""
-        self.store = GradientStore.create(
+        """Opens (or resumes) the store for writing, unless it is open: ids stored so far are skipped from now on.
+
+        Raises:
+            StoreError: another writer holds the store, or it cannot be created or resumed (see
+                :meth:`GradientStore.create`).
+        """
+        if not self.closed:
+            return
+        store = GradientStore.create(
             self.path,
             compressor=self.bound.compressor.config(),
             layers=self.bound.shapes,
@@ -59,38 +86,67 @@ class GradientLogger:
             dtype=self.dtype,
             fingerprint=fingerprint(self.bound.original),
         )
-        self._stored = set(self.store.ids.tolist())  # already in the store when logging (re)started: skipped
-        self._logged: set[int] = set()  # logged in this run: seeing one again is an error
-        self._parts: list[_Part] = []  # buffered steps, oldest first
-        self.held = 0  # examples buffered and not yet handed to the writer
+        try:
+            self._stored = set(id_values(store.ids))  # in the store when logging (re)started: skipped
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+        self._kind = store.id_kind  # the kind of id the store holds, once known
+        self._logged = set()  # logged in this run: seeing one again is an error
+        self._parts = []  # buffered steps, oldest first
+        self.held = 0
+        self._error = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookinf-store")
-        self._in_flight: Future[None] | None = None
+        self._in_flight = None
         self.closed = False
 
-    def is_stored(self, example_id: int) -> bool:
+    @property
+    def store(self) -> GradientStore:
+        """The store (opened — created when missing — and closed again if it was never used before)."""
+        if self._store is None:
+            self.reopen()
+            self.close()
+        assert self._store is not None
+        return self._store
+
+    def is_stored(self, example_id: int | str) -> bool:
         """Whether ``example_id`` was in the store when logging (re)started (so it is skipped)."""
+        self._open()
         return example_id in self._stored
+
+    def all_stored(self, ids: Ids) -> bool:
+        """Whether every one of ``ids`` was in the store when logging (re)started (the batch can be skipped)."""
+        self._open()
+        return all(value in self._stored for value in id_values(ids))
 
     def consume(self, step: Step) -> None:
         """Buffers the examples of a compressed step whose ids (``step.ids``) are not stored yet.
 
         Raises:
             CaptureError: the step has no ids (the loop did not call ``w.tag(ids)`` before the batch's forward).
-            StoreError: an id repeats within the batch or was already logged in this run.
+            StoreError: an id repeats within the batch or was already logged in this run, the ids are of another
+                kind than the store's, or an earlier write failed.
         """
-        ids = step.ids
-        if ids is None:
+        self._open()
+        if step.ids is None:
             raise CaptureError(
                 "a batch was logged without ids: call w.tag(ids) with the batch's example ids before its forward "
                 "(watch(log_to=...) stores every example under its id)."
             )
-        values = ids.tolist()  # python ints: set look-ups without one tensor per element
+        ids: Ids = as_ids(step.ids, "the batch's ids")
+        values: Sequence[int | str] = id_values(ids)  # python values: set look-ups without one tensor per element
         if len(set(values)) != len(values):
             raise StoreError(f"duplicate ids in one batch: {values}; every example needs its own id.")
+        if self._kind not in (None, id_kind(ids)):
+            raise StoreError(
+                f"{self.path}: the store holds {self._kind} ids and this batch has {id_kind(ids)} ids ({values[:3]}); "
+                f"a store holds one kind of id."
+            )
         again = next((i for i in values if i in self._logged), None)
         if again is not None:
             raise StoreError(
-                f"id {again} was already logged in this run: every example must have its own id, and a store holds "
+                f"id {again!r} was already logged in this run: every example must have its own id, and a store holds "
                 f"one gradient per example — log one epoch per store (or give distinct ids)."
             )
         keep = [i not in self._stored for i in values]
@@ -102,7 +158,8 @@ class GradientLogger:
         for name, capture in step.layers.items():
             flat = capture.gradients().flatten(1).detach()
             grads[name] = flat if everything else flat[fresh.to(flat.device)]
-        self._parts.append(_Part(ids if everything else ids[fresh], grads, step.finite))
+        self._kind = id_kind(ids)
+        self._parts.append(_Part(ids if everything else take(ids, fresh), grads, step.finite))
         self._logged.update(i for i, k in zip(values, keep, strict=True) if k)
         self.held += sum(keep)
         if self.held >= self.flush_every:
@@ -115,40 +172,73 @@ class GradientLogger:
         step late already, so this is one read per shard). A non-finite step and the steps after it are dropped (the
         watch raises for it). Shards are written (and fsynced) in a background thread so the training step does not
         wait on the disk; at most one shard is in flight — a second flush waits for the first, which bounds memory.
+
+        Raises:
+            StoreError: a shard written earlier failed (this and every later call raise it until :meth:`close`).
         """
-        self._raise_writer_error()
+        self._raise_failed(wait=False)
         bad = next((i for i, part in enumerate(self._parts) if part.finite is not None and not part.finite.ok()), None)
         parts, self._parts, self.held = self._parts[:bad], [], 0
-        if not parts:
+        if not parts or self._store is None or self._writer is None:
             return
-        ids = torch.cat([part.ids for part in parts])
+        ids = concat([part.ids for part in parts])
         grads = {name: torch.cat([part.grads[name] for part in parts]) for name in self.bound.shapes}
-        if self._in_flight is not None:
-            self._in_flight.result()
-        self._in_flight = self._writer.submit(self.store.append, ids, grads)
+        self._raise_failed(wait=True)
+        self._in_flight = self._writer.submit(self._store.append, ids, grads)
 
     def close(self) -> None:
-        """Flushes what is buffered and waits until every shard is durable; re-raises a failed write."""
+        """Flushes what is buffered, waits until every shard is durable and releases the store's lock.
+
+        Closing a closed logger does nothing.
+
+        Raises:
+            StoreError: a write failed (the same error every time until the store is reopened); the lock is
+                released and the writer thread stopped all the same.
+        """
+        if self.closed:
+            return
         try:
             self.flush()
-            if self._in_flight is not None:
-                self._in_flight.result()
-                self._in_flight = None
+            self._raise_failed(wait=True)
         finally:
-            self._writer.shutdown(wait=True)
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+            self._settle()  # a shard still in flight when flush raised: keep its error
+            self._parts, self.held = [], 0
+            if self._store is not None:
+                self._store.close()
             self.closed = True
 
-    def _raise_writer_error(self) -> None:
-        if self._in_flight is not None and self._in_flight.done():
-            self._in_flight.result()  # re-raises an exception of the writer thread here
-            self._in_flight = None
+    def _open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            self.reopen()
+
+    def _settle(self) -> None:
+        """Records the outcome of the shard in flight once it is done (its error, if it failed)."""
+        future = self._in_flight
+        if future is None or not future.done():
+            return
+        self._in_flight = None
+        error = future.exception()
+        if error is not None and self._error is None:
+            self._error = error
+
+    def _raise_failed(self, *, wait: bool) -> None:
+        """Raises the error of a failed write (waiting for the shard in flight first when ``wait``)."""
+        if wait and self._in_flight is not None:
+            self._in_flight.exception()  # waits; the error is kept by _settle
+        self._settle()
+        if self._error is not None:
+            raise self._error
 
 
 @dataclass(frozen=True)
 class _Part:
     """One buffered step: its new examples' ids (host), their compressed gradients and the step's finiteness."""
 
-    ids: Tensor
+    ids: Ids
     grads: dict[str, Tensor]
     finite: FiniteCheck | None
 
@@ -175,12 +265,15 @@ def batch_size(batch: Any) -> int:
     )
 
 
-def batch_ids(batch: Any, ids: IdsFn | None, position: int) -> Tensor:
-    """The batch's ids: ``ids(batch)``, or positions ``position, position + 1, ...``."""
+def batch_ids(batch: Any, ids: IdsFn | None, position: int) -> Ids:
+    """The batch's ids: ``ids(batch)`` (integers or strings, checked), or positions ``position, position + 1, ...``.
+
+    Raises:
+        DataError: ``ids(batch)`` gave a non-integer float, a boolean, or strings mixed with numbers.
+    """
     if ids is None:
         return torch.arange(position, position + batch_size(batch), dtype=torch.int64, device="cpu")
-    out = torch.as_tensor(ids(batch), dtype=torch.int64, device="cpu").reshape(-1)
-    return out
+    return as_ids(ids(batch), "ids(batch)")
 
 
 def model_dtype(params: Iterable[Tensor]) -> torch.dtype:

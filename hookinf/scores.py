@@ -16,7 +16,6 @@ imports it); without one they raise a :class:`~hookinf.ConfigurationError` that 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -25,13 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError, HookinfError
-from hookinf.io import atomic_write
+from hookinf.ids import Ids, check_ids
 from hookinf.presenter import Describe, ImageFn, Queries, presenter_for
+from hookinf.scores_file import SavedScores, read_scores, write_scores
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]
@@ -66,8 +64,9 @@ class Scores:
         damping: ``λ_l`` per layer as used (empty for ``identity``).
         per_token: with ``influence(..., per_token=True)``, layer → ``[n_query, n_train, T]`` scores split over
             the training examples' positions (summing over ``T`` to ``per_layer``); otherwise ``None``.
-        ids: ``[n_train]`` ids of the training examples (one per column) when scored against a
-            :class:`~hookinf.GradientStore`; otherwise ``None`` (column ``j`` is the ``j``-th training example).
+        ids: the ids of the training examples (one per column) when scored against a :class:`~hookinf.GradientStore`,
+            as the store holds them: ``int64 [n_train]``, or a list of ``n_train`` strings; otherwise ``None``
+            (column ``j`` is the ``j``-th training example).
         total: ``[n_query, n_train]``, the sum of the per-layer parts.
     """
 
@@ -75,7 +74,7 @@ class Scores:
     method: str
     damping: dict[str, float] = field(default_factory=dict)
     per_token: dict[str, Tensor] | None = field(default=None, repr=False)
-    ids: Tensor | None = field(default=None, repr=False)
+    ids: Ids | None = field(default=None, repr=False)
     total: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,8 +83,8 @@ class Scores:
         shapes = {tuple(t.shape) for t in self.per_layer.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ConfigurationError(f"per-layer scores must all be [n_query, n_train]; got shapes {sorted(shapes)}.")
-        if self.ids is not None and tuple(self.ids.shape) != (next(iter(shapes))[1],):
-            raise ConfigurationError(f"ids {list(self.ids.shape)} must have one id per column (n_train).")
+        if self.ids is not None:
+            check_ids(self.ids, next(iter(shapes))[1])
         device = next(iter(self.per_layer.values())).device  # layers on several devices are summed on the first's
         total = torch.stack([part.to(device) for part in self.per_layer.values()]).sum(dim=0)
         object.__setattr__(self, "total", total)
@@ -308,35 +307,28 @@ class Scores:
             "query": torch.arange(n_query).repeat_interleave(n_train).numpy(),
             "train": torch.arange(n_train).repeat(n_query).numpy(),
         }
-        if self.ids is not None:
+        if isinstance(self.ids, Tensor):
             columns["id"] = self.ids.detach().cpu().repeat(n_query).numpy()
+        elif self.ids is not None:
+            columns["id"] = self.ids * n_query
         columns["score"] = self.total.detach().cpu().flatten().numpy()
         for name, part in self.per_layer.items():
             columns[f"layer/{name or '<model>'}"] = part.detach().cpu().flatten().numpy()
         return pd.DataFrame(columns)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Saves to the directory ``path`` (safetensors + JSON manifest, written atomically); returns it."""
+        """Saves to the directory ``path`` (created when missing), all-or-nothing; returns it.
+
+        One safetensors file named by its content and a JSON manifest naming it with its size and SHA-256, renamed
+        last (see :mod:`hookinf.scores_file`): a save killed at any point leaves the previous scores or these, never
+        a mix, and :func:`load_scores` refuses a damaged or edited directory.
+
+        Raises:
+            HookinfError: the directory or a file in it cannot be written (names the directory; chained from the
+                ``OSError``). The directory keeps what it held before.
+        """
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer/{name}": part.contiguous() for name, part in self.per_layer.items()}
-        if self.per_token is not None:
-            tensors.update({f"token/{name}": part.contiguous() for name, part in self.per_token.items()})
-        if self.ids is not None:
-            tensors["ids"] = self.ids.contiguous()
-        atomic_write(directory / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
-        manifest = {
-            "format": _FORMAT,
-            "version": 1,
-            "method": self.method,
-            "layers": list(self.per_layer),
-            "damping": self.damping,
-            "shape": list(self.shape),
-            "per_token": self.per_token is not None,
-            "ids": self.ids is not None,
-        }
-        text = json.dumps(manifest, indent=2)
-        atomic_write(directory / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_scores(directory, SavedScores(self.per_layer, self.method, self.damping, self.per_token, self.ids))
         return directory
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -353,29 +345,18 @@ class Scores:
         return "\n".join(lines)
 
 
-_FORMAT = "hookinf.scores"
-
-
 def load_scores(path: str | os.PathLike[str]) -> Scores:
-    """Loads :class:`Scores` saved by :meth:`Scores.save`.
+    """Loads :class:`Scores` saved by :meth:`Scores.save`, checking the files first.
+
+    The manifest must match its checksum and the tensor file its recorded size and SHA-256 (both skipped for scores
+    saved before checksums were recorded), and the tensors must be exactly those the manifest describes.
 
     Raises:
-        HookinfError: no scores at ``path``, or corrupt ones (the message names the path).
+        HookinfError: no scores at ``path``, or damaged or edited ones (the message names the file).
     """
     directory = Path(path)
-    if not (directory / "manifest.json").is_file():
-        raise HookinfError(f"{directory}: no hookinf scores here (missing manifest.json).")
+    saved = read_scores(directory)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("format") != _FORMAT:
-            raise ValueError(f"format is {manifest.get('format')!r}, not {_FORMAT!r}")
-        tensors = load_file(str(directory / "scores.safetensors"))
-        per_layer = {name: tensors[f"layer/{name}"] for name in manifest["layers"]}
-        per_token = {name: tensors[f"token/{name}"] for name in manifest["layers"]} if manifest["per_token"] else None
-        ids = tensors["ids"] if manifest["ids"] else None
-        damping = {str(k): float(v) for k, v in manifest["damping"].items()}
-        return Scores(
-            per_layer=per_layer, method=str(manifest["method"]), damping=damping, per_token=per_token, ids=ids
-        )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError, ConfigurationError) as err:
-        raise HookinfError(f"{directory}: corrupt hookinf scores ({type(err).__name__}: {err}).") from err
+        return Scores(saved.per_layer, saved.method, saved.damping, saved.per_token, saved.ids)
+    except ConfigurationError as err:
+        raise HookinfError(f"{directory}: corrupt hookinf scores ({err})") from err

@@ -1,60 +1,60 @@
-"""``GradientStore``: compressed per-example gradients on disk, append-only and crash-safe.
+"""``GradientStore``: compressed per-example gradients on disk, append-only, crash-safe and checked.
 
-Layout of a store directory::
+A store is a directory: ``manifest.json``, one ``shard-NNNNNN.safetensors`` per flush, and ``writer.lock`` (see
+:mod:`hookinf.store_format` for the format and :mod:`hookinf.lock` for the lock).
 
-    manifest.json            format, compressor config, layers (compressed and original shapes), dtype, model
-                             fingerprint, and the list of shards with their example counts
-    shard-000000.safetensors one tensor per layer ``[n, r_l]`` (the flattened compressed gradients) and
-                             ``__ids__`` ``[n]`` (int64)
+Durability: a shard is written to a temporary file, fsynced and renamed to a name no file has, and only then is the
+manifest (also temporary file + rename) updated to list it with its size and SHA-256. A run killed at any point
+leaves a manifest that lists only whole shards; a shard file it does not list is ignored (never overwritten), and
+the temporary files a kill leaves are removed when the store is next opened for writing.
 
-Durability: the manifest is written when logging starts; a shard is written to a temporary file, fsynced and
-renamed, and only then is the manifest (also temp + rename) updated to list it. A run killed at any point leaves a
-manifest that lists only whole shards; a shard file the manifest does not list is ignored and overwritten later.
+Checks: opening a store checks the manifest (its configuration against its checksum, each shard listed once under a
+plain name) and each listed shard's size and header; :meth:`GradientStore.verify` also reads every shard and checks
+its SHA-256. Writing needs the store's writer lock: a second writer is refused, naming the first.
 Stores never see models: they hold tensors, ids and configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
-from hookinf.errors import HookinfError
-from hookinf.io import atomic_write
+from hookinf.errors import StoreError
+from hookinf.ids import IdKind, Ids, as_ids, concat, empty_ids, id_count, id_kind, id_values, strings_to_tensor
+from hookinf.io import remove_temporaries, write_json, write_safetensors
+from hookinf.lock import WriterLock
 from hookinf.shapes import LayerShape
+from hookinf.store_format import (
+    INT_IDS,
+    MANIFEST,
+    STR_IDS,
+    Shard,
+    StoreCheck,
+    StoreManifest,
+    check_shard,
+    next_shard_name,
+    read_ids,
+    read_tensors,
+    verify_shards,
+)
 
-FORMAT = "hookinf.gradient-store"
-VERSION = 1
-_MANIFEST = "manifest.json"
-_IDS = "__ids__"
-
-
-class StoreError(HookinfError, RuntimeError):
-    """A gradient store is missing, corrupt, or incompatible with the compressor, model or ids given."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One flushed shard: its file name and number of examples."""
-
-    file: str
-    count: int
+__all__ = ["GradientStore", "StoreCheck", "StoreError", "store_step"]
 
 
 class GradientStore:
     """A directory of compressed per-example gradients (see the module docstring).
 
-    Open an existing store with ``GradientStore(path)``; :func:`hookinf.log` (or a watch with ``log_to=``) creates
-    and fills one.
+    Open an existing store with ``GradientStore(path)`` (for reading: no lock); :func:`hookinf.log` (or a watch with
+    ``log_to=``) creates and fills one through :meth:`create`.
 
     Attributes:
         path: the directory.
@@ -62,29 +62,43 @@ class GradientStore:
         layers: layer → compressed shape, in model order.
         original: layer → uncompressed shape (identifies the model).
         dtype: the stored dtype.
+        fingerprint: the model's fingerprint (its tracked layers' names and shapes).
+        shards: the listed shards, in storage order.
+
+    Raises:
+        StoreError: no store at ``path``, or a damaged one (the message names the file).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        manifest_path = self.path / _MANIFEST
+        self._lock: WriterLock | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Reads and checks the manifest and the listed shards' sizes and headers (again, after a change)."""
+        manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise StoreError(f"{self.path}: no hookinf gradient store here (missing {_MANIFEST}).")
+            raise StoreError(f"{self.path}: no hookinf gradient store here (missing {MANIFEST}).")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
-            self.compressor: dict[str, Any] = dict(manifest["compressor"])
-            self.layers = {n: LayerShape.from_json(s) for n, s in manifest["layers"].items()}
-            self.original = {n: LayerShape.from_json(s) for n, s in manifest["original"].items()}
-            dtype = getattr(torch, str(manifest["dtype"]), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"dtype {manifest['dtype']!r} is not a torch dtype")
-            self.dtype: torch.dtype = dtype
-            self.fingerprint = str(manifest["fingerprint"])
-            self.shards = [Shard(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
+            manifest = StoreManifest.parse(json.loads(manifest_path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise StoreError(f"{self.path}: corrupt gradient store manifest ({type(err).__name__}: {err}).") from err
-        self._ids: Tensor | None = None
+            raise StoreError(
+                f"{manifest_path}: corrupt gradient store manifest ({type(err).__name__}: {err}); the store in "
+                f"{self.path} cannot be read."
+            ) from err
+        for shard in manifest.shards:
+            check_shard(self.path, manifest, shard)
+        self._set(manifest)
+        self._ids: Ids | None = None
+
+    def _set(self, manifest: StoreManifest) -> None:
+        self.manifest = manifest
+        self.compressor: dict[str, Any] = manifest.compressor
+        self.layers = manifest.layers
+        self.original = manifest.original
+        self.dtype: torch.dtype = manifest.dtype
+        self.fingerprint = manifest.fingerprint
+        self.shards: list[Shard] = list(manifest.shards)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -98,34 +112,45 @@ class GradientStore:
         dtype: torch.dtype,
         fingerprint: str,
     ) -> GradientStore:
-        """Creates an empty store (or opens a compatible existing one, to resume).
+        """Opens a store for writing: creates an empty one, or opens a compatible existing one to resume.
+
+        The returned store holds the writer lock until :meth:`close` (or the end of a ``with`` block around it);
+        temporary files that killed writers left are removed.
 
         Raises:
-            StoreError: ``path`` holds a store with another compressor, model or dtype.
+            StoreError: another writer holds the store (named), the directory cannot be written, or it holds a store
+                with another compressor, model or dtype.
         """
         directory = Path(path)
-        if (directory / _MANIFEST).is_file():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"{directory}: cannot create the store's directory ({err.strerror or err}).") from err
+        lock = WriterLock.acquire(directory)
+        try:
+            _clean(directory)
+            if not (directory / MANIFEST).is_file():
+                empty = StoreManifest(dict(compressor), dict(layers), dict(original), dtype, fingerprint, None, ())
+                try:
+                    _write_manifest(directory, empty)
+                except OSError as err:
+                    raise StoreError(f"{directory}: cannot create the store ({err.strerror or err}).") from err
             store = cls(directory)
             store.check(compressor=compressor, original=original, fingerprint=fingerprint)
             if store.dtype != dtype:
                 raise StoreError(f"{directory}: the store holds {store.dtype} gradients but this model gives {dtype}.")
-            return store
-        directory.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "compressor": dict(compressor),
-            "layers": {n: s.to_json() for n, s in layers.items()},
-            "original": {n: s.to_json() for n, s in original.items()},
-            "dtype": str(dtype).removeprefix("torch."),
-            "fingerprint": fingerprint,
-            "shards": [],
-        }
-        _write_manifest(directory, manifest)
-        return cls(directory)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
 
     def check(self, *, compressor: Mapping[str, Any], original: Mapping[str, LayerShape], fingerprint: str) -> None:
-        """Refuses a compressor or model that differs from the store's, naming what differs."""
+        """Refuses a compressor or model that differs from the store's, naming what differs.
+
+        Raises:
+            StoreError: the compressor's configuration or a layer differs.
+        """
         if dict(compressor) != self.compressor:
             raise StoreError(
                 f"{self.path}: the store was logged with compressor {self.compressor}, not {dict(compressor)}; use "
@@ -142,20 +167,41 @@ class GradientStore:
                 f"{self.path}: the model's tracked layers differ from the store's ({list(self.original)})."
             )
 
+    def close(self) -> None:
+        """Releases the writer lock (idempotent); the store stays readable."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return sum(shard.count for shard in self.shards)
 
     @property
-    def ids(self) -> Tensor:
-        """``[n]`` int64: the id of every stored example, in storage order."""
+    def id_kind(self) -> IdKind | None:
+        """``"int"`` or ``"str"``: the kind of ids the store holds (``None`` while it holds none)."""
+        return self.manifest.ids
+
+    @property
+    def ids(self) -> Ids:
+        """The id of every stored example, in storage order: ``int64 [n]``, or a list of ``n`` strings."""
         if self._ids is None:
-            parts = [self._read(shard, [_IDS])[_IDS] for shard in self.shards]
-            self._ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device="cpu")
+            self._ids = concat([self._read_ids(shard) for shard in self.shards]) if self.shards else self._no_ids()
         return self._ids
 
-    def chunks(self, devices: Mapping[str, torch.device] | None = None) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """Yields ``(ids [n_k], {layer: [n_k, r_l]})`` shard by shard (memory-mapped reads).
+    def _no_ids(self) -> Ids:
+        return empty_ids(self.manifest.ids or "int")
+
+    def chunks(self, devices: Mapping[str, torch.device] | None = None) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
+        """Yields ``(ids, {layer: [n_k, r_l]})`` shard by shard (memory-mapped reads).
 
         Args:
             devices: layer → the device its gradients are wanted on (that layer's device in the model); the ids stay
@@ -165,53 +211,120 @@ class GradientStore:
         direct = targets.pop() if len(targets) == 1 else torch.device("cpu")
         for shard in self.shards:
             tensors = self._read(shard, list(self.layers), direct)
-            ids = self._read(shard, [_IDS], torch.device("cpu"))[_IDS]
+            ids = self._read_ids(shard)
             if devices and len(set(devices.values())) > 1:  # a model split over devices: each layer to its own
                 tensors = {name: tensor.to(devices.get(name, direct)) for name, tensor in tensors.items()}
             yield ids, tensors
 
+    def _read_ids(self, shard: Shard) -> Ids:
+        return read_ids(self.path, self.manifest, shard)
+
     def _read(self, shard: Shard, keys: Sequence[str], device: torch.device | None = None) -> dict[str, Tensor]:
-        where = "cpu" if device is None else str(device)
-        try:
-            with safe_open(str(self.path / shard.file), framework="pt", device=where) as handle:
-                return {key: handle.get_tensor(key) for key in keys}
-        except (OSError, SafetensorError) as err:
-            raise StoreError(f"{self.path / shard.file}: unreadable shard ({err}).") from err
+        return read_tensors(self.path, shard, keys, device)
+
+    def verify(self) -> StoreCheck:
+        """Reads every listed shard in full: its SHA-256 (where recorded), tensors and ids, and no id twice.
+
+        Opening the store checked only the shards' sizes and headers; this reads all their bytes.
+
+        Returns:
+            What was checked (:class:`~hookinf.store_format.StoreCheck`).
+
+        Raises:
+            StoreError: names the first shard that is damaged, or the id stored twice.
+        """
+        return verify_shards(self.path, self.manifest)
 
     # ------------------------------------------------------------------ writing
-    def append(self, ids: Tensor, gradients: Mapping[str, Tensor]) -> None:
+    def append(self, ids: Ids | Sequence[int] | Sequence[str], gradients: Mapping[str, Tensor]) -> None:
         """Writes one shard durably, then lists it in the manifest.
 
+        A store opened by :meth:`create` writes under the lock it holds; one opened for reading takes the lock for
+        this call (and re-reads the manifest under it).
+
         Args:
-            ids: ``[n]`` int64 ids, none already stored.
+            ids: ``[n]`` ids, none already stored: integers or strings, of the kind the store already holds.
             gradients: layer → ``[n, r_l]``.
+
+        Raises:
+            StoreError: an id repeats or is stored already, the ids are of the other kind, a shape does not match,
+                another writer holds the store, or the write failed (chained from the ``OSError``; the store keeps
+                what it held before).
         """
-        ids = ids.to(device="cpu", dtype=torch.int64).reshape(-1)  # host-side bookkeeping
-        if ids.numel() == 0:
+        ids = as_ids(ids, "GradientStore.append(ids)")
+        values = id_values(ids)
+        if not values:
             return
-        if torch.unique(ids).numel() != ids.numel():
+        if len(set(values)) != len(values):
             raise StoreError(f"{self.path}: duplicate ids within one shard; every example must have its own id.")
-        clash = torch.isin(ids, self.ids)
-        if bool(clash.any()):
-            raise StoreError(
-                f"{self.path}: id {int(ids[clash][0])} is already stored; ids must be unique across the store."
-            )
         for name, shape in self.layers.items():
             tensor = gradients[name]
-            if tuple(tensor.shape) != (ids.numel(), shape.dim):
+            if tuple(tensor.shape) != (len(values), shape.dim):
                 raise StoreError(
-                    f"layer '{name}': {list(tensor.shape)} does not match [{ids.numel()}, {shape.dim}] for this store."
+                    f"layer '{name}': {list(tensor.shape)} does not match [{len(values)}, {shape.dim}] for this store."
                 )
-        index = len(self.shards)
-        file = f"shard-{index:06d}.safetensors"
+        with self._writing():
+            kind = id_kind(ids)
+            if self.manifest.ids not in (None, kind):
+                raise StoreError(
+                    f"{self.path}: the store holds {self.manifest.ids} ids and these are {kind} ids; a store holds "
+                    f"one kind of id (convert them, or log into another store)."
+                )
+            clash = self._stored_already(ids)
+            if clash is not None:
+                raise StoreError(f"{self.path}: id {clash!r} is already stored; ids must be unique across the store.")
+            self._write_shard(ids, kind, gradients)
+
+    def _stored_already(self, ids: Ids) -> int | str | None:
+        """The first of ``ids`` that the store holds already, or ``None``."""
+        stored = self.ids
+        if isinstance(ids, Tensor) and isinstance(stored, Tensor):
+            clash = torch.isin(ids, stored)
+            return int(ids[clash][0]) if bool(clash.any()) else None
+        known = set(id_values(stored))
+        return next((value for value in id_values(ids) if value in known), None)
+
+    def _write_shard(self, ids: Ids, kind: IdKind, gradients: Mapping[str, Tensor]) -> None:
+        file = next_shard_name(self.path, self.shards)
         tensors = {name: gradients[name].detach().to(self.dtype).contiguous().cpu() for name in self.layers}
-        tensors[_IDS] = ids.contiguous()
-        atomic_write(self.path / file, lambda tmp: save_file(tensors, str(tmp)))
-        self.shards.append(Shard(file, ids.numel()))
-        manifest = json.loads((self.path / _MANIFEST).read_text(encoding="utf-8"))
-        manifest["shards"] = [{"file": s.file, "count": s.count} for s in self.shards]
-        _write_manifest(self.path, manifest)
-        self._ids = torch.cat([self.ids, ids])
+        if isinstance(ids, Tensor):
+            tensors[INT_IDS] = ids.contiguous()
+        else:
+            tensors[STR_IDS] = strings_to_tensor(ids)
+        try:
+            digest = write_safetensors(self.path / file, tensors)
+        except OSError as err:
+            raise StoreError(
+                f"{self.path}: cannot write shard {file} ({err.strerror or err}); the store keeps the {len(self)} "
+                f"examples stored before. Fix the cause (e.g. free disk space) and log again to resume."
+            ) from err
+        manifest = self.manifest.with_shard(Shard(file, id_count(ids), digest.size, digest.sha256), kind)
+        try:
+            _write_manifest(self.path, manifest)
+        except OSError as err:
+            with contextlib.suppress(StoreError):  # the rename may have happened: believe the disk
+                self._load()
+            raise StoreError(
+                f"{self.path}: cannot update {MANIFEST} to list shard {file} ({err.strerror or err}); the store keeps "
+                f"the {len(self)} examples stored before. Fix the cause (e.g. free disk space) and log again to resume."
+            ) from err
+        old = self.ids
+        self._set(manifest)
+        self._ids = concat([old, ids])
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Holds the writer lock for the block: the store's own, or one taken for it (re-reading the manifest)."""
+        if self._lock is not None and self._lock.held:
+            yield
+            return
+        lock = WriterLock.acquire(self.path)
+        try:
+            _clean(self.path)
+            self._load()
+            yield
+        finally:
+            lock.release()
 
     def __repr__(self) -> str:
         kind = self.compressor.get("kind", "?")
@@ -219,9 +332,21 @@ class GradientStore:
         return f"GradientStore({str(self.path)!r}, {len(self)} examples, {len(self.shards)} shards, {kind}; {dims})"
 
 
-def _write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
-    text = json.dumps(manifest, indent=2)
-    atomic_write(directory / _MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def _clean(directory: Path) -> None:
+    """Removes what killed writers left (temporary files); under the writer lock."""
+    try:
+        remove_temporaries(directory, (MANIFEST, "shard-"))
+    except OSError as err:
+        raise StoreError(f"{directory}: cannot remove leftover temporary files ({err.strerror or err}).") from err
+
+
+def _write_manifest(directory: Path, manifest: StoreManifest) -> None:
+    """Writes the manifest atomically.
+
+    Raises:
+        OSError: the write failed.
+    """
+    write_json(directory / MANIFEST, manifest.to_json())
 
 
 def store_step(index: int, gradients: Mapping[str, Tensor], layers: Mapping[str, LayerShape]) -> Step:

@@ -826,19 +826,17 @@ def test_truncated_or_missing_shard_names_the_shard(tmp_path: Path, damage: str)
         shard.unlink()
     else:
         os.truncate(shard, len(data) // 2 if damage == "half" else 5)
-    store = hookinf.GradientStore(tmp_path)  # opening reads only the manifest
-    assert len(store) == 12
-    with pytest.raises(StoreError, match="unreadable shard") as info:
-        _ = store.ids
+    with pytest.raises(StoreError, match="unreadable shard") as info:  # opening checks each shard's size and header
+        hookinf.GradientStore(tmp_path)
     assert str(shard) in str(info.value)
     with pytest.raises(StoreError, match="shard-000001"):
-        list(hookinf.GradientStore(tmp_path).chunks())
-    with pytest.raises(StoreError, match="shard-000001"):
         log(case, train, tmp_path, flush_every=4)
-    with pytest.raises(StoreError, match="shard-000001"):
-        hookinf.influence(
-            case.model, hookinf.GradientStore(tmp_path), [case.make_batch(50)], case.loss_fn, progress=False
-        )
+    # the recovery the message names: drop the shard's entry, and a resume stores its examples anew
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["file"] != shard.name]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    log(case, train, tmp_path, flush_every=4)
+    assert sorted(hookinf.GradientStore(tmp_path).ids.tolist()) == list(range(12))
 
 
 def test_an_id_repeated_within_one_run_is_refused(tmp_path: Path) -> None:
