@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError, DataError, NonFiniteGradientError
+from hookinf.ids import Ids, id_count
 from hookinf.layers.base import LayerAdapter
 from hookinf.linalg import per_example_gradients
 
@@ -127,7 +128,7 @@ class Step:
         index: 0-based count of steps since the watch started.
         batch_size: ``B``, shared by every layer.
         layers: layer name → capture, in model order.
-        ids: ``[B]`` int64 ids of the step's examples (on the CPU), when the loop named them
+        ids: the ids of the step's examples (``int64 [B]`` on the CPU, or ``B`` strings), when the loop named them
             (:meth:`hookinf.Watch.tag`); ``None`` otherwise.
         finite: whether the captured factors are finite (:class:`FiniteCheck`, read lazily); ``None`` when not
             checked (a step read from a store).
@@ -136,12 +137,12 @@ class Step:
     index: int
     batch_size: int
     layers: dict[str, LayerCapture]
-    ids: Tensor | None = field(default=None, repr=False)
+    ids: Ids | None = field(default=None, repr=False)
     finite: FiniteCheck | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.ids is not None and self.ids.numel() != self.batch_size:
-            raise DataError(f"{self.ids.numel()} ids were given for a batch of {self.batch_size} examples.")
+        if self.ids is not None and id_count(self.ids) != self.batch_size:
+            raise DataError(f"{id_count(self.ids)} ids were given for a batch of {self.batch_size} examples.")
 
     def gradients(self) -> dict[str, Tensor]:
         """Per-example gradient matrices ``[B, O, I]`` per layer."""

@@ -28,6 +28,7 @@ from hookinf.compress import Compressor, LoGra, from_config, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError, DataError
+from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.logger import GradientLogger, batch_ids, model_dtype
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
@@ -39,8 +40,8 @@ from hookinf.selection import ModuleSpec
 from hookinf.solvers import precondition, solver, solver_name
 from hookinf.store import GradientStore
 
-IdsFn = Callable[[Any], Sequence[int] | Tensor]
-"""``ids(batch)`` → the ids of the batch's examples."""
+IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
+"""``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
 
 
 def fit(
@@ -268,8 +269,8 @@ def log(
         path: the store's directory. When it already holds a store of the same compressor and model, logging
             resumes: batches whose ids are all stored are skipped without running the model, and the store ends
             with every id exactly once.
-        ids: ``ids(batch)`` → the batch's example ids (ints); by default an example's id is its position in
-            ``train``.
+        ids: ``ids(batch)`` → the batch's example ids (integers, or strings such as document ids); by default an
+            example's id is its position in ``train``.
         modules: which layers to track (see :func:`hookinf.watch`).
         flush_every: a shard is written at least every this many examples (what an interruption can lose).
         progress: show a rich progress bar.
@@ -289,8 +290,8 @@ def log(
             with PassProgress("log gradients", total, enabled=progress) as bar:
                 for batch in train:
                     example_ids = batch_ids(batch, ids, position)
-                    position += int(example_ids.numel())
-                    if all(logger.is_stored(i) for i in example_ids.tolist()):
+                    position += id_count(example_ids)
+                    if logger.all_stored(example_ids):
                         bar.advance(0)
                         continue
                     runner.watch.tag(example_ids)
@@ -302,7 +303,7 @@ def log(
     return logger.store
 
 
-def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slice | Tensor]:
+def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice | Tensor]:
     """A store's ids sorted, and the permutation that sorts its examples by id (stable); ``slice(None)`` for data.
 
     A store is written in the order of the user's (often shuffled) loop; sorting by id makes column ``j`` the
@@ -310,8 +311,9 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Tensor | None, slic
     """
     if not isinstance(train, GradientStore):
         return None, slice(None)
-    order = torch.sort(train.ids, stable=True).indices
-    return train.ids[order], order
+    ids = train.ids
+    order = sort_order(ids)  # strings sort by code point
+    return take(ids, order), order
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence

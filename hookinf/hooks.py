@@ -36,12 +36,8 @@ from torch.utils.hooks import RemovableHandle
 from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check
 from hookinf.autograd import in_backward, in_functorch, without_autocast
 from hookinf.capture import FiniteCheck, Step, all_finite
-from hookinf.errors import (
-    CaptureError,
-    ConfigurationError,
-    HookinfError,
-    NestedWatchError,
-)
+from hookinf.errors import CaptureError, ConfigurationError, HookinfError, NestedWatchError
+from hookinf.ids import Ids, as_ids
 from hookinf.layers import LayerAdapter
 from hookinf.pipeline import Consumer, FactorMap, close_all
 from hookinf.selection import ModuleSpec, Selection, select
@@ -102,7 +98,7 @@ class Watch:
         self._pending = Pending()
         self._ran: set[str] | None = None  # tracked layers whose forward ran in the current model forward
         self._outputs: list[tuple[str, Tensor, int]] | None = None  # see recording_outputs()
-        self._tag: Tensor | None = None
+        self._tag: Ids | None = None
         self._unverified: FiniteCheck | None = None  # the last step's finiteness, not read yet
         self._last_step: Step | weakref.ref[Step] | None = None  # weak when consumers hold the steps
         self._steps = 0
@@ -205,10 +201,14 @@ class Watch:
         self._finish_step()
         return self._steps
 
-    def tag(self, ids: Sequence[int] | Tensor) -> None:
-        """Names the examples of the next batch (call it before the batch's forward): the step's ``ids``."""
+    def tag(self, ids: Sequence[int] | Sequence[str] | Tensor) -> None:
+        """Names the examples of the next batch (call it before its forward): integers or strings.
+
+        Raises:
+            DataError: a non-integer float or boolean id, or strings mixed with numbers.
+        """
         self._finish_step()  # the previous batch's step is complete once the next batch is tagged
-        self._tag = torch.as_tensor(ids, dtype=torch.int64, device="cpu").reshape(-1)  # ids stay on the host
+        self._tag = as_ids(ids, "w.tag(ids)")
 
     @contextlib.contextmanager
     def recording_outputs(self) -> Iterator[None]:

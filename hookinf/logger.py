@@ -29,6 +29,7 @@ from hookinf.errors import CaptureError, ConfigurationError, DataError, StoreErr
 from hookinf.ids import IdKind, Ids, as_ids, concat, id_kind, id_values, take
 from hookinf.shapes import fingerprint
 from hookinf.store import GradientStore
+from hookinf.transfer import HostCopier, HostCopy
 
 IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
@@ -66,6 +67,7 @@ class GradientLogger:
         self._logged: set[int | str] = set()
         self._kind: IdKind | None = None
         self._parts: list[_Part] = []
+        self._copier = HostCopier()
         self.held = 0
         self.closed = True
 
@@ -159,7 +161,8 @@ class GradientLogger:
             flat = capture.gradients().flatten(1).detach()
             grads[name] = flat if everything else flat[fresh.to(flat.device)]
         self._kind = id_kind(ids)
-        self._parts.append(_Part(ids if everything else take(ids, fresh), grads, step.finite))
+        # enqueued to pinned host memory on a side stream now; the writer thread waits for the copy, not this one
+        self._parts.append(_Part(ids if everything else take(ids, fresh), self._copier.copy(grads), step.finite))
         self._logged.update(i for i, k in zip(values, keep, strict=True) if k)
         self.held += sum(keep)
         if self.held >= self.flush_every:
@@ -182,9 +185,13 @@ class GradientLogger:
         if not parts or self._store is None or self._writer is None:
             return
         ids = concat([part.ids for part in parts])
-        grads = {name: torch.cat([part.grads[name] for part in parts]) for name in self.bound.shapes}
         self._raise_failed(wait=True)
-        self._in_flight = self._writer.submit(self._store.append, ids, grads)
+        self._in_flight = self._writer.submit(self._write, self._store, ids, [part.grads for part in parts])
+
+    def _write(self, store: GradientStore, ids: Ids, copies: list[HostCopy]) -> None:
+        """The writer thread: waits for the steps' host copies, joins them into one shard and appends it."""
+        steps = [copy.wait() for copy in copies]
+        store.append(ids, {name: torch.cat([grads[name] for grads in steps]) for name in self.bound.shapes})
 
     def close(self) -> None:
         """Flushes what is buffered, waits until every shard is durable and releases the store's lock.
@@ -239,7 +246,7 @@ class _Part:
     """One buffered step: its new examples' ids (host), their compressed gradients and the step's finiteness."""
 
     ids: Ids
-    grads: dict[str, Tensor]
+    grads: HostCopy  # the compressed gradients, on their way to the host
     finite: FiniteCheck | None
 
 

@@ -138,7 +138,7 @@ class LoopWatch(Watch):
         super().__enter__()
         return self
 
-    def tag(self, ids: Sequence[int] | Tensor) -> None:
+    def tag(self, ids: Sequence[int] | Sequence[str] | Tensor) -> None:
         """Names the examples of the next batch (call it before the batch's forward): the store keeps them by id."""
         if self._logger is None:
             raise ConfigurationError("tag() names examples for a gradient store: create the watch with log_to=... .")

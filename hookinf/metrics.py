@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError
+from hookinf.metric_inputs import as_tensor, check_finite, scores_total
 from hookinf.scores import Scores
 
 
@@ -114,7 +115,7 @@ def detection_aucs(
     """
     if self_influence is None and scores is None:
         raise ConfigurationError("detection_aucs needs self_influence, scores or both; both are None.")
-    flags = _as_tensor(flipped, "flipped")
+    flags = as_tensor(flipped, "flipped")
     if flags.dim() != 1:
         raise ConfigurationError(f"detection_aucs: flipped must be [n_train]; got shape {list(flags.shape)}.")
     if flags.dtype != torch.bool:
@@ -122,7 +123,7 @@ def detection_aucs(
     n_train = flags.shape[0]
     result: dict[str, float] = {}
     if self_influence is not None:
-        values = _as_tensor(self_influence, "self_influence")
+        values = as_tensor(self_influence, "self_influence")
         if values.shape != (n_train,):
             raise ConfigurationError(
                 f"detection_aucs: self_influence has shape {list(values.shape)} but flipped has [{n_train}] entries; "
@@ -130,7 +131,7 @@ def detection_aucs(
             )
         result["self_influence"] = auc(values, flags)
     if scores is not None:
-        total = _total(scores, "detection_aucs")
+        total = scores_total(scores, "detection_aucs")
         if total.shape[1] != n_train:
             raise ConfigurationError(
                 f"detection_aucs: scores are [n_query={total.shape[0]}, n_train={total.shape[1]}] but flipped has "
@@ -160,8 +161,8 @@ def spearman(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
         ConfigurationError: the shapes differ, ``dim`` is out of range, fewer than 2 values along ``dim``, or NaN in
             the inputs.
     """
-    xs = _as_tensor(x, "spearman: x")
-    ys = _as_tensor(y, "spearman: y")
+    xs = as_tensor(x, "spearman: x")
+    ys = as_tensor(y, "spearman: y")
     if xs.shape != ys.shape:
         raise ConfigurationError(f"spearman: x {list(xs.shape)} and y {list(ys.shape)} must have the same shape.")
     if xs.dim() == 0:
@@ -277,7 +278,7 @@ def lds(scores: Scores | Tensor, subset_masks: Tensor, subset_query_losses: Tens
         ConfigurationError: shapes that do not fit together, masks that are not bool, fewer than 2 subsets, or NaN /
             infinity in the scores or losses.
     """
-    total = _total(scores, "lds")
+    total = scores_total(scores, "lds")
     masks, losses = _check_subsets(total, subset_masks, subset_query_losses)
     return _lds(total, masks, losses)
 
@@ -301,11 +302,11 @@ def lds_per_layer(scores: Scores, subset_masks: Tensor, subset_query_losses: Ten
             f"lds_per_layer needs hookinf.Scores (with per-layer parts); got {type(scores).__name__}. "
             "Use lds() for a plain [n_query, n_train] tensor."
         )
-    total = _total(scores, "lds_per_layer")
+    total = scores_total(scores, "lds_per_layer")
     masks, losses = _check_subsets(total, subset_masks, subset_query_losses)
     result: dict[str, LDSResult] = {}
     for name, part in scores.per_layer.items():
-        _check_finite(part, f"lds_per_layer: scores.per_layer[{name!r}]")
+        check_finite(part, f"lds_per_layer: scores.per_layer[{name!r}]")
         result[name] = _lds(part.detach().double(), masks, losses)
     return result
 
@@ -323,8 +324,8 @@ def _lds(total: Tensor, masks: Tensor, losses: Tensor) -> LDSResult:
 def _check_subsets(total: Tensor, subset_masks: Tensor, subset_query_losses: Tensor) -> tuple[Tensor, Tensor]:
     """Validates the retraining results against ``total [n_query, n_train]``; returns them float64 on its device."""
     n_query, n_train = total.shape
-    masks = _as_tensor(subset_masks, "lds: subset_masks")
-    losses = _as_tensor(subset_query_losses, "lds: subset_query_losses")
+    masks = as_tensor(subset_masks, "lds: subset_masks")
+    losses = as_tensor(subset_query_losses, "lds: subset_query_losses")
     if masks.dim() != 2:
         raise ConfigurationError(f"lds: subset_masks must be [n_subsets, n_train]; got shape {list(masks.shape)}.")
     if masks.dtype != torch.bool:
@@ -355,46 +356,5 @@ def _check_subsets(total: Tensor, subset_masks: Tensor, subset_query_losses: Ten
         raise ConfigurationError(
             f"lds needs at least 2 subsets to rank; got {masks.shape[0]} (TRAK uses 50–100 or more)."
         )
-    _check_finite(losses, "lds: subset_query_losses")
+    check_finite(losses, "lds: subset_query_losses")
     return masks.to(total.device), losses.to(device=total.device, dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def _as_tensor(value: object, what: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise ConfigurationError(f"{what} must be a torch.Tensor; got {type(value).__name__}.")
-    return value.detach()
-
-
-def _total(scores: Scores | Tensor, caller: str) -> Tensor:
-    """The ``[n_query, n_train]`` float64 total of a :class:`Scores` or a tensor, checked."""
-    if isinstance(scores, Scores):
-        total = scores.total.detach()
-        ids = scores.ids
-        if ids is not None and not torch.equal(ids, torch.arange(ids.numel(), dtype=ids.dtype)):
-            raise ConfigurationError(
-                f"{caller}: these scores' columns are the training examples with ids {_few(ids)} (scored from a "
-                f"gradient store), not examples 0..{ids.numel() - 1}, so per-example labels or masks indexed by "
-                f"dataset position would not line up. Select them by id and pass the tensor: e.g. "
-                f"{caller}(..., scores.total, flipped[scores.ids]) when the ids are dataset indices."
-            )
-    elif isinstance(scores, Tensor):
-        total = scores.detach()
-    else:
-        raise ConfigurationError(
-            f"{caller}: scores must be hookinf.Scores or a [n_query, n_train] tensor; got {type(scores).__name__}."
-        )
-    if total.dim() != 2:
-        raise ConfigurationError(f"{caller}: scores must be [n_query, n_train]; got shape {list(total.shape)}.")
-    _check_finite(total, f"{caller}: scores")
-    return total.double()
-
-
-def _few(ids: Tensor, shown: int = 6) -> str:
-    return "[" + ", ".join(map(str, ids[:shown].tolist())) + (", …]" if ids.numel() > shown else "]")
-
-
-def _check_finite(values: Tensor, what: str) -> None:
-    if values.is_floating_point() and not bool(values.isfinite().all()):
-        bad = int((~values.isfinite()).sum())
-        raise ConfigurationError(f"{what} hold {bad} NaN or infinite values; every entry must be finite.")

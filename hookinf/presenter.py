@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 
     from hookinf.scores import Scores
 
-Describe: TypeAlias = Callable[[int], str]
+Describe: TypeAlias = Callable[[Any], str]
 """A training example (its id when the scores have ids, else its index) or a query index → a short text."""
 
-ImageFn: TypeAlias = Callable[[int], "Tensor | npt.NDArray[Any]"]
+ImageFn: TypeAlias = Callable[[Any], "Tensor | npt.NDArray[Any]"]
 """Training example (or query) → image ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` with ``C`` in 1, 3, 4."""
 
 Queries: TypeAlias = int | Sequence[int] | None

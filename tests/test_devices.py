@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
 from hookinf.losses import draw_labels
+from hookinf.transfer import HostCopier
 
 LOGRA = hookinf.LoGra(3, 2)
 
@@ -219,3 +220,29 @@ def test_on_cuda_sampled_labels_are_drawn_on_the_device_reproducibly() -> None:
     first, again = sampled_fit(model, train), sampled_fit(model, train)
     for key, value in first.items():
         assert torch.equal(value, again[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------- host copies
+def test_host_copies_pass_host_tensors_through_and_wait_for_nothing() -> None:
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    copy = HostCopier().copy(tensors)
+    assert copy.events == []
+    waited = copy.wait()
+    assert list(waited) == ["a", "b"]
+    assert all(waited[name] is tensors[name] for name in tensors)  # no copy of what is on the host already
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_copies_of_cuda_tensors_are_pinned_enqueued_on_a_side_stream_and_exact() -> None:
+    device = torch.device("cuda")
+    tensors = {name: torch.randn(256, 1024, device=device) * (i + 1) for i, name in enumerate(("x", "y"))}
+    expected = {name: t.cpu() for name, t in tensors.items()}
+    copy = HostCopier().copy(tensors)
+    assert len(copy.events) == 1
+    del tensors  # the side stream keeps their memory until the copy has read it (record_stream)
+    torch.cuda.empty_cache()
+    waited = copy.wait()
+    for name, host in waited.items():
+        assert host.device.type == "cpu"
+        assert host.is_pinned()
+        assert torch.equal(host, expected[name])

@@ -150,13 +150,8 @@ def _has_pandas() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-NEEDS_TAG = pytest.mark.xfail(
-    strict=True,
-    reason="needs Watch.tag to keep string ids and refuse non-integer floats (hooks.py, capture.py, helpers.py)",
-)
 
 
-@NEEDS_TAG
 def test_log_and_influence_with_string_ids(tmp_path: Path) -> None:
     case = mlp()
     train = batches(case, 3)
@@ -171,7 +166,6 @@ def test_log_and_influence_with_string_ids(tmp_path: Path) -> None:
     close(scores.total[:, :8], by_position.total[:, 4:], SAME_TOL, "the other columns")
 
 
-@NEEDS_TAG
 def test_watch_tags_string_ids_and_refuses_float_ids(tmp_path: Path) -> None:
     case = mlp()
     with hookinf.watch(case.model, log_to=tmp_path / "store", compress=LOGRA, modules=case.modules) as w:

@@ -34,6 +34,7 @@ from hookinf.compress import Compressor
 from hookinf.curvature import statistics_dtype
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
+from hookinf.ids import Ids
 from hookinf.integrations.model_loss import ModelLoss
 from hookinf.logger import GradientLogger, model_dtype
 from hookinf.methods import Method
@@ -46,7 +47,7 @@ from hookinf.selection import ModuleSpec, select
 class MicroBatch:
     """What the model's hooks saw of one micro-batch's forward, waiting for its backward to be consumed."""
 
-    ids: Tensor | None
+    ids: Ids | None
     num_items: Any  # the num_items_in_batch the model received (a tensor, a number, or None)
     weight: Tensor | None = None  # ∂(the loss the Trainer differentiates)/∂(the loss the model returned)
     handle: RemovableHandle | None = None
@@ -107,7 +108,7 @@ class EpochCapture:
         )
         self.watch.__enter__()
 
-    def forward_started(self, ids: Tensor | None, num_items: Any) -> MicroBatch:
+    def forward_started(self, ids: Ids | None, num_items: Any) -> MicroBatch:
         """A micro-batch's forward begins (outside backward, with grad): its step will carry ``ids``."""
         if ids is not None:
             self.watch.tag(ids)
@@ -123,8 +124,9 @@ class EpochCapture:
         if self.logger is not None and self.batches and self.batches[0].ids is None:
             raise DataError(
                 f"a training batch has no {self.loss.id_column!r} column, which holds the examples' ids for the "
-                f"store: add an integer id column to the training dataset (or name yours with id_column=), and keep "
-                f"it with TrainingArguments(remove_unused_columns=False) and a data collator that passes it through."
+                f"store: add an id column (integers or strings) to the training dataset (or name yours with "
+                f"id_column=), and keep it with TrainingArguments(remove_unused_columns=False) and a data collator "
+                f"that passes it through."
             )
         steps = self.watch.steps  # closes the pending step (the pipeline runs here)
         if steps == self._consumed and not self.batches:

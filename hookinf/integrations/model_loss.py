@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.errors import ConfigurationError, DataError
+from hookinf.ids import Ids, as_ids
 from hookinf.logger import batch_size
 
 LossReduction = Literal["mean", "sum", "num_items"]
@@ -72,11 +73,11 @@ class ModelLoss:
             )
         return loss * batch_size(inputs) if self.reduction == "mean" else loss
 
-    def ids(self, batch: Mapping[str, Any]) -> Tensor:
+    def ids(self, batch: Mapping[str, Any]) -> Ids:
         """The batch's example ids (its ``id_column``): pass ``ids=loss.ids`` to :func:`hookinf.log`."""
         if self.id_column not in batch:
             raise DataError(f"the batch has no {self.id_column!r} key holding the examples' ids.")
-        return as_ids(batch[self.id_column], self.id_column)
+        return as_ids(batch[self.id_column], f"the {self.id_column!r} column")
 
 
 def returned_loss(output: Any) -> Tensor | None:
@@ -96,14 +97,6 @@ def check_reduction(reduction: str) -> None:
         raise ConfigurationError(
             f"loss_reduction={reduction!r} is not valid; use one of {list(get_args(LossReduction))}."
         )
-
-
-def as_ids(value: Any, column: str) -> Tensor:
-    """A batch's id column as ``[B]`` int64 on the CPU (refusing floats and booleans)."""
-    ids = torch.as_tensor(value)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise DataError(f"the {column!r} column must hold integer example ids; got {ids.dtype}.")
-    return ids.to(device="cpu", dtype=torch.int64).reshape(-1)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -42,8 +42,9 @@ from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError, HookinfWarning
 from hookinf.helpers import fit as fit_curvature
+from hookinf.ids import as_ids
 from hookinf.integrations.epoch_capture import EpochCapture, MicroBatch, check_trainer_arguments
-from hookinf.integrations.model_loss import LossReduction, ModelLoss, as_ids, returned_loss
+from hookinf.integrations.model_loss import LossReduction, ModelLoss, returned_loss
 from hookinf.methods import EKFAC, KFAC, Method, check_basis_compressor, resolve_method
 from hookinf.selection import ModuleSpec
 from hookinf.store import GradientStore
@@ -83,7 +84,8 @@ class HookinfCallback(transformers.TrainerCallback):
             ``hookinf.Dropout(...)``, ``hookinf.Gaussian(...)``.
         epoch: the epoch to capture, 0-based as the Trainer counts them; negative counts from the end (``-1``:
             the last one).
-        id_column: the dataset column holding each example's integer id. It is removed from the model's inputs.
+        id_column: the dataset column holding each example's id (an integer, or a string with a data collator
+            that passes strings through). It is removed from the model's inputs.
         loss_reduction: how the loss the *model* returns combines the examples of a micro-batch (what the Trainer
             does on top of it — gradient accumulation, ``num_items_in_batch``, loss scaling — is measured):
             ``"mean"`` (default: the mean of one loss per example, as in transformers' sequence-classification
@@ -326,7 +328,7 @@ class HookinfCallback(transformers.TrainerCallback):
         ids = kwargs.pop(self.id_column, None)
         if self._capture is not None and torch.is_grad_enabled() and not in_backward():
             self._forward = self._capture.forward_started(
-                None if ids is None else as_ids(ids, self.id_column), kwargs.get("num_items_in_batch")
+                None if ids is None else as_ids(ids, f"the {self.id_column!r} column"), kwargs.get("num_items_in_batch")
             )
         return args, kwargs
 

@@ -43,7 +43,7 @@ class ExampleRow:
     direction: Literal["harmful", "helpful"]
     rank: int
     index: int
-    shown: int
+    shown: int | str
     score: float
     layer: str
     part: float
@@ -127,7 +127,7 @@ def example_rows(scores: Scores, query: int, k: int) -> tuple[list[ExampleRow], 
         for rank, (index, value) in enumerate(zip(indices.tolist(), values.tolist(), strict=True), start=1):
             parts = {name: float(part[query, index]) for name, part in scores.per_layer.items()}
             layer = max(parts, key=lambda n: abs(parts[n]))
-            shown = int(ids[index]) if ids is not None else int(index)
+            shown = int(index) if ids is None else ids[index] if isinstance(ids, list) else int(ids[index])
             rows.append(ExampleRow(direction, rank, int(index), shown, float(value), layer, parts[layer]))
     return lists
 

@@ -47,9 +47,9 @@ def scores_section(
     *,
     queries: int | Sequence[int] | None = None,
     k: int = 5,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
     images: ImageFn | None = None,
-    describe_query: Callable[[int], str] | None = None,
+    describe_query: Callable[[Any], str] | None = None,
     query_images: ImageFn | None = None,
     heading: str | None = None,
     anchor: str = "influence",
@@ -213,7 +213,7 @@ def _top_tables(
     scores: Scores,
     q: int,
     lists: tuple[list[ExampleRow], list[ExampleRow]],
-    describe: Callable[[int], str] | None,
+    describe: Callable[[Any], str] | None,
     images: ImageFn | None,
     anchor: str,
 ) -> str:
@@ -227,7 +227,7 @@ def _top_tables(
         header += "<th>score</th><th>largest layer part</th>"
         body = []
         for row in rows:
-            cells = f'<td class="num">{row.rank}</td><td class="num">{row.shown}</td>'
+            cells = f'<td class="num">{row.rank}</td><td class="num">{escape(str(row.shown))}</td>'
             if images is not None:
                 cells += f"<td>{img_tag(images(row.shown), f'training example {row.shown}')}</td>"
             if describe is not None:
@@ -236,7 +236,7 @@ def _top_tables(
                 f'<td class="num {direction}">{row.score:+.4g}</td>'
                 f'<td>{escape(layer_label(row.layer))} <span class="muted">({row.part:+.3g})</span></td>'
             )
-            body.append(f'<tr data-train="{row.shown}" data-score="{row.score!r}">{cells}</tr>')
+            body.append(f'<tr data-train="{escape(str(row.shown))}" data-score="{row.score!r}">{cells}</tr>')
         out.append(
             f'<div><h5 class="{direction}">Most {direction} ({sign})</h5>'
             f'<table id="{anchor}-q{q}-{direction}" class="topk"><thead><tr>{header}</tr></thead>'
@@ -250,7 +250,7 @@ def suspects_section(
     self_scores: Tensor,
     *,
     flipped: Tensor | None = None,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
     images: ImageFn | None = None,
     k: int = 20,
     heading: str = "Suspected mislabeled examples (highest self-influence)",
@@ -371,7 +371,7 @@ def save_suspects_html(
     self_scores: Tensor,
     *,
     flipped: Tensor | None = None,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
     images: ImageFn | None = None,
     k: int = 20,
     title: str = "Suspected mislabeled examples",

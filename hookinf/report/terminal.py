@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from rich.console import Group, RenderableType
@@ -68,7 +69,7 @@ def suspects_table(
     *,
     k: int = 10,
     flipped: Tensor | None = None,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
     title: str = "Top suspected mislabeled examples (highest self-influence)",
 ) -> Table:
     """The ``k`` training examples with the largest self-influence.
@@ -106,7 +107,7 @@ def suspects_report(
     self_scores: Tensor,
     *,
     flipped: Tensor | None = None,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
     k: int = 10,
     title: str | None = None,
 ) -> Group:
@@ -187,7 +188,7 @@ def query_layers_table(scores: Scores, queries: Sequence[int], max_columns: int 
     return table
 
 
-def top_examples_table(scores: Scores, query: int, k: int = 5, describe: Callable[[int], str] | None = None) -> Table:
+def top_examples_table(scores: Scores, query: int, k: int = 5, describe: Callable[[Any], str] | None = None) -> Table:
     """The ``k`` most harmful and most helpful training examples for one query, with each one's largest layer part.
 
     Args:
@@ -223,7 +224,7 @@ def scores_report(
     *,
     queries: int | Sequence[int] | None = None,
     k: int = 5,
-    describe: Callable[[int], str] | None = None,
+    describe: Callable[[Any], str] | None = None,
 ) -> Group:
     """A terminal report of influence scores.
 

@@ -1,0 +1,135 @@
+"""Where an EK-FAC fit spends its time: each phase of ``hookinf.fit(method="ekfac")`` ÷ one plain training epoch.
+
+    .venv/bin/python benchmarks/ekfac_breakdown.py [--quick] [--threads 2]
+
+The model and data are those of ``curvature.py``'s part a (an MLP 784-1024-1024-10 in float32, 5,000 synthetic
+examples, batches of 256). Each phase is timed on its own, the fastest of ``--repeats`` runs, in one process, with a
+plain epoch (forward, backward, SGD step) timed in the same rounds:
+
+* pass: the watched forward and backward of every batch (hookinf's ``Runner``: output gradients only, no weight
+  gradient), its steps dropped;
+* factor GEMMs: the same pass feeding K-FAC's factor accumulator, minus the pass alone (``Σ aᵀa`` and ``Σ δᵀδ``);
+* eigendecompositions: the factors' ``eigh`` (float64, what a fit does), and the same in float32 for comparison;
+* correction: EK-FAC's second pass replayed from the first pass's steps (``Σ (Q_Sᵀ δ aᵀ Q_A)²``);
+* the whole ``hookinf.fit(method="ekfac")`` (its first-pass cache on, as by default).
+
+It needs only the dev environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hookinf
+from hookinf.curvature import statistics_dtype
+from hookinf.damping import as_damping
+from hookinf.methods.ekfac import EKFAC
+from hookinf.methods.kfac import FactorAccumulator
+from hookinf.runner import Runner
+
+LOSS = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
+
+
+def setup(n: int, hidden: int, batch: int) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(784, hidden), relu1=nn.ReLU(), fc2=nn.Linear(hidden, hidden), relu2=nn.ReLU(),
+            fc3=nn.Linear(hidden, 10),
+        )
+    )  # fmt: skip
+    x = torch.randn(n, 784, generator=gen)
+    y = (x @ torch.randn(784, 10, generator=gen)).argmax(dim=1)
+    return model, [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def best(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, hidden = (512, 128) if args.quick else (5000, 1024)
+    model, train = setup(n, hidden, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def plain_epoch() -> None:
+        for x, y in train:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    damping = as_damping(0.1)
+    dtype = statistics_dtype([p for p in model.parameters()], None)
+    rows: list[tuple[str, float]] = []
+    with Runner(model, LOSS, progress=False) as runner:
+
+        def pass_only() -> list[Any]:
+            return [step.batch_size for step in runner.steps(train, "pass")]
+
+        def pass_and_factors() -> tuple[FactorAccumulator, list[Any]]:
+            factors, steps = FactorAccumulator(runner.shapes, dtype, None), []
+            for step in runner.steps(train, "factors"):
+                factors.update(step)
+                steps.append(step)
+            return factors, steps
+
+        plain_epoch()  # warm-up (allocator, threads)
+        t_plain, _ = best(plain_epoch, args.repeats)
+        t_pass, _ = best(pass_only, args.repeats)
+        t_factors, (factors, steps) = best(pass_and_factors, args.repeats)
+        basis = factors.finish(damping)
+        layers = list(basis.layers)
+
+        def eigendecompositions(precision: torch.dtype) -> None:
+            for layer in layers:
+                for matrix in basis.factors(layer):
+                    torch.linalg.eigh(matrix.to(precision))
+
+        t_eig64, _ = best(lambda: eigendecompositions(torch.float64), args.repeats)
+        t_eig32, _ = best(lambda: eigendecompositions(torch.float32), args.repeats)
+
+        def correction() -> None:
+            accumulator = EKFAC(basis=basis).accumulator(runner.shapes, dtype)
+            for step in steps:
+                accumulator.update(step)
+
+        t_correction, _ = best(correction, args.repeats)
+    t_fit, _ = best(lambda: hookinf.fit(model, train, LOSS, method="ekfac", progress=False), args.repeats)
+    rows += [
+        ("plain epoch (forward, backward, SGD step)", t_plain),
+        ("pass: watched forward + backward to the outputs", t_pass),
+        ("factor GEMMs (pass with factors − pass)", t_factors - t_pass),
+        ("eigendecompositions, float64 (as fitted)", t_eig64),
+        ("eigendecompositions, float32 (for comparison)", t_eig32),
+        ("correction from the cached steps", t_correction),
+        ("sum of the fit's phases (pass, factors, eigh float64, correction)", t_factors + t_eig64 + t_correction),
+        ("hookinf.fit(method='ekfac')", t_fit),
+    ]
+    print(f"EK-FAC fit breakdown: MLP 784-{hidden}-{hidden}-10, {n} examples, batch 256, {args.threads} threads")
+    print(f"{'phase':70s} {'time (s)':>9s} {'÷ plain epoch':>14s}")
+    for label, seconds in rows:
+        print(f"{label:70s} {seconds:9.3f} {seconds / t_plain:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
