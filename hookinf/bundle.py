@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from hookinf.io import file_digest, plain_name, remove_temporaries, seal, write_json, write_safetensors
+from hookinf.io import file_digest, plain_name, remove_temporaries, seal, tensor_bytes, write_json, write_safetensors
 
 MANIFEST = "manifest.json"
 _SEAL = "manifest_sha256"
@@ -59,7 +58,8 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
         h.update(key.encode())
-        h.update(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        tensor = tensors[key].detach().cpu().contiguous()
+        h.update(tensor_bytes(tensor))
     return h.hexdigest()[:16]
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.panel import Panel
 from torch import Tensor, nn
 
+from hookinf.errors import ConfigurationError
 from hookinf.helpers import influence, self_influence
 from hookinf.metrics import auc
 from hookinf.report.terminal import comparison_table, suspects_table
@@ -59,7 +60,13 @@ def flipped_digits(
     Returns:
         ``(x_train [n, 64], y_train (with flips), y_train_true, x_test, y_test, flipped [n] bool)``, float64 features.
     """
-    from sklearn.datasets import load_digits  # examples extra; imported here so `import hookinf` stays light
+    try:
+        from sklearn.datasets import load_digits  # examples extra; imported here so `import hookinf` stays light
+    except ImportError as err:
+        raise ConfigurationError(
+            "the demo trains on scikit-learn's bundled digits, and scikit-learn is not installed: "
+            "pip install 'hookinf[examples]'."
+        ) from err
 
     gen = torch.Generator().manual_seed(seed)
     features, labels = load_digits(return_X_y=True)

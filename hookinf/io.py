@@ -11,6 +11,7 @@ failed write is a plain ``OSError`` and the file is hashed while it streams out.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -68,6 +69,22 @@ class Sink:
     def digest(self) -> FileDigest:
         """What was written so far: its size and SHA-256."""
         return FileDigest(self.size, self._hash.hexdigest())
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """A zero-copy view of a contiguous host tensor's bytes, without numpy (a bare install has none).
+
+    The view reads the tensor's memory in place: keep ``tensor`` alive while it is used.
+
+    Raises:
+        ValueError: ``tensor`` is not a contiguous tensor on the CPU.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"tensor_bytes needs a contiguous CPU tensor; got one on {tensor.device}.")
+    size = tensor.numel() * tensor.element_size()
+    if size == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
 
 
 def write_atomically(target: Path, write: Callable[[Sink], None]) -> FileDigest:
@@ -161,7 +178,7 @@ def write_safetensors(target: Path, tensors: Mapping[str, Tensor]) -> FileDigest
         sink.write(text)
         for name in order:
             if prepared[name].numel():
-                sink.write(prepared[name].reshape(-1).view(torch.uint8).numpy().data)
+                sink.write(tensor_bytes(prepared[name]))
 
     return write_atomically(target, write)
 

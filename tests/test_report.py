@@ -466,3 +466,18 @@ def test_scores_conveniences_go_through_the_registered_presenter(tmp_path):
     finally:
         use_presenter(previous)
     assert "Per-layer influence (ekfac)" in render(scores.layer_table())
+
+
+def test_a_failed_html_write_names_the_target_and_keeps_what_was_there(tmp_path) -> None:
+    """Real faults: the target is a directory (the rename fails), or its directory does not exist."""
+    scores = Scores({"fc": torch.randn(2, 4, dtype=torch.float64)}, method="identity")
+    occupied = tmp_path / "report.html"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("kept")
+    with pytest.raises(hookinf.HookinfError, match=r"report\.html: cannot write the HTML report") as err:
+        scores.save_html(occupied, queries=0)
+    assert isinstance(err.value.__cause__, OSError)
+    assert (occupied / "keep.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left beside it
+    with pytest.raises(hookinf.HookinfError, match=r"missing/r\.html: cannot write"):
+        scores.save_html(tmp_path / "missing" / "r.html", queries=0)

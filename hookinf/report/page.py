@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hookinf._version import __version__
-from hookinf.errors import ConfigurationError
+from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.io import atomic_write
 
 _ANCHOR = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -89,10 +89,20 @@ def save_html(path: str | os.PathLike[str], sections: Sequence[Section], *, titl
 
     Returns:
         The path written.
+
+    Raises:
+        HookinfError: the file cannot be written (names it; chained from the ``OSError``); an existing file at
+            ``path`` is left as it was.
     """
     text = page(title, sections)
     target = Path(path)
-    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    try:
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    except OSError as err:
+        raise HookinfError(
+            f"{target}: cannot write the HTML report ({err.strerror or err}); the file keeps what it held before. "
+            f"Fix the cause (e.g. free disk space, an existing directory) and save again."
+        ) from err
     return target
 
 
