@@ -8,7 +8,6 @@ output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,15 +75,6 @@ class FiniteCheck:
         for _, _, flag in flags:
             by_device.setdefault(flag.device, []).append(flag)
         return cls(flags, [torch.stack(group).all() for group in by_device.values()])
-
-    @classmethod
-    def of_layers(cls, layers: Mapping[str, LayerCapture]) -> FiniteCheck:
-        """The (unread) check of a step's captures."""
-        flags: list[tuple[str, str, Tensor]] = []
-        for name, capture in layers.items():
-            flags.append((name, "output gradients", all_finite(capture.delta)))
-            flags.append((name, "input activations", all_finite(capture.a)))
-        return cls.of(flags)
 
     @property
     def known(self) -> bool:

@@ -119,26 +119,6 @@ def write_atomically(target: Path, write: Callable[[Sink], None]) -> FileDigest:
     return sink.digest()
 
 
-def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
-    """Like :func:`write_atomically` for writers that take a path: ``write(tmp_path)`` fills the temporary file.
-
-    Raises:
-        OSError: the write, fsync or rename failed.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after write: a writer may replace the file (safetensors does)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
-
-
 def write_json(target: Path, data: Mapping[str, Any]) -> FileDigest:
     """Writes ``data`` as indented JSON to ``target`` atomically (see :func:`write_atomically`)."""
     text = json.dumps(data, indent=2).encode("utf-8")

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hookinf.errors import StoreError
 from hookinf.io import (
     Sink,
-    atomic_write,
     file_digest,
     plain_name,
     remove_temporaries,
     safetensors_header,
     write_atomically,
+    write_json,
     write_safetensors,
 )
 from hookinf.lock import WriterLock
@@ -37,8 +37,8 @@ def umask_027():  # type: ignore[no-untyped-def]
 
 
 def test_written_files_get_the_umask_permissions_not_the_temporary_files(tmp_path: Path, umask_027: int) -> None:
-    atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}", encoding="utf-8"))
-    atomic_write(tmp_path / "b.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp))
+    write_json(tmp_path / "a.json", {})
+    write_safetensors(tmp_path / "b.safetensors", {"x": torch.zeros(2)})
     for name in ("a.json", "b.safetensors"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask_027, name  # 0o640, not mkstemp's 0o600
 
@@ -47,12 +47,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
     target = tmp_path / "a.json"
     target.write_text("old", encoding="utf-8")
 
-    def failing(tmp: str) -> None:
-        Path(tmp).write_text("half", encoding="utf-8")
+    def failing(sink: Sink) -> None:
+        sink.write(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, failing)
+        write_atomically(target, failing)
     assert target.read_text(encoding="utf-8") == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hookinf._version import __version__
 from hookinf.errors import ConfigurationError, HookinfError
-from hookinf.io import atomic_write
+from hookinf.io import write_atomically
 
 _ANCHOR = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -97,7 +97,7 @@ def save_html(path: str | os.PathLike[str], sections: Sequence[Section], *, titl
     text = page(title, sections)
     target = Path(path)
     try:
-        atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_atomically(target, lambda sink: sink.write(text.encode("utf-8")))
     except OSError as err:
         raise HookinfError(
             f"{target}: cannot write the HTML report ({err.strerror or err}); the file keeps what it held before. "
