@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
-from hookinf.logger import GradientLogger, model_dtype
+from hookinf.logger import GradientLogger
 from hookinf.pipeline import Pipeline
 from hookinf.selection import select
 
@@ -117,7 +117,7 @@ def _watch(model: nn.Module, how: str, directory: Path) -> hookinf.Watch | None:
         return hookinf.watch(model, log_to=directory, compress=LOGRA, flush_every=1 << 20)
     selection = select(model, None)
     bound = LOGRA.bind(selection.shapes)
-    logger = GradientLogger(directory, bound, model_dtype(selection.parameters()), 1 << 20)
+    logger = GradientLogger(directory, bound, selection.parameters(), 1 << 20)
     return hookinf.Watch(model, modules=selection, consumers=[Pipeline([logger], [bound.compress])])
 
 

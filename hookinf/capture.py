@@ -8,6 +8,7 @@ output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` al
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from hookinf.errors import ConfigurationError, DataError, NonFiniteGradientError
 from hookinf.ids import Ids, id_count
 from hookinf.layers.base import LayerAdapter
 from hookinf.linalg import per_example_gradients
+from hookinf.shapes import LayerShape
 
 
 @dataclass(frozen=True)
@@ -145,3 +147,21 @@ class Step:
             for pname, grad in cap.param_gradients().items():
                 out[f"{name}.{pname}" if name else pname] = grad
         return out
+
+
+def store_step(index: int, gradients: Mapping[str, Tensor], layers: Mapping[str, LayerShape]) -> Step:
+    """Stored gradients ``{layer: [n, O'·I']}`` as a :class:`Step` whose captures reproduce them exactly.
+
+    Each ``[O', I']`` gradient ``g`` is written in the canonical form with ``S = I'`` positions: ``a_s = e_s``
+    (identity rows, an expanded view: no memory) and ``δ_s = g[:, s]``, so ``Σ_s δ_s a_sᵀ = g``. Every method that
+    consumes per-example gradients (and the scoring) then reads stored gradients like captured ones.
+    """
+    captures: dict[str, LayerCapture] = {}
+    batch = 0
+    for name, shape in layers.items():
+        flat = gradients[name]
+        batch = int(flat.shape[0])
+        matrices = flat.reshape(batch, shape.out_features, shape.in_features)
+        eye = torch.eye(shape.in_features, dtype=flat.dtype, device=flat.device).expand(batch, -1, -1)
+        captures[name] = LayerCapture(name=name, a=eye, delta=matrices.transpose(1, 2), adapter=None)
+    return Step(index=index, batch_size=batch, layers=captures)

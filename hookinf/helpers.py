@@ -29,7 +29,7 @@ from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError, DataError
 from hookinf.ids import Ids, id_count, sort_order, take
-from hookinf.logger import GradientLogger, batch_ids, model_dtype
+from hookinf.logger import GradientLogger, batch_ids
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
 from hookinf.pairwise import LowRank, layer_scores
@@ -91,6 +91,7 @@ def fit(
         ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
     """
     damp = as_damping(damping)
+    compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         resolved = resolve_method(method, runner.shapes)
@@ -256,6 +257,7 @@ def log(
     ids: IdsFn | None = None,
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     flush_every: int = 4096,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> GradientStore:
     """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
@@ -266,13 +268,15 @@ def log(
         loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
             sum of the batch's per-example losses with :func:`hookinf.summed`).
         compress: the compressor (``hookinf.LoGra(16, 16)``, ``hookinf.Dropout(r=...)``, ``hookinf.Gaussian(r)``).
-        path: the store's directory. When it already holds a store of the same compressor and model, logging
-            resumes: batches whose ids are all stored are skipped without running the model, and the store ends
-            with every id exactly once.
+        path: the store's directory. When it already holds a store of the same compressor and model, at the same
+            weights, logging resumes (a :class:`~hookinf.HookinfWarning` says how many examples it holds): batches
+            whose ids are all stored are skipped without running the model, and the store ends with every id
+            exactly once. A store of the same model at other weights (another run's) is refused.
         ids: ``ids(batch)`` → the batch's example ids (integers, or strings such as document ids); by default an
             example's id is its position in ``train``.
         modules: which layers to track (see :func:`hookinf.watch`).
         flush_every: a shard is written at least every this many examples (what an interruption can lose).
+        overwrite: replace the store at ``path`` (its manifest and shards) instead of resuming it.
         progress: show a rich progress bar.
 
     Returns:
@@ -283,7 +287,7 @@ def log(
     require_compressor(compress)
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=False) as runner:
         assert runner.compressor is not None
-        logger = GradientLogger(path, runner.compressor, model_dtype(runner.params), flush_every)
+        logger = GradientLogger(path, runner.compressor, runner.params, flush_every, overwrite=overwrite)
         try:
             total = len(train) if isinstance(train, Sized) else None
             position = 0

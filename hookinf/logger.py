@@ -15,6 +15,8 @@ close; close always releases the lock and stops the thread, so the store resumes
 from __future__ import annotations
 
 import os
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,11 +27,12 @@ from torch import Tensor
 
 from hookinf.capture import FiniteCheck, Step
 from hookinf.compress import BoundCompressor
-from hookinf.errors import CaptureError, ConfigurationError, DataError, StoreError
+from hookinf.errors import CaptureError, ConfigurationError, DataError, HookinfWarning, StoreError
 from hookinf.ids import IdKind, Ids, as_ids, concat, id_kind, id_values, take
 from hookinf.shapes import fingerprint
 from hookinf.store import GradientStore
 from hookinf.transfer import HostCopier, HostCopy
+from hookinf.weights import WeightsRecord, weights_hash
 
 IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
@@ -42,8 +45,11 @@ class GradientLogger:
         path: the store's directory (created, or resumed when it holds a compatible store, on first use).
         bound: the compressor bound to the tracked layers; the steps it consumes are in its compressed space, and
             its configuration, seed and the layers' original shapes are recorded in the store.
-        dtype: the dtype gradients are stored in.
+        params: the tracked parameters: their dtype is the stored dtype, and their values identify the weights the
+            gradients are taken at (:func:`hookinf.weights.weights_hash`, recorded in the store when it is opened
+            and again when it is closed, so a store logged during training records the weights it ended at).
         flush_every: write a shard whenever this many examples are buffered.
+        overwrite: replace the store at ``path`` the first time it is opened (not when this logger reopens it).
 
     Attributes:
         closed: whether the store is closed (also before its first use); :meth:`reopen` opens it.
@@ -51,14 +57,23 @@ class GradientLogger:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], bound: BoundCompressor, dtype: torch.dtype, flush_every: int = 4096
+        self,
+        path: str | os.PathLike[str],
+        bound: BoundCompressor,
+        params: Sequence[Tensor],
+        flush_every: int = 4096,
+        *,
+        overwrite: bool = False,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
         self.path = path
         self.bound = bound
-        self.dtype = dtype
+        self.params = list(params)
+        self.dtype = model_dtype(self.params)
         self.flush_every = flush_every
+        self._overwrite = overwrite
+        self._run = uuid.uuid4().hex[:16]  # this logger may resume its own store after the weights moved
         self._store: GradientStore | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
@@ -70,13 +85,20 @@ class GradientLogger:
         self._copier = HostCopier()
         self.held = 0
         self.closed = True
+        self._opened_by: str | None = None  # set once this logger opened the store: its reopenings say nothing
+
+    def _weights(self) -> WeightsRecord:
+        return WeightsRecord(weights_hash(self.params), self._run)
 
     def reopen(self) -> None:
         """Opens (or resumes) the store for writing, unless it is open: ids stored so far are skipped from now on.
 
+        A store that another logger filled says so in a :class:`~hookinf.HookinfWarning` naming how many stored
+        examples are skipped.
+
         Raises:
             StoreError: another writer holds the store, or it cannot be created or resumed (see
-                :meth:`GradientStore.create`).
+                :meth:`GradientStore.create`): another run's store, at other weights, is refused.
         """
         if not self.closed:
             return
@@ -87,12 +109,23 @@ class GradientLogger:
             original=self.bound.original,
             dtype=self.dtype,
             fingerprint=fingerprint(self.bound.original),
+            weights=self._weights(),
+            overwrite=self._overwrite,
         )
+        self._overwrite = False  # replaced once: reopening resumes what this logger wrote
         try:
             self._stored = set(id_values(store.ids))  # in the store when logging (re)started: skipped
         except BaseException:
             store.close()
             raise
+        if self._stored and self._run != self._opened_by:
+            warnings.warn(
+                f"{self.path}: resuming a gradient store that holds {len(self._stored)} examples; their ids are "
+                f"skipped (pass overwrite=True to log them again).",
+                HookinfWarning,
+                stacklevel=2,
+            )
+        self._opened_by = self._run
         self._store = store
         self._kind = store.id_kind  # the kind of id the store holds, once known
         self._logged = set()  # logged in this run: seeing one again is an error
@@ -207,6 +240,8 @@ class GradientLogger:
         try:
             self.flush()
             self._raise_failed(wait=True)
+            if self._store is not None:
+                self._store.record_weights(self._weights())  # the weights logging ended at
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)

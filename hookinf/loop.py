@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import TracebackType
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +20,11 @@ from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError
 from hookinf.hooks import LossReduction, Watch
-from hookinf.logger import GradientLogger, model_dtype
+from hookinf.logger import GradientLogger
 from hookinf.methods import Method, check_basis_compressor, resolve_method
 from hookinf.methods.base import Accumulator
 from hookinf.pipeline import Consumer
+from hookinf.reduction_probe import ReductionProbe
 from hookinf.selection import ModuleSpec, Selection, select
 from hookinf.store import GradientStore
 
@@ -37,6 +39,7 @@ def watch(
     log_to: str | os.PathLike[str] | None = None,
     compress: Compressor | None = None,
     flush_every: int = 4096,
+    overwrite: bool = False,
 ) -> LoopWatch:
     """Captures per-example, per-layer gradient factors while the user's own code runs.
 
@@ -58,6 +61,8 @@ def watch(
             they are gradients of each example's own loss; ``"sum"`` takes them as they are. For a language model
             whose loss averages over all *tokens* of the batch, pass ``"sum"`` and compute the loss as the sum over
             examples of each example's mean token loss (or the sum of token losses, to attribute per token).
+            The first backward that reaches the model is checked against it (:mod:`hookinf.reduction_probe`): a loss
+            whose graph ends in a ``sum`` under ``"mean"``, or the other way round, raises before the backward.
         fit: also accumulate a method's curvature statistics from every step of the loop (``"kfac"``,
             ``"exact"``, ``"identity"``, or ``hookinf.EKFAC(basis=kfac_curvature)`` for EK-FAC's correction pass);
             :meth:`LoopWatch.curvature` returns the result. Run the loop at fixed weights (e.g. a zero learning
@@ -66,7 +71,9 @@ def watch(
         log_to: also log every step's compressed per-example gradients into a :class:`~hookinf.GradientStore` at
             this directory (resumed when it exists). Tag each batch with its examples' ids before its forward —
             the one line a loop gains: ``w.tag(ids)``. Shards are flushed every ``flush_every`` examples and when
-            the block ends (also on an exception: completed steps are kept).
+            the block ends (also on an exception: completed steps are kept). The store records the weights each
+            entry of the block starts and ends at: another run's store at other weights is refused (a rerun in
+            the same folder), and so is scoring it with a model at other weights than logging ended at.
         compress: the compressor (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``) for ``log_to``, and
             for ``fit``: the statistics are then accumulated in the compressed space (as
             ``hookinf.fit(..., compress=...)`` does), so a curvature and a store from the same loop score together —
@@ -74,6 +81,7 @@ def watch(
             The projections run inside the hooks, so the watch never holds the full-width factors; its steps (and
             ``w.per_example_gradients()``) are then the compressed ones.
         flush_every: see ``log_to``.
+        overwrite: replace the store at ``log_to`` when the block is first entered, instead of resuming it.
 
     Returns:
         A :class:`LoopWatch` (a :class:`~hookinf.Watch`) to enter with ``with``.
@@ -94,6 +102,7 @@ def watch(
         log_to=log_to,
         compress=compress,
         flush_every=flush_every,
+        overwrite=overwrite,
     )
 
 
@@ -111,6 +120,7 @@ class LoopWatch(Watch):
         log_to: str | os.PathLike[str] | None = None,
         compress: Compressor | None = None,
         flush_every: int = 4096,
+        overwrite: bool = False,
     ) -> None:
         require_compressor(compress)
         if compress is not None and log_to is None and fit is None:
@@ -128,15 +138,28 @@ class LoopWatch(Watch):
         self._accumulator = None if fit is None else _accumulator(fit, selection, bound, dtype)
         self._logger: GradientLogger | None = None
         if log_to is not None and bound is not None:
-            self._logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
+            self._logger = GradientLogger(log_to, bound, selection.parameters(), flush_every, overwrite=overwrite)
         consumers: list[Consumer] = [c for c in (self._accumulator, self._logger) if c is not None]
         super().__init__(model, modules=selection, loss_reduction=loss_reduction, consumers=consumers, factor_map=bound)
+        self._probe = ReductionProbe(loss_reduction, self._pending_batch_size, selection.parameters())
 
     def __enter__(self) -> LoopWatch:
         if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store
             self._logger.reopen()
         super().__enter__()
+        self._probe.start()  # until the first backward: is the loss reduced as loss_reduction says?
         return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._probe.stop()
+        super().__exit__(exc_type, exc, tb)
+
+    def _pending_batch_size(self) -> int | None:
+        """The batch size of the watched forward awaiting its backward (``None``: none awaits one)."""
+        calls = self._pending.calls
+        return int(calls[0].a.shape[0]) if calls else None
 
     def tag(self, ids: Sequence[int] | Sequence[str] | Tensor) -> None:
         """Names the examples of the next batch (call it before the batch's forward): the store keeps them by id."""

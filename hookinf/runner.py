@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.autograd import differentiate
-from hookinf.capture import Step
+from hookinf.capture import Step, store_step
 from hookinf.compress import Compressor, require_compressor
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
@@ -32,7 +32,8 @@ from hookinf.pipeline import Collect
 from hookinf.progress import PassProgress
 from hookinf.selection import ModuleSpec, select
 from hookinf.shapes import fingerprint
-from hookinf.store import GradientStore, store_step
+from hookinf.store import GradientStore
+from hookinf.weights import weights_hash
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch)`` → per-example losses ``[B]`` (or their sum, a scalar, declared with
@@ -136,6 +137,7 @@ class Runner:
             original=self.compressor.original,
             fingerprint=fingerprint(self.compressor.original),
         )
+        store.check_weights(weights_hash(self.params))  # its gradients and this model's queries: the same weights
         with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
             for index, (_, gradients) in enumerate(store.chunks(self.devices)):
                 step = store_step(index, gradients, store.layers)

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hookinf.capture import LayerCapture, Step
 from hookinf.errors import StoreError
 from hookinf.ids import IdKind, Ids, as_ids, concat, empty_ids, id_count, id_kind, id_values, strings_to_tensor
 from hookinf.io import remove_temporaries, write_json, write_safetensors
@@ -44,10 +44,12 @@ from hookinf.store_format import (
     next_shard_name,
     read_ids,
     read_tensors,
+    unlisted_shards,
     verify_shards,
 )
+from hookinf.weights import WeightsRecord, check_resume, check_scoring
 
-__all__ = ["GradientStore", "StoreCheck", "StoreError", "store_step"]
+__all__ = ["GradientStore", "StoreCheck", "StoreError"]
 
 
 class GradientStore:
@@ -111,15 +113,29 @@ class GradientStore:
         original: Mapping[str, LayerShape],
         dtype: torch.dtype,
         fingerprint: str,
+        weights: WeightsRecord | None = None,
+        overwrite: bool = False,
     ) -> GradientStore:
         """Opens a store for writing: creates an empty one, or opens a compatible existing one to resume.
 
         The returned store holds the writer lock until :meth:`close` (or the end of a ``with`` block around it);
         temporary files that killed writers left are removed.
 
+        Args:
+            path: the store's directory (created when missing).
+            compressor: the compressor's configuration; a store holds one.
+            layers: layer → compressed shape, in model order.
+            original: layer → uncompressed shape.
+            dtype: the stored dtype.
+            fingerprint: the tracked layers' fingerprint (:func:`hookinf.shapes.fingerprint`).
+            weights: the weights the gradients about to be logged are taken at; recorded in the manifest. A store
+                holding gradients taken at other weights, by another logger (another run), is refused.
+            overwrite: replace what ``path`` holds (its manifest and shards; nothing else in the directory) with an
+                empty store first.
+
         Raises:
             StoreError: another writer holds the store (named), the directory cannot be written, or it holds a store
-                with another compressor, model or dtype.
+                with another compressor, model, dtype or weights.
         """
         directory = Path(path)
         try:
@@ -129,20 +145,25 @@ class GradientStore:
         lock = WriterLock.acquire(directory)
         try:
             _clean(directory)
-            if not (directory / MANIFEST).is_file():
+            if overwrite or not (directory / MANIFEST).is_file():
                 empty = StoreManifest(dict(compressor), dict(layers), dict(original), dtype, fingerprint, None, ())
                 try:
-                    _write_manifest(directory, empty)
+                    _write_manifest(directory, replace(empty, weights=weights))  # lists no shard: then remove them
+                    for leftover in unlisted_shards(directory, ()):
+                        (directory / leftover).unlink()
                 except OSError as err:
                     raise StoreError(f"{directory}: cannot create the store ({err.strerror or err}).") from err
             store = cls(directory)
+            store._lock = lock  # its writes (the weights record) happen under this lock
             store.check(compressor=compressor, original=original, fingerprint=fingerprint)
             if store.dtype != dtype:
                 raise StoreError(f"{directory}: the store holds {store.dtype} gradients but this model gives {dtype}.")
+            if weights is not None:
+                check_resume(directory, store.manifest.weights, len(store), weights)
+                store.record_weights(weights)
         except BaseException:
             lock.release()
             raise
-        store._lock = lock
         return store
 
     def check(self, *, compressor: Mapping[str, Any], original: Mapping[str, LayerShape], fingerprint: str) -> None:
@@ -166,6 +187,33 @@ class GradientStore:
             raise StoreError(
                 f"{self.path}: the model's tracked layers differ from the store's ({list(self.original)})."
             )
+
+    def check_weights(self, weights_hash: str) -> None:
+        """Refuses a model at other weights than the gradients were taken at (:func:`hookinf.weights.check_scoring`)."""
+        check_scoring(self.path, self.manifest.weights, weights_hash)
+
+    def record_weights(self, weights: WeightsRecord) -> None:
+        """Records in the manifest the weights the stored gradients were (last) taken at, under the writer lock.
+
+        Written only when the weights' hash changes. A store that holds gradients but no record (written before
+        records existed) keeps none: its gradients' weights are unknown.
+
+        Raises:
+            StoreError: the manifest cannot be written, or another writer holds the store.
+        """
+        recorded = self.manifest.weights
+        if (recorded is not None and recorded.hash == weights.hash) or (recorded is None and self.shards):
+            return  # the same weights (whichever logger recorded them), or unknown ones: nothing to write
+        with self._writing():
+            manifest = replace(self.manifest, weights=weights)
+            try:
+                _write_manifest(self.path, manifest)
+            except OSError as err:
+                raise StoreError(
+                    f"{self.path}: cannot record the weights in {MANIFEST} ({err.strerror or err}); the store keeps "
+                    f"the {len(self)} examples it holds."
+                ) from err
+            self._set(manifest)
 
     def close(self) -> None:
         """Releases the writer lock (idempotent); the store stays readable."""
@@ -347,21 +395,3 @@ def _write_manifest(directory: Path, manifest: StoreManifest) -> None:
         OSError: the write failed.
     """
     write_json(directory / MANIFEST, manifest.to_json())
-
-
-def store_step(index: int, gradients: Mapping[str, Tensor], layers: Mapping[str, LayerShape]) -> Step:
-    """Stored gradients ``{layer: [n, O'·I']}`` as a :class:`Step` whose captures reproduce them exactly.
-
-    Each ``[O', I']`` gradient ``g`` is written in the canonical form with ``S = I'`` positions: ``a_s = e_s``
-    (identity rows, an expanded view: no memory) and ``δ_s = g[:, s]``, so ``Σ_s δ_s a_sᵀ = g``. Every method that
-    consumes per-example gradients (and the scoring) then reads stored gradients like captured ones.
-    """
-    captures: dict[str, LayerCapture] = {}
-    batch = 0
-    for name, shape in layers.items():
-        flat = gradients[name]
-        batch = int(flat.shape[0])
-        matrices = flat.reshape(batch, shape.out_features, shape.in_features)
-        eye = torch.eye(shape.in_features, dtype=flat.dtype, device=flat.device).expand(batch, -1, -1)
-        captures[name] = LayerCapture(name=name, a=eye, delta=matrices.transpose(1, 2), adapter=None)
-    return Step(index=index, batch_size=batch, layers=captures)

@@ -8,6 +8,8 @@
     fingerprint
     config_sha256          SHA-256 of the configuration above as canonical JSON (an edit or a damaged byte shows)
     ids                    "int" or "str" (null before the first shard): a store holds one kind of id
+    weights                {"hash", "run"}: the weights the gradients were taken at (hookinf.weights.WeightsRecord);
+                           absent in stores written before it was recorded
     shards                 [{"file", "count", "size", "sha256"}], in storage order
 
 ``shard-NNNNNN.safetensors`` holds one ``[n, r_l]`` tensor per layer in the store's dtype, and the ids: ``__ids__``
@@ -37,6 +39,7 @@ from hookinf.errors import StoreError
 from hookinf.ids import IdKind, Ids, id_values, strings_from_tensor
 from hookinf.io import SAFETENSORS_DTYPES, file_digest, plain_name, safetensors_header, seal
 from hookinf.shapes import LayerShape
+from hookinf.weights import WeightsRecord
 
 FORMAT = "hookinf.gradient-store"
 MANIFEST = "manifest.json"
@@ -80,6 +83,7 @@ class StoreManifest:
     fingerprint: str
     ids: IdKind | None
     shards: tuple[Shard, ...]
+    weights: WeightsRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's JSON form, its configuration sealed by ``config_sha256``."""
@@ -98,6 +102,7 @@ class StoreManifest:
             "config_sha256": seal(config),
             "ids": self.ids,
             "shards": [shard.to_json() for shard in self.shards],
+            **({"weights": self.weights.to_json()} if self.weights is not None else {}),
         }
 
     def with_shard(self, shard: Shard, kind: IdKind) -> StoreManifest:
@@ -140,7 +145,8 @@ class StoreManifest:
             raise ValueError(f"ids is {kind!r}, not 'int' or 'str'")
         layers = {str(n): LayerShape.from_json(s) for n, s in data["layers"].items()}
         original = {str(n): LayerShape.from_json(s) for n, s in data["original"].items()}
-        return cls(dict(data["compressor"]), layers, original, dtype, str(data["fingerprint"]), kind, shards)
+        weights = WeightsRecord.parse(data.get("weights"))
+        return cls(dict(data["compressor"]), layers, original, dtype, str(data["fingerprint"]), kind, shards, weights)
 
 
 def _shard(entry: Any) -> Shard:

@@ -439,7 +439,7 @@ def test_layers_seeing_different_batch_sizes_raise() -> None:
     x = torch.randn(3, 5, 4, dtype=DTYPE)
 
     def run() -> None:
-        with watch(model) as w:
+        with watch(model, loss_reduction="sum") as w:
             model(x).sum().backward()
             w.per_example_param_gradients()
 
@@ -447,7 +447,7 @@ def test_layers_seeing_different_batch_sizes_raise() -> None:
         run()
     _assert_error(info, CaptureError, "'head'", "'proj'", "15", "3")
     model.zero_grad(set_to_none=True)
-    with watch(model, modules="proj") as w:  # the remedy the message suggests
+    with watch(model, modules="proj", loss_reduction="sum") as w:  # the remedy the message suggests
         model(x).sum().backward()
         assert w.per_example_param_gradients()["proj.weight"].shape == (3, 4, 4)
 
@@ -818,7 +818,7 @@ def test_a_deep_copy_made_inside_the_block_carries_no_hook_and_pickles(tmp_path:
 def test_forwards_without_backward_do_not_pile_up_activations() -> None:
     """Grad-enabled forwards with no backward (an evaluation pass) must not keep their activations alive."""
     case = MODEL_CASES["mlp-bias"]()
-    with watch(case.model) as w:
+    with watch(case.model, loss_reduction="sum") as w:
         for _ in range(20):
             case.losses()  # forward only, grad enabled
         assert len(w._pending.calls) <= len(w.layers)  # only the latest forward's calls are held

@@ -42,8 +42,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import hookinf
-from hookinf import ConfigurationError, DataError
+from hookinf import ConfigurationError, DataError, StoreError
 from hookinf.compress import BoundCompressor
+from hookinf.selection import select
+from hookinf.weights import weights_hash
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -489,3 +491,25 @@ def test_import_hookinf_does_not_import_transformers() -> None:
     code = "import sys, hookinf, hookinf.integrations; assert 'transformers' not in sys.modules, 'imported'"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_rerun_into_the_same_store_is_refused_unless_overwritten(
+    models: dict[str, nn.Module], tmp_path: Path
+) -> None:
+    model, data = copy.deepcopy(models["classifier"]), dataset("classifier")
+    grads = tmp_path / "grads"
+    train(model, data, HookinfCallback(log_to=grads, compress=FULL), tmp_path, learning_rate=1e-2)
+    tracked = select(model).parameters()
+    assert hookinf.GradientStore(grads).manifest.weights.hash == weights_hash(tracked)  # where training ended
+    before = sorted(p.read_bytes() for p in grads.glob("shard-*"))
+
+    callback = HookinfCallback(log_to=grads, compress=FULL)  # the same script again: training moves on
+    with pytest.raises(StoreError, match="overwrite=True"):
+        train(model, data, callback, tmp_path, learning_rate=1e-2)
+    assert not hooks(model)
+    assert sorted(p.read_bytes() for p in grads.glob("shard-*")) == before
+
+    train(model, data, HookinfCallback(log_to=grads, compress=FULL, overwrite=True), tmp_path, learning_rate=1e-2)
+    replaced = hookinf.GradientStore(grads)
+    assert replaced.manifest.weights.hash == weights_hash(tracked)
+    assert sorted(replaced.ids.tolist()) == sorted(row["idx"] for row in data)

@@ -36,7 +36,7 @@ from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
 from hookinf.ids import Ids
 from hookinf.integrations.model_loss import ModelLoss
-from hookinf.logger import GradientLogger, model_dtype
+from hookinf.logger import GradientLogger
 from hookinf.methods import Method
 from hookinf.methods.base import Accumulator
 from hookinf.pipeline import Consumer, Pipeline, Rescale, Transform
@@ -68,6 +68,7 @@ class EpochCapture:
         modules: which layers to track.
         loss: the model's loss convention (its reduction and id column).
         flush_every: write a store shard every this many examples.
+        overwrite: replace the store at ``log_to`` instead of resuming it.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class EpochCapture:
         modules: ModuleSpec | Sequence[ModuleSpec] | None,
         loss: ModelLoss,
         flush_every: int,
+        overwrite: bool = False,
     ) -> None:
         self.loss = loss
         selection = select(model, modules)
@@ -94,7 +96,7 @@ class EpochCapture:
         self.logger: GradientLogger | None = None
         if log_to is not None:
             assert bound is not None
-            self.logger = GradientLogger(log_to, bound, model_dtype(selection.parameters()), flush_every)
+            self.logger = GradientLogger(log_to, bound, selection.parameters(), flush_every, overwrite=overwrite)
             consumers.append(self.logger)
         transforms: list[Transform] = [Rescale(self._per_example_scale)]  # linear in δ: applies to δ' alike
         self.batches: list[MicroBatch] = []  # forwards whose steps are not consumed yet

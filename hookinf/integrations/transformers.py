@@ -96,6 +96,7 @@ class HookinfCallback(transformers.TrainerCallback):
             parameters, e.g. only the LoRA adapters of a peft model).
         damping: the damping rule stored with the curvature.
         flush_every: write a store shard every this many examples.
+        overwrite: replace the store at ``log_to`` when logging starts, instead of resuming it (a rerun's).
 
     Attributes:
         curvature: the fitted curvature (after the epoch), or ``None``.
@@ -115,6 +116,7 @@ class HookinfCallback(transformers.TrainerCallback):
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
         damping: float | Damping = 0.1,
         flush_every: int = 4096,
+        overwrite: bool = False,
     ) -> None:
         if fit is None and log_to is None:
             raise ConfigurationError(
@@ -150,7 +152,7 @@ class HookinfCallback(transformers.TrainerCallback):
         self.epoch = epoch
         self.modules = modules
         self.damping = as_damping(damping)
-        self.flush_every = flush_every
+        self.flush_every, self.overwrite = flush_every, overwrite
         self.curvature: Curvature | None = None
         self.store: GradientStore | None = None
         self._model: nn.Module | None = None
@@ -263,6 +265,7 @@ class HookinfCallback(transformers.TrainerCallback):
                 modules=self.modules,
                 loss=self.loss,
                 flush_every=self.flush_every,
+                overwrite=self.overwrite,
             )
 
     def on_substep_end(
