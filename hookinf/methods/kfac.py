@@ -55,7 +55,7 @@ class Eigen:
 
 
 def _eigh(matrix: Tensor, layer: str, what: str) -> tuple[Tensor, Tensor]:
-    matrix = matrix.to(torch.float64)
+    """Eigenvalues (clamped at zero) and eigenvectors of a symmetric factor, in ``matrix``'s dtype and device."""
     if not bool(torch.isfinite(matrix).all()):
         raise CurvatureError(
             f"layer '{layer}': the {what} factor holds NaN or infinity (non-finite activations or gradients in the "
@@ -90,9 +90,9 @@ def check_positive(layer: str, eigen: Tensor, lam: float, damping: Damping) -> N
 class KroneckerCurvature(Curvature):
     """Shared by K-FAC and EK-FAC: a Kronecker eigenbasis with one eigenvalue per ``(o, i)`` direction.
 
-    Eigendecompositions are float64; applying the preconditioner (two GEMMs per query and layer) runs in the
-    statistics' dtype — float32 for a float32 model, as its gradients carry no more precision — which halves the
-    cost of scoring large layers.
+    Eigendecompositions and the preconditioner (two GEMMs per query and layer) run in the statistics' dtype —
+    float32 for a float32 model, as its gradients carry no more precision — which halves the cost of fitting and of
+    scoring large layers; float64 statistics keep float64 throughout.
     """
 
     def compute_dtype(self, layer: str) -> torch.dtype:
@@ -143,14 +143,22 @@ class KFACCurvature(KroneckerCurvature):
         return a, s
 
     def eigenbasis(self, layer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(λ_A, Q_A, λ_S, Q_S)`` of the layer's factors (float64)."""
+        """``(λ_A, Q_A, λ_S, Q_S)`` of the layer's factors, on their device, in the statistics' dtype.
+
+        Float64 statistics are decomposed in float64; float32 ones (a float32 model's) in float32, whose rounding
+        (about ``10⁻⁷`` of the largest eigenvalue) is far below the damping that every preconditioner adds — and
+        EK-FAC measures its eigenvalues in whatever basis this gives — at about half the cost of float64
+        (``benchmarks/ekfac_breakdown.py``).
+        """
         a, s = self.factors(layer)
-        lam_a, q_a = _eigh(a, layer, "activation (A)")
-        lam_s, q_s = _eigh(s, layer, "output-gradient (S)")
+        dtype = self.compute_dtype(layer)
+        lam_a, q_a = _eigh(a.to(dtype), layer, "activation (A)")
+        lam_s, q_s = _eigh(s.to(dtype), layer, "output-gradient (S)")
         return lam_a, q_a, lam_s, q_s
 
     def _prepare(self, layer: str) -> Eigen:
         lam_a, q_a, lam_s, q_s = self.eigenbasis(layer)
+        lam_a, lam_s = lam_a.to(torch.float64), lam_s.to(torch.float64)
         eigen = lam_s[:, None] * lam_a[None, :]
         lam = self.damping.value(float(lam_s.mean()) * float(lam_a.mean()))
         check_positive(layer, eigen, lam, self.damping)
