@@ -843,7 +843,7 @@ def hookinf_attribution(
         method = hookinf.fit(d.model, d.train, LOSS, method=method, damping=damping, fisher=fisher, progress=False)
     kwargs: dict[str, Any] = {"method": method, "damping": damping, "fisher": fisher, "progress": False}
     scores = hookinf.influence(d.model, d.train, d.query, LOSS, **kwargs).total
-    selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs)
+    selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs).total
     return Attribution(scores, selfs, time.perf_counter() - start)
 
 

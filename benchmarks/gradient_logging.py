@@ -845,7 +845,7 @@ def part_quality(cfg: Config, workdir: Path, report: Report) -> QualityResults:
         t_store = time.perf_counter() - start
         a_memory, a_store = auc(in_memory, flipped), auc(stored, flipped)
         results.compressed[key], results.stored[key] = a_memory, a_store
-        gap = float((stored - in_memory).abs().max())
+        gap = float((stored.total - in_memory.total).abs().max())
         section.rows.append(
             [
                 label,

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         accuracy = float((predicted == y_test).double().mean())
         console.print(f"{name}: held-out accuracy {accuracy:.1%}")
         results[name] = {}
-        suspects: dict[str, Tensor] = {}
+        suspects: dict[str, hookinf.SelfScores] = {}
         for method in METHODS:
             suspects[method] = hookinf.self_influence(model, train, loss_fn, method=method)
             found = detection(suspects[method], flipped)

@@ -486,7 +486,7 @@ def run(args: argparse.Namespace, store_dir: str) -> dict[str, Any]:
 
     # ---- influence from the store, per method
     in_order = batches(train_enc, train.labels, range(args.n_train), 32)  # fixed order, for fitting curvature
-    self_scores: dict[str, Tensor] = {}
+    self_scores: dict[str, hookinf.SelfScores] = {}
     query_scores: dict[str, hookinf.Scores] = {}
     seconds: dict[str, float] = {}
     progress = not args.quiet
@@ -525,7 +525,7 @@ def describer(train: TextSet) -> Callable[[int], str]:
 def detection(
     console: Console,
     train: TextSet,
-    self_scores: dict[str, Tensor],
+    self_scores: dict[str, hookinf.SelfScores],
     query_scores: dict[str, hookinf.Scores],
     seconds: dict[str, float],
 ) -> dict[str, Any]:
@@ -599,14 +599,14 @@ def top_examples(
         table.add_column("")
         table.add_column("score", justify="right")
         table.add_column("training sentence (label given, and the true topic when flipped)")
-        for kind, indices, values in (
-            ("harmful", top.harmful[q], top.harmful_scores[q]),
-            ("helpful", top.helpful[q], top.helpful_scores[q]),
+        for kind, ids, values in (
+            ("harmful", top.harmful_ids[q], top.harmful_scores[q]),
+            ("helpful", top.helpful_ids[q], top.helpful_scores[q]),
         ):
-            for index, value in zip(indices.tolist(), values.tolist(), strict=True):
-                table.add_row(kind, f"{value:+.3g}", describe(int(scores.ids[index])))
+            for example, value in zip(ids.tolist(), values.tolist(), strict=True):
+                table.add_row(kind, f"{value:+.3g}", describe(example))
         console.print(table)
-    harmful = scores.ids[top.harmful]  # [n_query, k] training indices
+    harmful = top.harmful_ids  # [n_query, k] training indices (the store's ids)
     topics = torch.tensor([TOPICS.index(topic) for _, topic in QUERIES])
     # sentences about the query's own topic that carry another label: they pull the query away from its topic
     away = train.flipped[harmful] & (train.true_labels[harmful] == topics[:, None])

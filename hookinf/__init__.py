@@ -31,6 +31,7 @@ from hookinf.loop import LoopWatch, watch
 from hookinf.losses import CrossEntropy, SampledLoss, Sampler, Summed, summed
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK, load_scores
+from hookinf.self_scores import SelfScores, SelfTopK
 from hookinf.shapes import LayerShape
 from hookinf.store import GradientStore, StoreError
 
@@ -74,6 +75,8 @@ __all__ = [
     # results
     "Scores",
     "TopK",
+    "SelfScores",
+    "SelfTopK",
     # errors
     "HookinfError",
     "HookinfWarning",

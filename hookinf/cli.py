@@ -1,9 +1,10 @@
 """The ``hookinf`` console script (also ``python -m hookinf``).
 
-Commands: ``demo`` (the embedded default), ``report SCORES_DIR [--html OUT]`` (a terminal or self-contained HTML
-report of saved scores), ``info PATH [--verify]`` (what a saved curvature, gradient store or scores directory holds;
-``--verify`` also reads every file of a store and checks its checksum). A missing or corrupt file is one line on
-stderr naming the path and what is wrong, and exit status 1 — never a traceback.
+Commands: ``demo`` (the embedded default), ``report SCORES_DIR [--html OUT] [--queries N] [--query ROWS |
+--misclassified]`` (a terminal or self-contained HTML report of saved scores, with the text and thumbnails they
+carry: see :meth:`hookinf.Scores.with_descriptions`), ``info PATH [--verify]`` (what a saved curvature, gradient
+store or scores directory holds; ``--verify`` also reads every file of a store and checks its checksum). A missing
+or corrupt file is one line on stderr naming the path and what is wrong, and exit status 1 — never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hookinf.errors import HookinfError
+from hookinf.errors import ConfigurationError, HookinfError
+from hookinf.report.content import DEFAULT_QUERIES, misclassified_queries, select_queries
 from hookinf.report.terminal import scores_report
 from hookinf.scores import load_scores
 
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="find flipped labels in scikit-learn's digits with exact and identity influence (no download)",
-        description="Train an MLP on scikit-learn's bundled digits with 10%% flipped labels and report the "
+        description="Train an MLP on scikit-learn's bundled digits with 10% flipped labels and report the "
         "suspects, the detection AUC per method and each layer's share of influence.",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, flips and training (default 0)")
@@ -41,16 +43,32 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="print (or write as HTML) a report of scores saved with Scores.save",
         description="Per-layer shares, how concentrated influence is, and the most harmful and helpful training "
-        "examples of the queries with the largest total |influence|. With --html, writes the report with its "
-        "plots as one self-contained HTML file instead (needs matplotlib: pip install 'hookinf[report]').",
+        "examples of the queries with the largest total |influence| (or the queries chosen with --query or "
+        "--misclassified), each shown with the text and thumbnail the scores were saved with. With --html, writes "
+        "the report with its plots as one self-contained HTML file instead (needs matplotlib: pip install "
+        "'hookinf[report]').",
     )
     report.add_argument("scores", metavar="SCORES_DIR", help="a directory written by Scores.save")
     report.add_argument(
         "--queries",
         type=int,
-        default=3,
+        default=None,
         metavar="N",
-        help="detail the N queries with the largest total |influence| (default 3)",
+        help="detail the N queries with the largest total |influence| (default 3); with --misclassified, the N "
+        "misclassified ones with the largest",
+    )
+    chosen = report.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--query",
+        action="append",
+        metavar="ROWS",
+        help="detail these queries, by row of the scores, in this order: e.g. --query 3,17 (repeatable)",
+    )
+    chosen.add_argument(
+        "--misclassified",
+        action="store_true",
+        help="detail the misclassified queries (saved prediction differs from the saved label; needs "
+        "Scores.with_descriptions(query_labels=..., query_predictions=...) before saving)",
     )
     report.add_argument("--top", type=int, default=5, metavar="K", help="examples per query and direction (default 5)")
     report.add_argument("--html", metavar="OUT", help="write a self-contained HTML report to OUT instead of printing")
@@ -79,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run(seed=args.seed, epochs=args.epochs, console=console)
         elif args.command == "report":
-            _report(args.scores, args.queries, args.top, args.html, console)
+            _report(args, console)
         elif args.command == "info":
             _info(Path(args.path), console, verify=args.verify)
     except HookinfError as err:
@@ -88,20 +106,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _report(directory: str, queries: int, top: int, html: str | None, console: Console) -> None:
-    if queries < 0:
-        raise HookinfError(f"--queries {queries}: the number of queries to detail must be 0 or more.")
-    if top < 1:
-        raise HookinfError(f"--top {top}: the number of examples per query and direction must be 1 or more.")
-    scores = load_scores(directory)
-    if html is None:
-        console.print(scores_report(scores, queries=queries, k=top))
+def _report(args: argparse.Namespace, console: Console) -> None:
+    if args.queries is not None and args.queries < 0:
+        raise HookinfError(f"--queries {args.queries}: the number of queries to detail must be 0 or more.")
+    if args.top < 1:
+        raise HookinfError(f"--top {args.top}: the number of examples per query and direction must be 1 or more.")
+    if args.query and args.queries is not None:
+        raise HookinfError("--query ROWS names the queries to detail; leave out --queries N with it.")
+    rows = _rows(args.query) if args.query else None
+    scores = load_scores(args.scores)
+    count = DEFAULT_QUERIES if args.queries is None else args.queries
+    queries: int | list[int] = rows if rows is not None else count
+    try:
+        if args.misclassified:
+            queries = misclassified_queries(scores, count)
+        chosen = select_queries(scores, queries)  # checks the rows before anything is written
+    except ConfigurationError as err:
+        option = "--misclassified" if args.misclassified else "--query"
+        raise HookinfError(f"{option}: {err}") from err
+    if args.html is None:
+        console.print(scores_report(scores, queries=chosen, k=args.top))
         return
     try:
-        path = scores.save_html(html, queries=queries, k=top)
+        path = scores.save_html(args.html, queries=chosen, k=args.top)
     except OSError as err:
-        raise HookinfError(f"{html}: cannot write the HTML report ({err.strerror or err}).") from err
-    console.print(f"wrote the HTML report of {directory} to {path}", highlight=False, soft_wrap=True)
+        raise HookinfError(f"{args.html}: cannot write the HTML report ({err.strerror or err}).") from err
+    console.print(f"wrote the HTML report of {args.scores} to {path}", highlight=False, soft_wrap=True)
+
+
+def _rows(values: list[str]) -> list[int]:
+    """``--query 3,17 --query 5`` → ``[3, 17, 5]``."""
+    rows: list[int] = []
+    for value in values:
+        for item in value.split(","):
+            try:
+                rows.append(int(item.strip()))
+            except ValueError as err:
+                raise HookinfError(
+                    f"--query {value}: {item.strip()!r} is not a query row; give rows as integers, e.g. --query 3,17."
+                ) from err
+    return rows
 
 
 def _info(path: Path, console: Console, *, verify: bool = False) -> None:
@@ -121,7 +165,10 @@ def _info(path: Path, console: Console, *, verify: bool = False) -> None:
 
         console.print(load(path))
     elif kind == "hookinf.scores":
-        console.print(load_scores(path))
+        scores = load_scores(path)
+        console.print(scores)
+        if scores.descriptions is not None:
+            console.print(f"descriptions: {', '.join(scores.descriptions.present())}", highlight=False, soft_wrap=True)
     else:
         raise HookinfError(f"{manifest}: unknown format {kind!r}.")
     if verify:  # loading checked everything there is to check
@@ -139,8 +186,14 @@ def _store_info(path: Path, console: Console, verify: bool) -> None:
     from hookinf.store import GradientStore
 
     store = GradientStore(path)
-    console.print(store)
-    console.print(f"compressor: {store.compressor}; dtype: {store.dtype}; {len(store.shards)} shards")
+    console.print(store, highlight=False, soft_wrap=True)
+    shards = len(store.shards)
+    console.print(
+        f"compressor: {_compressor_text(store.compressor)}; dtype: {store.dtype}; "
+        f"{shards} shard{'' if shards == 1 else 's'}",
+        highlight=False,
+        soft_wrap=True,
+    )
     ids = store.ids
     if isinstance(ids, list) and ids:
         console.print(f"ids: {len(ids)} strings ({ids[0]!r} … {ids[-1]!r} in storage order)", soft_wrap=True)
@@ -162,6 +215,16 @@ def _store_info(path: Path, console: Console, verify: bool) -> None:
         if check.unlisted:
             unlisted = ", ".join(check.unlisted)
             console.print(f"not part of the store (unlisted shard files, ignored): {unlisted}", soft_wrap=True)
+
+
+def _compressor_text(config: dict[str, object]) -> str:
+    """A saved compressor configuration as the call that makes it (``LoGra(r_in=16, r_out=16, ...)``)."""
+    from hookinf.compress import from_config
+
+    try:
+        return repr(from_config(config))
+    except HookinfError:  # a kind this hookinf does not know: its fields as they are
+        return ", ".join(f"{key}={value!r}" for key, value in config.items())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Self
 
 import torch
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
 from safetensors import SafetensorError
 from torch import Tensor
 
@@ -28,6 +27,7 @@ from hookinf.bundle import load_bundle, save_bundle
 from hookinf.compress import Compressor, from_config
 from hookinf.damping import Damping
 from hookinf.errors import CompressorMismatchError, ConfigurationError, CurvatureError
+from hookinf.rich_text import Label, Table
 from hookinf.shapes import LayerShape, fingerprint
 
 FORMAT_VERSION = 1
@@ -295,7 +295,7 @@ class Curvature(ABC):
             lam = self._lambda(self._prepared(name))
             cond = (high + lam) / (low + lam) if low + lam > 0 else math.inf
             table.add_row(
-                name or "<model>",
+                Label(name or "<model>"),  # long (LoRA) names are cut in the middle: their distinguishing ends stay
                 f"{shape.out_features}×{shape.in_features}",
                 str(shape.dim),
                 f"{int(self.stat(name, 'positions')):,}" if "positions" in self.statistics_type.names() else "—",

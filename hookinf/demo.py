@@ -22,6 +22,7 @@ from hookinf.helpers import influence, self_influence
 from hookinf.metrics import auc
 from hookinf.report.terminal import comparison_table, suspects_table
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 METHODS = ("exact", "identity")
 
@@ -34,7 +35,7 @@ class DemoResult:
         auc: method → AUC of self-influence for detecting the flipped labels.
         harmful_auc: method → AUC of the summed influence on the held-out loss for the same task.
         scores: method → held-out influence :class:`~hookinf.Scores`.
-        self_influence: method → ``[n_train]`` self-influence.
+        self_influence: method → self-influence (:class:`~hookinf.SelfScores`, per layer and ``total``).
         flipped: ``[n_train]`` booleans, the flipped labels.
         test_accuracy: held-out accuracy of the trained model.
     """
@@ -42,7 +43,7 @@ class DemoResult:
     auc: dict[str, float]
     harmful_auc: dict[str, float]
     scores: dict[str, Scores]
-    self_influence: dict[str, Tensor]
+    self_influence: dict[str, SelfScores]
     flipped: Tensor
     test_accuracy: float
 
@@ -134,7 +135,7 @@ def run(
     aucs: dict[str, float] = {}
     harmful: dict[str, float] = {}
     all_scores: dict[str, Scores] = {}
-    selfs: dict[str, Tensor] = {}
+    selfs: dict[str, SelfScores] = {}
     rows = []
     k = int(flipped.sum())
     for method in METHODS:

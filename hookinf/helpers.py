@@ -37,6 +37,7 @@ from hookinf.progress import PassProgress
 from hookinf.runner import LossFn, Runner, check_reiterable
 from hookinf.scores import Scores
 from hookinf.selection import ModuleSpec
+from hookinf.self_scores import SelfScores
 from hookinf.solvers import precondition, solver, solver_name
 from hookinf.store import GradientStore
 
@@ -212,39 +213,44 @@ def self_influence(
     seed: int = 0,
     compress: Compressor | None = None,
     progress: bool = True,
-) -> Tensor:
+) -> SelfScores:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
 
     It is the diagonal of ``influence(model, train, train, ...)`` with the opposite sign: large values mark
     examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`.
 
     Returns:
-        ``[n_train]`` float64 tensor, in the order of ``train``; from a :class:`~hookinf.GradientStore`, sorted by
-        id (entry ``j`` is the example with the ``j``-th smallest id: example ``j`` when the ids are dataset
-        indices), whatever order the examples were logged in.
+        :class:`~hookinf.SelfScores`: ``per_layer`` ``{layer: [n_train]}`` (``g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)``),
+        their sum ``total`` ``[n_train]`` float64, and ``topk(k)`` (values, indices and ids), in the order of
+        ``train``; from a :class:`~hookinf.GradientStore`, sorted by id with the ids in ``ids`` (entry ``j`` is the
+        example with the ``j``-th smallest id: example ``j`` when the ids are dataset indices), whatever order the
+        examples were logged in.
     """
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         solved = solver(runner, method, train, damping, None, fisher, seed)
-        values: list[Tensor] = []
+        values: dict[str, list[Tensor]] = {name: [] for name in runner.watch.layers}  # layer → [B] parts
+        lambdas: dict[str, float] = {}
         if isinstance(solved, Curvature):
+            lambdas = solved.lambdas
             for step in runner.steps(train, "self-influence"):
-                parts = []
                 for name, capture in step.layers.items():
                     grads = capture.gradients()
                     applied = solved.apply(name, grads)
-                    parts.append((applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double())
-                values.append(_summed(parts))
+                    values[name].append((applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double())
         else:  # a query method: precondition chunks of training gradients as if they were queries
             for chunk in _chunks(runner.steps(train, "self-influence"), _SELF_CHUNK):
                 pre = precondition(solved, chunk, runner)
-                parts = [(pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double() for n in chunk]
-                values.append(_summed(parts))
+                lambdas = dict(pre.lambdas)
+                for n in chunk:
+                    values[n].append((pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double())
         runner.check_count()
-        if not values:
+        if not any(values.values()):
             raise empty_train()
-    return torch.cat(values)[_id_order(train)[1]]
+    ids, order = _id_order(train)
+    per_layer = {name: torch.cat(parts)[order] for name, parts in values.items()}
+    return SelfScores(per_layer=per_layer, method=solver_name(solved), damping=lambdas, ids=ids)
 
 
 def log(
@@ -321,14 +327,6 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice |
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
-
-
-def _summed(parts: list[Tensor]) -> Tensor:
-    """The sum of per-layer ``[B]`` parts, on the first part's device (layers may live on several devices)."""
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part.to(total.device)
-    return total
 
 
 def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 
 def as_tensor(value: object, what: str) -> Tensor:
@@ -24,15 +25,8 @@ def scores_total(scores: Scores | Tensor, caller: str) -> Tensor:
     """The ``[n_query, n_train]`` float64 total of a :class:`Scores` or a tensor, checked."""
     if isinstance(scores, Scores):
         total = scores.total.detach()
-        ids = scores.ids
-        positions = isinstance(ids, Tensor) and torch.equal(ids, torch.arange(ids.numel(), dtype=ids.dtype))
-        if ids is not None and not positions:
-            raise ConfigurationError(
-                f"{caller}: these scores' columns are the training examples with ids {_few(ids)} (scored from a "
-                f"gradient store), not examples 0..{len(ids) - 1}, so per-example labels or masks indexed by "
-                f"dataset position would not line up. Select them by id and pass the tensor: e.g. "
-                f"{caller}(..., scores.total, flipped[scores.ids]) when the ids are dataset indices."
-            )
+        fix = f"{caller}(..., scores.total, flipped[scores.ids])"
+        _check_positions(scores.ids, caller, "these scores' columns", fix)
     elif isinstance(scores, Tensor):
         total = scores.detach()
     else:
@@ -43,6 +37,25 @@ def scores_total(scores: Scores | Tensor, caller: str) -> Tensor:
         raise ConfigurationError(f"{caller}: scores must be [n_query, n_train]; got shape {list(total.shape)}.")
     check_finite(total, f"{caller}: scores")
     return total.double()
+
+
+def self_values(values: SelfScores | Tensor, caller: str) -> Tensor:
+    """The ``[n]`` total of a :class:`SelfScores` whose entries are examples ``0..n-1``, or ``values`` as given."""
+    if isinstance(values, SelfScores):
+        _check_positions(values.ids, caller, "these self-influences", f"{caller}(values.total, flipped[values.ids])")
+        return values.total.detach()
+    return values
+
+
+def _check_positions(ids: Ids | None, caller: str, what: str, fix: str) -> None:
+    """A :class:`ConfigurationError` unless ``ids`` is ``None`` or the positions ``0..n-1`` (labels line up)."""
+    positions = isinstance(ids, Tensor) and torch.equal(ids, torch.arange(ids.numel(), dtype=ids.dtype))
+    if ids is not None and not positions:
+        raise ConfigurationError(
+            f"{caller}: {what} are the training examples with ids {_few(ids)} (from a gradient store), not "
+            f"examples 0..{len(ids) - 1}, so per-example labels or masks indexed by dataset position would not line "
+            f"up. Select them by id and pass the tensor: e.g. {fix} when the ids are dataset indices."
+        )
 
 
 def _few(ids: Ids, shown: int = 6) -> str:

@@ -18,18 +18,20 @@ import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError
-from hookinf.metric_inputs import as_tensor, check_finite, scores_total
+from hookinf.metric_inputs import as_tensor, check_finite, scores_total, self_values
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 
-def auc(scores: Tensor, positives: Tensor) -> float:
+def auc(scores: Tensor | SelfScores, positives: Tensor) -> float:
     """Area under the ROC curve of ``scores`` for detecting ``positives`` (Mann–Whitney U, ties averaged).
 
     It is the probability that a random positive scores higher than a random negative; 0.5 is chance. The
     DataInf paper (Kwon et al. 2023, §4.2) reports mislabel detection this way.
 
     Args:
-        scores: ``[n]`` detection scores (higher = more suspicious).
+        scores: ``[n]`` detection scores (higher = more suspicious), or :class:`~hookinf.SelfScores` (their
+            ``total``; entry ``j`` must be example ``j``: no ids, or ids ``0..n-1``).
         positives: ``[n]`` booleans, the true positives (e.g. flipped labels).
 
     Returns:
@@ -49,7 +51,7 @@ def auc(scores: Tensor, positives: Tensor) -> float:
     return u / (n_pos * n_neg)
 
 
-def roc_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+def roc_curve(scores: Tensor | SelfScores, positives: Tensor) -> tuple[Tensor, Tensor]:
     """The ROC curve of ``scores`` for detecting ``positives``: one point per distinct score, largest first.
 
     Point ``i`` flags every example whose score is at least the ``i``-th largest distinct score (tied scores enter
@@ -57,7 +59,8 @@ def roc_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
     under the curve is :func:`auc`.
 
     Args:
-        scores: ``[n]`` detection scores (higher = more suspicious).
+        scores: ``[n]`` detection scores (higher = more suspicious), or :class:`~hookinf.SelfScores` (as for
+            :func:`auc`).
         positives: ``[n]`` booleans, the true positives (e.g. flipped labels).
 
     Returns:
@@ -73,9 +76,9 @@ def roc_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([start, fpr]), torch.cat([start, tpr])
 
 
-def _detection_inputs(scores: Tensor, positives: Tensor, caller: str) -> tuple[Tensor, Tensor, int, int]:
-    """``scores`` as float64 ``[n]``, ``positives`` as bool ``[n]``, and how many positives and negatives."""
-    scores = scores.detach().double().flatten()
+def _detection_inputs(values: Tensor | SelfScores, positives: Tensor, caller: str) -> tuple[Tensor, Tensor, int, int]:
+    """``values`` as float64 ``[n]``, ``positives`` as bool ``[n]``, and how many positives and negatives."""
+    scores = self_values(values, caller).detach().double().flatten()
     positives = positives.detach().bool().flatten()
     if scores.shape != positives.shape:
         raise ConfigurationError(f"{caller}: scores {list(scores.shape)} and positives {list(positives.shape)} differ.")
@@ -87,7 +90,7 @@ def _detection_inputs(scores: Tensor, positives: Tensor, caller: str) -> tuple[T
 
 
 def detection_aucs(
-    self_influence: Tensor | None,
+    self_influence: Tensor | SelfScores | None,
     scores: Scores | Tensor | None,
     flipped: Tensor,
 ) -> dict[str, float]:
@@ -101,7 +104,8 @@ def detection_aucs(
       score is harmful (up-weighting ``j`` raises the query's loss), so mislabeled examples should score high.
 
     Args:
-        self_influence: ``[n_train]`` self-influence, or ``None`` to skip that signal.
+        self_influence: ``[n_train]`` self-influence (a tensor or :class:`~hookinf.SelfScores`), or ``None`` to skip
+            that signal.
         scores: :class:`~hookinf.Scores` or a ``[n_query, n_train]`` tensor of influence on held-out queries, or
             ``None`` to skip that signal.
         flipped: ``[n_train]`` booleans, True for the known-bad examples.
@@ -123,7 +127,7 @@ def detection_aucs(
     n_train = flags.shape[0]
     result: dict[str, float] = {}
     if self_influence is not None:
-        values = as_tensor(self_influence, "self_influence")
+        values = as_tensor(self_values(self_influence, "detection_aucs"), "self_influence")
         if values.shape != (n_train,):
             raise ConfigurationError(
                 f"detection_aucs: self_influence has shape {list(values.shape)} but flipped has [{n_train}] entries; "

@@ -17,21 +17,23 @@ imports it); without one they raise a :class:`~hookinf.ConfigurationError` that 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from hookinf.descriptions import Descriptions
 from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.ids import Ids, check_ids
 from hookinf.presenter import Describe, ImageFn, Queries, presenter_for
 from hookinf.scores_file import SavedScores, read_scores, write_scores
+from hookinf.scores_parts import layer_groups, score_frame
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     import pandas as pd  # type: ignore[import-untyped]
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.table import Table
@@ -42,16 +44,21 @@ class TopK:
     """The ``k`` most harmful and most helpful training examples per query.
 
     Attributes:
-        harmful: ``[n_query, k]`` training indices, most harmful (largest score) first.
+        harmful: ``[n_query, k]`` training indices (columns of the scores), most harmful (largest score) first.
         harmful_scores: ``[n_query, k]`` their scores.
         helpful: ``[n_query, k]`` training indices, most helpful (most negative score) first.
         helpful_scores: ``[n_query, k]`` their scores.
+        harmful_ids: the ids of the ``harmful`` examples as the scores hold them: ``int64 [n_query, k]``, or one list
+            of ``k`` strings per query for string ids; the indices themselves when the scores have no ids.
+        helpful_ids: the same for ``helpful``.
     """
 
     harmful: Tensor
     harmful_scores: Tensor
     helpful: Tensor
     helpful_scores: Tensor
+    harmful_ids: Tensor | list[list[str]]
+    helpful_ids: Tensor | list[list[str]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class Scores:
         ids: the ids of the training examples (one per column) when scored against a :class:`~hookinf.GradientStore`,
             as the store holds them: ``int64 [n_train]``, or a list of ``n_train`` strings; otherwise ``None``
             (column ``j`` is the ``j``-th training example).
+        descriptions: optional per-example text and pictures, per-query labels and predictions, which reports show
+            and :meth:`save` keeps (:class:`~hookinf.descriptions.Descriptions`; set with :meth:`with_descriptions`).
         total: ``[n_query, n_train]``, the sum of the per-layer parts.
     """
 
@@ -75,6 +84,7 @@ class Scores:
     damping: dict[str, float] = field(default_factory=dict)
     per_token: dict[str, Tensor] | None = field(default=None, repr=False)
     ids: Ids | None = field(default=None, repr=False)
+    descriptions: Descriptions | None = field(default=None, repr=False)
     total: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,9 +95,50 @@ class Scores:
             raise ConfigurationError(f"per-layer scores must all be [n_query, n_train]; got shapes {sorted(shapes)}.")
         if self.ids is not None:
             check_ids(self.ids, next(iter(shapes))[1])
+        if self.descriptions is not None:
+            self.descriptions.check(*next(iter(shapes)))
         device = next(iter(self.per_layer.values())).device  # layers on several devices are summed on the first's
         total = torch.stack([part.to(device) for part in self.per_layer.values()]).sum(dim=0)
         object.__setattr__(self, "total", total)
+
+    def with_descriptions(
+        self,
+        *,
+        train_text: Sequence[str] | None = None,
+        query_text: Sequence[str] | None = None,
+        train_images: Tensor | npt.NDArray[Any] | None = None,
+        query_images: Tensor | npt.NDArray[Any] | None = None,
+        query_labels: Tensor | Sequence[int] | None = None,
+        query_predictions: Tensor | Sequence[int] | None = None,
+    ) -> Scores:
+        """These scores with what each example is, for :meth:`report`, :meth:`save_html` and :meth:`save`.
+
+        A saved result keeps them, so ``hookinf report SCORES_DIR --html out.html`` shows each example's text and
+        thumbnail, and ``--misclassified`` picks the queries whose prediction differs from their label. Reports use
+        them when no ``describe`` / ``images`` function is given. They replace any descriptions held before.
+
+        Args:
+            train_text: one short text per training example, in column order (sorted by id for scores from a
+                store).
+            query_text: one short text per query (row).
+            train_images: ``[n_train, H, W]``, ``[n_train, H, W, C]`` or ``[n_train, C, H, W]``: a picture per
+                training example (saved in full: pass small ones).
+            query_images: the same per query.
+            query_labels: ``[n_query]`` integers, the queries' labels.
+            query_predictions: ``[n_query]`` integers, the model's predictions for them.
+
+        Raises:
+            ConfigurationError: a field of the wrong kind or length.
+        """
+        described = Descriptions.of(
+            train_text=train_text,
+            query_text=query_text,
+            train_images=train_images,
+            query_images=query_images,
+            query_labels=query_labels,
+            query_predictions=query_predictions,
+        )
+        return replace(self, descriptions=described)
 
     def token_scores(self) -> Tensor:
         """``[n_query, n_train, T]``: per-token scores summed over layers (needs ``per_token=True``)."""
@@ -107,13 +158,21 @@ class Scores:
         return int(n_query), int(n_train)
 
     def top_k(self, k: int = 10) -> TopK:
-        """The ``k`` most harmful and most helpful training examples for each query."""
+        """The ``k`` most harmful and most helpful training examples per query, with their ids (:class:`TopK`)."""
         if not isinstance(k, int) or k < 1:
             raise ConfigurationError(f"top_k(k={k!r}): k must be a positive integer.")
         k = min(k, self.shape[1])
         harmful_scores, harmful = self.total.topk(k, dim=1, largest=True)
         helpful_scores, helpful = self.total.topk(k, dim=1, largest=False)
-        return TopK(harmful, harmful_scores, helpful, helpful_scores)
+        return TopK(harmful, harmful_scores, helpful, helpful_scores, self._ids_at(harmful), self._ids_at(helpful))
+
+    def _ids_at(self, columns: Tensor) -> Tensor | list[list[str]]:
+        """The ids of the training examples at ``columns`` ``[n_query, k]`` (the columns when there are no ids)."""
+        if self.ids is None:
+            return columns
+        if isinstance(self.ids, Tensor):
+            return self.ids[columns.to(self.ids.device)]
+        return [[self.ids[j] for j in row] for row in columns.tolist()]
 
     def layer_shares(self) -> dict[str, float]:
         """Each layer's share of the total absolute influence ``Σ_{q,j} |per_layer[l]|`` (sums to 1)."""
@@ -133,35 +192,13 @@ class Scores:
             by: a regular expression whose first match in a layer's name names its group (the first capturing group
                 when it has one), or a function from a layer name to its group's name.
         """
-        key: Callable[[str], str]
-        if isinstance(by, str):
-            try:
-                pattern = re.compile(by)
-            except re.error as err:
-                raise ConfigurationError(f"grouped({by!r}): not a regular expression ({err}).") from err
-
-            def key(name: str) -> str:
-                found = pattern.search(name)
-                if found is None:
-                    return name
-                return str(found.group(1) if pattern.groups else found.group(0))
-
-        elif callable(by):
-            key = by
-        else:
-            raise ConfigurationError(f"grouped(by={by!r}): give a regular expression or a function layer → group.")
-        groups: dict[str, list[str]] = {}
-        for name in self.per_layer:
-            group = key(name)
-            if not isinstance(group, str):
-                raise ConfigurationError(f"grouped: the group of layer {name!r} must be a str, got {group!r}.")
-            groups.setdefault(group, []).append(name)
+        groups = layer_groups(self.per_layer, by)
 
         def summed(parts: dict[str, Tensor]) -> dict[str, Tensor]:
             return {g: torch.stack([parts[n] for n in names]).sum(dim=0) for g, names in groups.items()}
 
         per_token = summed(self.per_token) if self.per_token is not None else None
-        return Scores(per_layer=summed(self.per_layer), method=self.method, per_token=per_token, ids=self.ids)
+        return Scores(summed(self.per_layer), self.method, {}, per_token, self.ids, self.descriptions)
 
     def query_layer_shares(self) -> Tensor:
         """``[n_query, n_layers]``: each layer's share of each query's |influence| ``Σ_j |per_layer[l][q, j]|``.
@@ -221,7 +258,8 @@ class Scores:
                 for the ``n`` largest (:meth:`top_queries`), or a sequence of query indices.
             k: training examples shown per query and direction.
             describe: optional function from a training example (its id when the scores have :attr:`ids`, else its
-                index) to a short text shown next to it (its label, text, file name, ...).
+                index) to a short text shown next to it (its label, text, file name, ...); by default the text of
+                the :attr:`descriptions`, if any.
             console: where to print (``None``: a new terminal console).
         """
         presenter_for("Scores.report").report(self, queries=queries, k=k, describe=describe, console=console)
@@ -240,9 +278,10 @@ class Scores:
     ) -> Path:
         """Writes the report as one self-contained HTML file (inline SVG plots, no JavaScript, no network).
 
-        The page holds the terminal report's content plus plots drawn with matplotlib: each layer's share of
-        |influence| (overall and per detailed query), a layer × query heat map of the shares, the distribution of
-        |scores| and how concentrated it is. See :func:`hookinf.report.html.scores_section`. Needs matplotlib
+        The page holds the terminal report's content plus plots drawn with matplotlib: each detailed query's layer
+        shares, a layer × query heat map of the shares (blocks of queries averaged past a few hundred), the
+        distribution of |scores| and how concentrated it is. Arguments left out are taken from the
+        :attr:`descriptions` when they hold them. See :func:`hookinf.report.html.scores_section`. Needs matplotlib
         (``pip install 'hookinf[report]'``).
 
         Args:
@@ -296,39 +335,23 @@ class Scores:
         Raises:
             ConfigurationError: pandas is not installed.
         """
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ConfigurationError(
-                "Scores.to_pandas needs pandas, which is not installed: pip install 'hookinf[report]'."
-            ) from err
-        n_query, n_train = self.shape
-        columns: dict[str, Any] = {
-            "query": torch.arange(n_query).repeat_interleave(n_train).numpy(),
-            "train": torch.arange(n_train).repeat(n_query).numpy(),
-        }
-        if isinstance(self.ids, Tensor):
-            columns["id"] = self.ids.detach().cpu().repeat(n_query).numpy()
-        elif self.ids is not None:
-            columns["id"] = self.ids * n_query
-        columns["score"] = self.total.detach().cpu().flatten().numpy()
-        for name, part in self.per_layer.items():
-            columns[f"layer/{name or '<model>'}"] = part.detach().cpu().flatten().numpy()
-        return pd.DataFrame(columns)
+        return score_frame(self.per_layer, self.total, self.ids)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Saves to the directory ``path`` (created when missing), all-or-nothing; returns it.
 
-        One safetensors file named by its content and a JSON manifest naming it with its size and SHA-256, renamed
-        last (see :mod:`hookinf.scores_file`): a save killed at any point leaves the previous scores or these, never
-        a mix, and :func:`load_scores` refuses a damaged or edited directory.
+        One safetensors file named by its content (with the :attr:`descriptions`, when set) and a JSON manifest
+        naming it with its size and SHA-256, renamed last (see :mod:`hookinf.scores_file`): a save killed at any
+        point leaves the previous scores or these, never a mix, and :func:`load_scores` refuses a damaged or edited
+        directory.
 
         Raises:
             HookinfError: the directory or a file in it cannot be written (names the directory; chained from the
                 ``OSError``). The directory keeps what it held before.
         """
         directory = Path(path)
-        write_scores(directory, SavedScores(self.per_layer, self.method, self.damping, self.per_token, self.ids))
+        saved = SavedScores(self.per_layer, self.method, self.damping, self.per_token, self.ids, self.descriptions)
+        write_scores(directory, saved)
         return directory
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -357,6 +380,6 @@ def load_scores(path: str | os.PathLike[str]) -> Scores:
     directory = Path(path)
     saved = read_scores(directory)
     try:
-        return Scores(saved.per_layer, saved.method, saved.damping, saved.per_token, saved.ids)
+        return Scores(saved.per_layer, saved.method, saved.damping, saved.per_token, saved.ids, saved.descriptions)
     except ConfigurationError as err:
         raise HookinfError(f"{directory}: corrupt hookinf scores ({err})") from err

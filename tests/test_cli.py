@@ -1,5 +1,6 @@
 """The console script's report/info commands and Scores persistence."""
 
+import json
 import re
 import subprocess
 import sys
@@ -158,3 +159,123 @@ def test_reports_of_non_finite_scores_say_so_without_a_traceback(tmp_path, capsy
     assert not (tmp_path / "r.html").exists()
     assert main(["info", str(path)]) == 0  # info describes the directory, and says the shares are not finite
     assert "not finite" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- descriptions
+@pytest.fixture(scope="module")
+def described_dir(fitted):
+    scores = fitted["scores"]
+    n_query, n_train = scores.shape
+    described = scores.with_descriptions(
+        train_text=[f"sentence {j} <b>" for j in range(n_train)],
+        query_text=[f"question {q}" for q in range(n_query)],
+        train_images=torch.rand(n_train, 6, 6, generator=torch.Generator().manual_seed(0)),
+        query_labels=torch.arange(n_query),
+        query_predictions=torch.tensor([q if q % 2 == 0 else 9 for q in range(n_query)]),
+    )
+    return described, described.save(fitted["root"] / "described")
+
+
+def test_descriptions_round_trip_and_only_then_is_the_format_version_3(fitted, described_dir, capsys):
+    described, directory = described_dir
+    loaded = hookinf.load_scores(directory)
+    original, got = described.descriptions, loaded.descriptions
+    assert got.train_text == original.train_text
+    assert got.query_text == original.query_text
+    assert torch.equal(got.train_images, original.train_images)
+    assert torch.equal(got.query_labels, original.query_labels)
+    assert torch.equal(got.query_predictions, original.query_predictions)
+    assert got.query_images is None
+    assert torch.equal(loaded.total, described.total)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["version"] == 3
+    assert manifest["descriptions"] == ["train_text", "query_text", "train_images", "query_labels", "query_predictions"]
+    plain = json.loads((fitted["scores_dir"] / "manifest.json").read_text())
+    assert plain["version"] == 2  # without descriptions: the format older hookinf reads
+    assert "descriptions" not in plain
+    assert hookinf.load_scores(fitted["scores_dir"]).descriptions is None
+    assert main(["info", str(directory)]) == 0
+    listed = "descriptions: train_text, query_text, train_images, query_labels, query_predictions"
+    assert listed in capsys.readouterr().out
+
+
+def test_report_html_uses_saved_descriptions_and_chosen_queries(fitted, described_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    described, directory = described_dir
+    target = tmp_path / "chosen.html"
+    assert main(["report", str(directory), "--html", str(target), "--query", "3,1", "--query", "0", "--top", "2"]) == 0
+    text = target.read_text(encoding="utf-8")
+    assert re.findall(r'<div class="query" id="influence-q(\d+)"', text) == ["3", "1", "0"]
+    column = int(described.top_k(2).harmful[3, 0])
+    assert f"sentence {column} &lt;b&gt;" in text
+    assert "Query 1: label 1, predicted 9 · question 1" in text
+    assert text.count("<img") == 3 * 2 * 2  # a thumbnail per listed training example (no query pictures saved)
+    assert main(["report", str(directory), "--misclassified", "--queries", "10"]) == 0
+    out = capsys.readouterr().out
+    wrong = [q for q in described.top_queries(described.shape[0]) if q % 2 == 1]
+    assert re.findall(r"Query (\d+): most harmful", out) == [str(q) for q in wrong]
+    assert "label 1, predicted 9 · question 1" in out
+    assert "sentence" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--query", "1,x"], "'x' is not a query row"),
+        (["--query", "99"], "99 is not a query index"),
+        (["--query", "1", "--queries", "2"], "leave out --queries N"),
+        (["--misclassified"], "--misclassified: choosing the misclassified queries needs"),
+    ],
+)
+def test_report_query_choice_errors_are_one_line(fitted, capsys, args, message):
+    assert main(["report", str(fitted["scores_dir"]), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_report_query_and_misclassified_exclude_each_other(fitted, capsys):
+    with pytest.raises(SystemExit):
+        main(["report", str(fitted["scores_dir"]), "--query", "1", "--misclassified"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- what prints
+def test_info_of_a_store_pluralises_and_shows_the_compressor_as_its_call(fitted, capsys):
+    assert main(["info", str(fitted["store_dir"])]) == 0
+    out = capsys.readouterr().out
+    store = hookinf.GradientStore(fitted["store_dir"])
+    n = len(store.shards)
+    assert f"{n} shard{'' if n == 1 else 's'}" in out
+    assert "1 shards" not in out
+    assert "LoGra(r_in=2, r_out=2, init='gaussian', seed=0)" in out
+    assert "{'kind'" not in out
+
+
+def test_store_repr_is_one_short_line(tmp_path):
+    case = MODEL_CASES["seq-linear"]()
+    store = hookinf.log(
+        case.model, [case.make_batch(0)], case.loss_fn, compress=hookinf.LoGra(2, 2), path=tmp_path / "s",
+        progress=False,
+    )  # fmt: skip
+    text = repr(store)
+    assert "\n" not in text
+    assert "1 shard," in text
+    assert f"{len(store.layers)} layer" in text
+    # many long layer names: the first two, the last, and a count; the names cut in the middle
+    shape = next(iter(store.layers.values()))
+    store.layers = {f"encoder.layer.{i}.attention.self.query.lora_A.default.long.suffix": shape for i in range(200)}
+    many = repr(store)
+    assert "\n" not in many
+    assert len(many) < 300, many
+    assert "200 layers" in many
+    assert many.count("…") >= 3  # the elided layers, and each long name cut in the middle
+    assert "…199.attentio" in many  # the last layer, cut where the names read alike
+
+
+def test_demo_help_shows_percent_signs_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "10% flipped labels" in out
+    assert "%%" not in out

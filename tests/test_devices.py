@@ -62,7 +62,7 @@ def entry_points(model: nn.Module, train: list[Any], query: list[Any], path: Pat
     out["influence lissa"] = hookinf.influence(
         model, train, query, loss_fn, method=hookinf.LiSSA(depth=4, batch_size=6), progress=False
     ).total
-    out["self_influence exact"] = hookinf.self_influence(model, train, loss_fn, progress=False)
+    out["self_influence exact"] = hookinf.self_influence(model, train, loss_fn, progress=False).total
     kfac = hookinf.fit(model, train, loss_fn, method="kfac", compress=LOGRA, progress=False)
     out["fit kfac (LoGra)"] = kfac.stat("0", "A")
     ekfac = hookinf.fit(model, train, loss_fn, method="ekfac", progress=False)

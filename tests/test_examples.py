@@ -28,8 +28,27 @@ def test_digits_mislabeled_finds_flips_with_mlp_and_cnn(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
-def test_existing_loops_with_lamb_and_adahessian_capture_what_a_plain_backward_does():
-    results = load("existing_loop_optimizers").main()
+def test_existing_loops_with_lamb_and_adahessian_capture_what_a_plain_backward_does(capsys):
+    example = load("existing_loop_optimizers")
+    results = example.main()
     # float64: the captured gradients equal the plain backward's up to summation order, ~1e-16.
     for name, value in results.items():
         assert value < 1e-10, (name, value)
+    out = capsys.readouterr().out  # every printed figure says what it compares
+    assert "Per-example gradients captured by hookinf.watch inside each loop vs a plain backward" in out
+    assert "K-FAC factors accumulated inside an AdaHessian loop (weights fixed) vs hookinf.fit" in out
+    assert out.count("  ok") == 4
+    assert "every difference below 1e-10" in out
+
+
+def test_existing_loops_example_honours_help(capsys):
+    example = load("existing_loop_optimizers")
+    with pytest.raises(SystemExit) as exited:
+        example.parse(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--epochs" in out
+    assert "exits with status 1" in out
+    assert example.parse(["--epochs", "2"]).epochs == 2
+    with pytest.raises(SystemExit):
+        example.parse(["--epochs", "0"])

@@ -99,7 +99,6 @@ def test_page_loads_without_console_errors(page):
 
 PLOTS = (
     "suspects-plot",
-    "influence-layer-shares",
     "influence-heatmap",
     "influence-distribution",
     "influence-query-shares",

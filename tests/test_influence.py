@@ -405,7 +405,7 @@ def run_self_influence(case: Case, **kwargs: Any) -> Tensor:
     kwargs.setdefault("progress", False)
     loss_fn = kwargs.pop("loss_fn", case.loss_fn)
     train = kwargs.pop("train", case.train)
-    return hookinf.self_influence(case.model, train, loss_fn, **kwargs)
+    return hookinf.self_influence(case.model, train, loss_fn, **kwargs).total
 
 
 # ---------------------------------------------------------------------------------------------------- oracle tests
@@ -428,6 +428,39 @@ def test_influence_matches_oracle(case_id: str, method: str, form: str) -> None:
         assert scores.damping == pytest.approx(lambdas, rel=1e-10)
     else:
         assert scores.damping == {}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case_id", ["mlp-bias", "conv2d", "seq-linear", "gpt2-conv1d"])
+def test_self_influence_per_layer_parts_are_each_layers_damped_quadratic_form(case_id: str, method: str) -> None:
+    """``per_layer[l][j] = g_l(z_j)ᵀ (G_l + λ_l I)⁻¹ g_l(z_j)``: torch.func gradients, explicit damped blocks."""
+    ref = reference(case_id)
+    case = ref.case
+    result = hookinf.self_influence(case.model, case.train, case.loss_fn, modules=case.modules, method=method,
+                                    progress=False)  # fmt: skip
+    assert isinstance(result, hookinf.SelfScores)
+    assert result.layers == case.layers
+    assert result.method == method
+    assert result.ids is None
+    damping = None if method == "identity" else hookinf.Damping()
+    lambdas = oracle_lambdas(ref.train, damping) if damping is not None else {}
+    expected_total = torch.zeros(ref.train[case.layers[0]].shape[0], dtype=torch.float64)
+    for layer in case.layers:
+        g = ref.train[layer]  # [n, d_l] per-example gradients from vmap(grad(...))
+        if damping is None:
+            expected = (g * g).sum(dim=1)
+        else:
+            block = g.T @ g / g.shape[0] + lambdas[layer] * torch.eye(g.shape[1], dtype=torch.float64)
+            expected = (g * torch.linalg.solve(block, g.T).T).sum(dim=1)
+        assert result.per_layer[layer].dtype == torch.float64
+        assert_close(result.per_layer[layer], expected, f"{case_id}/{method} self-influence of layer {layer!r}")
+        expected_total += expected
+    assert_close(result.total, expected_total, f"{case_id}/{method} self-influence total")
+    torch.testing.assert_close(result.total, sum(result.per_layer.values()), rtol=1e-14, atol=0.0)
+    assert result.damping == (pytest.approx(lambdas, rel=1e-10) if damping is not None else {})
+    top = result.topk(3)
+    assert torch.equal(top.indices, result.total.topk(3).indices)
+    assert torch.equal(top.ids, top.indices)
 
 
 @pytest.mark.parametrize("form", LOSS_FORMS)

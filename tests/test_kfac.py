@@ -317,7 +317,14 @@ def test_kfac_equals_explicit_kronecker_block(bias: bool) -> None:
         for k in ("fc1", "fc2")
     )
     values = hookinf.self_influence(mlp.model, mlp.train, ce_loss, method=curv, progress=False)
-    close(values, self_expected.diagonal(), SCORE_TOL, "kfac self-influence")
+    close(values.total, self_expected.diagonal(), SCORE_TOL, "kfac self-influence")
+    # each layer's part is g_lᵀ (A_l ⊗ S_l + λ_l I)⁻¹ g_l with that layer's explicit Kronecker block
+    assert values.method == "kfac"
+    assert values.damping == pytest.approx(lambdas, rel=1e-12)
+    for k in ("fc1", "fc2"):
+        block = kfac_block(ref.a_factor[k], ref.s_factor[k], 0.1)[0]
+        part = -explicit_scores(block, lambdas[k], ref.train[k], ref.train[k]).diagonal()
+        close(values.per_layer[k], part, SCORE_TOL, f"kfac self-influence of {k}")
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -365,7 +372,11 @@ def test_ekfac_equals_explicit_eigenvalue_corrected_block(bias: bool) -> None:
         for k in ("fc1", "fc2")
     )
     values = hookinf.self_influence(mlp.model, mlp.train, ce_loss, method=curv, progress=False)
-    close(values, self_expected.diagonal(), SCORE_TOL, "ekfac self-influence")
+    close(values.total, self_expected.diagonal(), SCORE_TOL, "ekfac self-influence")
+    for k in ("fc1", "fc2"):  # each layer's part, with that layer's explicit eigenvalue-corrected block
+        block = ekfac_block(ref.g_block[k], *(eigh(f)[1] for f in (ref.a_factor[k], ref.s_factor[k])), 0.1)[0]
+        part = -explicit_scores(block, lambdas[k], ref.train[k], ref.train[k]).diagonal()
+        close(values.per_layer[k], part, SCORE_TOL, f"ekfac self-influence of {k}")
 
 
 def test_kfac_and_ekfac_are_not_exact_in_general() -> None:

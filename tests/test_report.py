@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 from rich.console import Console
+from torch import nn
 
 import hookinf
 import hookinf.report
@@ -216,16 +217,21 @@ def test_html_per_layer_shares_and_top_k_read_back_exactly(report_html):
     assert f"{N_QUERY:,} × {N_TRAIN:,}" in text
 
 
-def test_html_has_every_plot_as_inline_svg(report_html):
-    _, text, _ = report_html
+def test_html_has_every_plot_as_inline_svg_and_draws_layer_shares_once(report_html):
+    scores, text, _ = report_html
     parsed = Elements(text)
-    for plot in ("layer-shares", "heatmap", "distribution", "query-shares"):
+    for plot in ("heatmap", "distribution", "query-shares"):
         parsed.by_id(f"influence-{plot}")
         start = text.index(f'id="influence-{plot}"')
         assert text[start : text.index("</figure>", start)].count("<svg") == 1, plot
-    assert text.count("<svg") == 4
+    assert text.count("<svg") == 3
     assert "<?xml" not in text
     assert "<!DOCTYPE svg" not in text
+    # the overall layer shares are drawn once: a bar in each row of the per-layer table, no second bar chart of them
+    assert 'id="influence-layer-shares"' not in text
+    table = text[text.index('id="influence-layers"') : text.index("</table>", text.index('id="influence-layers"'))]
+    assert table.count('class="bar"') == len(scores.layers)
+    assert text.count('class="bar"') == len(scores.layers)
 
 
 def test_html_escapes_user_text(report_html):
@@ -481,3 +487,169 @@ def test_a_failed_html_write_names_the_target_and_keeps_what_was_there(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left beside it
     with pytest.raises(hookinf.HookinfError, match=r"missing/r\.html: cannot write"):
         scores.save_html(tmp_path / "missing" / "r.html", queries=0)
+
+
+# ---------------------------------------------------------------------------------------------------- what prints
+LORA_NAMES = tuple(
+    f"base_model.model.encoder.layer.{i}.attention.self.{proj}.lora_{ab}"
+    for i in (0, 11)
+    for proj in ("query", "value")
+    for ab in ("A", "B")
+)
+
+
+def test_print_of_a_layer_table_is_the_table_not_its_object_repr(capsys):
+    scores = synthetic()
+    print(scores.layer_table())
+    out = capsys.readouterr().out
+    assert "<rich.table.Table" not in out
+    assert "Per-layer influence (ekfac)" in out
+    for name, share in scores.layer_shares().items():
+        assert name in out
+        assert f"{share:6.1%}" in out
+    assert str(hookinf.report.comparison_table([("exact", 0.9, 0.5)])).count("exact") == 1
+
+
+def test_long_layer_names_are_cut_in_the_middle_keeping_their_distinct_ends():
+    from hookinf.rich_text import middle_ellipsis
+
+    assert middle_ellipsis("abcdefghij", 10) == "abcdefghij"
+    cut = middle_ellipsis("abcdefghijklmnopqrstuvwxyz", 10)
+    assert len(cut) == 10
+    assert cut.startswith("abc")
+    assert cut == "abc…uvwxyz"  # a third of what is kept from the start, two thirds from the end
+    assert "…" in cut
+    assert middle_ellipsis("abc", 1) == "…"
+    scores = synthetic(names=LORA_NAMES[:3])
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(scores.layer_table())
+    rows = [line for line in console.file.getvalue().splitlines() if "%" in line]
+    assert len(rows) == 3
+    assert all(len(line) <= 80 for line in rows)
+    for row, name in zip(rows, LORA_NAMES[:3], strict=True):
+        assert "…" in row
+        assert name[-len("query.lora_A") :] in row  # the end that tells the layers apart stays
+    cells = [row.split("│")[1].strip() for row in rows]
+    assert len(set(cells)) == 3  # and no two rows read alike
+
+
+def test_curvature_table_at_80_columns_keeps_the_ends_of_lora_like_names():
+    model = nn.Module()
+    leaves = []
+    for name in LORA_NAMES:  # nested modules named like a PEFT model's LoRA factors
+        parent = model
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, nn.Linear(3, 3, dtype=torch.float64))
+        leaves.append(model.get_submodule(name))
+
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_model = model.base_model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in leaves:
+                x = torch.tanh(layer(x))
+            return x
+
+    chain = Chain()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=gen, dtype=torch.float64),) for _ in range(2)]
+    curvature = hookinf.fit(chain, batches, lambda m, b: m(b[0]).pow(2).sum(dim=1), method="kfac", progress=False)
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(curvature)
+    rows = [line for line in console.file.getvalue().splitlines() if "×" in line and "[" in line]
+    assert len(rows) == len(LORA_NAMES)
+    assert all(len(line) <= 80 for line in rows)
+    cells = [row.split("│")[1].strip() for row in rows]
+    assert len(set(cells)) == len(LORA_NAMES), cells
+    for cell, name in zip(cells, LORA_NAMES, strict=True):
+        assert cell.endswith(name[-8:]), (cell, name)  # e.g. "y.lora_A": the distinguishing end
+
+
+# ---------------------------------------------------------------------------------------------------- heat map
+def test_heatmap_columns_average_blocks_of_queries_past_the_threshold():
+    from hookinf.report.content import HEATMAP_COLUMNS, heatmap_columns
+
+    shares = torch.rand(HEATMAP_COLUMNS, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    same, block = heatmap_columns(shares)
+    assert block == 1
+    assert same is shares
+    many = torch.rand(1001, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    columns, block = heatmap_columns(many, max_columns=250)
+    assert block == 5  # ceil(1001 / 250)
+    assert columns.shape == (201, 3)  # 200 blocks of 5 and the last query alone
+    torch.testing.assert_close(columns[7], many[35:40].mean(dim=0))
+    torch.testing.assert_close(columns[-1], many[1000])
+
+
+def test_html_heatmap_of_many_queries_is_aggregated_and_says_so(tmp_path):
+    pytest.importorskip("matplotlib")
+    gen = torch.Generator().manual_seed(6)
+    many = Scores({f"l{i}": torch.randn(1000, 30, generator=gen, dtype=torch.float64) for i in range(3)}, "exact")
+    text = many.save_html(tmp_path / "many.html", queries=1, k=1).read_text()
+    figure = text[text.index('id="influence-heatmap"') : text.index("</figure>", text.index('id="influence-heatmap"'))]
+    assert "each column is the mean of 4 consecutive queries" in figure  # the caption
+    assert "Aggregated: each column is the mean of 4 consecutive queries" in figure  # the plot's own title
+    few = synthetic().save_html(tmp_path / "few.html", queries=1, k=1).read_text()
+    assert "consecutive queries" not in few
+    assert "columns: queries in order" in few
+
+
+# ---------------------------------------------------------------------------------------------------- descriptions
+def described(ids: bool = False) -> Scores:
+    images = digit_images(N_TRAIN)
+    return synthetic(ids=ids).with_descriptions(
+        train_text=[f"digit <{j}>" for j in range(N_TRAIN)],
+        query_text=[f"test {q}" for q in range(N_QUERY)],
+        train_images=images,
+        query_images=digit_images(N_QUERY).numpy(),
+        query_labels=list(range(N_QUERY)),
+        query_predictions=torch.tensor([0, 1, 9, 3, 9, 5, 9]),
+    )
+
+
+@pytest.mark.parametrize("ids", [False, True], ids=["columns", "store-ids"])
+def test_reports_use_the_descriptions_the_scores_carry(tmp_path, ids):
+    pytest.importorskip("matplotlib")
+    scores = described(ids)
+    text = scores.save_html(tmp_path / "d.html", queries=[2], k=2).read_text()
+    top = scores.top_k(2)
+    column = int(top.harmful[2, 0])
+    assert f'data-train="{int(top.harmful_ids[2, 0])}"' in text
+    assert f"digit &lt;{column}&gt;" in text  # the text of that column, looked up by its id
+    assert "Query 2: label 2, predicted 9 · test 2" in text
+    assert text.count("<img") == 1 + 2 * 2  # the query's picture and each listed example's
+    terminal = render(scores_report(scores, queries=[2], k=2))
+    assert f"digit <{column}>" in terminal
+    assert "label 2, predicted 9 · test 2" in terminal
+    assert described().descriptions.misclassified() == [2, 4, 6]
+    # a describe function given still wins over the saved text
+    assert "mine" in render(scores_report(scores, queries=[2], k=1, describe=lambda i: "mine"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("train_text", ["a"] * (N_TRAIN - 1), f"train_text has {N_TRAIN - 1} entries; the scores have {N_TRAIN}"),
+        ("query_text", "abc", "query_text must be a list of strings"),
+        ("query_labels", torch.zeros(N_QUERY), "query_labels must be integers"),
+        ("query_predictions", [0] * (N_QUERY + 1), f"the scores have {N_QUERY} queries"),
+        ("train_images", torch.zeros(N_TRAIN, 4), "train_images must be real numbers [n, H, W]"),
+        ("query_images", torch.full((N_QUERY, 2, 2), float("nan")), "query_images hold NaN"),
+    ],
+)
+def test_bad_descriptions_are_configuration_errors(field, value, message):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        synthetic().with_descriptions(**{field: value})
+
+
+def test_descriptions_survive_grouping():
+    scores = described()
+    grouped = scores.grouped(lambda name: "all")
+    assert grouped.layers == ("all",)
+    assert grouped.descriptions is scores.descriptions

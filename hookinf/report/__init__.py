@@ -9,8 +9,8 @@ rich their renderings.
 * :mod:`hookinf.report.content`: what a report shows, whatever it is drawn on (the detailed queries, their top-k
   rows, the detection figures).
 * :mod:`hookinf.report.terminal`: :func:`scores_report`, :func:`suspects_report` and the rich tables.
-* :mod:`hookinf.report.html`: the sections of an HTML page (:func:`scores_section`, :func:`suspects_section`,
-  :func:`comparison_section`) and :func:`save_suspects_html`.
+* :mod:`hookinf.report.html` and :mod:`hookinf.report.suspects`: the sections of an HTML page
+  (:func:`scores_section`; :func:`suspects_section`, :func:`comparison_section`) and :func:`save_suspects_html`.
 * :mod:`hookinf.report.page`: :class:`Section`, :func:`page` and :func:`save_html`, which writes sections as one
   self-contained file; :mod:`hookinf.report.plots` draws its SVG plots and :mod:`hookinf.report.images` its
   thumbnails (:func:`thumbnail`).
@@ -31,10 +31,11 @@ from hookinf.report.content import (
     layer_label,
     select_queries,
 )
-from hookinf.report.html import comparison_section, save_suspects_html, scores_section, suspects_section
+from hookinf.report.html import scores_section
 from hookinf.report.images import thumbnail
 from hookinf.report.page import Section, page, save_html
 from hookinf.report.presenter import ReportPresenter
+from hookinf.report.suspects import comparison_section, save_suspects_html, suspects_section
 from hookinf.report.terminal import (
     comparison_table,
     layer_table,

@@ -11,19 +11,25 @@ increases the query's loss), a negative one *helpful*.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from hookinf.errors import ConfigurationError, DataError
+from hookinf.ids import id_values
 from hookinf.metrics import auc
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 DEFAULT_QUERIES = 3
 """How many queries a report details when ``queries=None``: the ones with the largest total |influence|."""
+
+HEATMAP_COLUMNS = 250
+"""The most columns of the layer × query heat map; more queries are averaged in blocks (:func:`heatmap_columns`)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,83 @@ def select_queries(scores: Scores, queries: int | Sequence[int] | None) -> list[
     return chosen
 
 
+def misclassified_queries(scores: Scores, n: int) -> list[int]:
+    """The ``n`` misclassified queries (saved prediction ≠ saved label) with the largest total |influence|.
+
+    Raises:
+        ConfigurationError: the scores carry no query labels and predictions
+            (:meth:`hookinf.Scores.with_descriptions`).
+    """
+    if scores.descriptions is None:
+        raise ConfigurationError(
+            "choosing the misclassified queries needs the queries' labels and predictions, and these scores carry no "
+            "descriptions: scores.with_descriptions(query_labels=..., query_predictions=...) before saving."
+        )
+    wrong = set(scores.descriptions.misclassified())
+    return [q for q in scores.top_queries(scores.shape[0]) if q in wrong][:n]
+
+
+def saved_describe(scores: Scores) -> Callable[[Any], str] | None:
+    """Training example (id when the scores have ids, else index) → the text its descriptions hold; ``None``: none."""
+    texts = scores.descriptions.train_text if scores.descriptions is not None else None
+    if texts is None:
+        return None
+    column = _column_of(scores)
+    return lambda example: texts[column(example)]
+
+
+def saved_images(scores: Scores) -> Callable[[Any], Tensor] | None:
+    """Training example (as for :func:`saved_describe`) → its saved picture; ``None`` when there are none."""
+    images = scores.descriptions.train_images if scores.descriptions is not None else None
+    if images is None:
+        return None
+    column = _column_of(scores)
+    return lambda example: images[column(example)]
+
+
+def saved_query_describe(scores: Scores) -> Callable[[Any], str] | None:
+    """Query index → its saved text, label and prediction (``"label 3, predicted 5 · text"``); ``None``: none."""
+    described = scores.descriptions
+    if described is None or described.query_summary(0) is None:
+        return None
+    return lambda q: described.query_summary(q) or ""
+
+
+def saved_query_images(scores: Scores) -> Callable[[Any], Tensor] | None:
+    """Query index → its saved picture; ``None`` when there are none."""
+    images = scores.descriptions.query_images if scores.descriptions is not None else None
+    return None if images is None else lambda q: images[q]
+
+
+def _column_of(scores: Scores) -> Callable[[Any], int]:
+    """Training example as reports show it (its id, or its index without ids) → its column."""
+    if scores.ids is None:
+        return int
+    columns = {value: j for j, value in enumerate(id_values(scores.ids))}
+    return columns.__getitem__
+
+
+def heatmap_columns(shares: Tensor, max_columns: int = HEATMAP_COLUMNS) -> tuple[Tensor, int]:
+    """The layer × query heat map's columns: every query, or the means of blocks of consecutive queries.
+
+    A column per query turns into a barcode past a few hundred queries; beyond ``max_columns`` queries, each
+    column is the mean share of a block of ``ceil(n_query / max_columns)`` consecutive queries (the last block may
+    be shorter).
+
+    Args:
+        shares: ``[n_query, L]``, :meth:`hookinf.Scores.query_layer_shares`.
+        max_columns: the most columns drawn.
+
+    Returns:
+        ``([n_columns, L] shares, queries per column)``; ``1`` query per column when nothing was aggregated.
+    """
+    n_query = int(shares.shape[0])
+    if n_query <= max_columns:
+        return shares, 1
+    block = math.ceil(n_query / max_columns)
+    return torch.stack([part.mean(dim=0) for part in shares.split(block)]), block
+
+
 def example_rows(scores: Scores, query: int, k: int) -> tuple[list[ExampleRow], list[ExampleRow]]:
     """The ``k`` most harmful and ``k`` most helpful training examples of one query, with their largest layer part.
 
@@ -132,7 +215,7 @@ def example_rows(scores: Scores, query: int, k: int) -> tuple[list[ExampleRow], 
     return lists
 
 
-def detection(self_scores: Tensor, flipped: Tensor) -> Detection:
+def detection(self_scores: Tensor | SelfScores, flipped: Tensor) -> Detection:
     """AUC and top-``n_flipped`` precision of ``self_scores [n_train]`` for the known flips ``flipped [n_train]``."""
     values = check_self_scores(self_scores)
     flags = check_flipped(flipped, values.numel())
@@ -141,8 +224,14 @@ def detection(self_scores: Tensor, flipped: Tensor) -> Detection:
     return Detection(auc(values, flags), precision, n_flipped)
 
 
-def check_self_scores(self_scores: Tensor) -> Tensor:
-    """``self_scores`` as a finite float64 ``[n_train]`` CPU tensor, or a :class:`ConfigurationError`."""
+def check_self_scores(self_scores: Tensor | SelfScores) -> Tensor:
+    """``self_scores`` (or a :class:`SelfScores`' total) as a finite float64 ``[n_train]`` CPU tensor.
+
+    Raises:
+        ConfigurationError: not a ``[n_train]`` tensor of finite values.
+    """
+    if isinstance(self_scores, SelfScores):
+        self_scores = self_scores.total
     if not isinstance(self_scores, Tensor):
         raise ConfigurationError(f"self_scores must be a [n_train] tensor; got {type(self_scores).__name__}.")
     if self_scores.dim() != 1 or self_scores.numel() == 0:
@@ -151,6 +240,14 @@ def check_self_scores(self_scores: Tensor) -> Tensor:
     if not bool(values.isfinite().all()):
         raise ConfigurationError("self_scores hold NaN or infinite values; every entry must be finite.")
     return values
+
+
+def self_shown(self_scores: Tensor | SelfScores, indices: list[int]) -> list[int | str]:
+    """What identifies the entries ``indices`` of self-influence to the user: their ids when it has ids, else them."""
+    ids = self_scores.ids if isinstance(self_scores, SelfScores) else None
+    if ids is None:
+        return list(indices)
+    return [ids[i] if isinstance(ids, list) else int(ids[i]) for i in indices]
 
 
 def check_finite_scores(scores: Scores) -> None:

@@ -1,9 +1,11 @@
 """The sections of the self-contained HTML report: pure functions from influence results to HTML text.
 
-A page (:func:`hookinf.report.page.page`) is a title and sections: :func:`scores_section` (influence of the
-training set on queries, per layer), :func:`suspects_section` (self-influence, the mislabel signal) and
-:func:`comparison_section` (detection AUC per method). :func:`~hookinf.report.page.save_html` writes a page to a file;
-:meth:`hookinf.Scores.save_html` and :func:`save_suspects_html` are the one-section shortcuts.
+A page (:func:`hookinf.report.page.page`) is a title and sections: :func:`scores_section` here (influence of the
+training set on queries, per layer), and :func:`~hookinf.report.suspects.suspects_section` (self-influence, the
+mislabel signal) and :func:`~hookinf.report.suspects.comparison_section` (detection AUC per method) in
+:mod:`hookinf.report.suspects`. :func:`~hookinf.report.page.save_html` writes a page to a file;
+:meth:`hookinf.Scores.save_html` and :func:`~hookinf.report.suspects.save_suspects_html` are the one-section
+shortcuts.
 
 Plots (:mod:`hookinf.report.plots`, needs matplotlib: ``pip install 'hookinf[report]'``, imported when a section
 is built) are inline SVG and summarise, so the file's size does not grow with the number of training examples;
@@ -14,28 +16,28 @@ Machine-readable values ride along as ``data-*`` attributes (``data-share`` on t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from hookinf.errors import ConfigurationError
 from hookinf.presenter import ImageFn
 from hookinf.report.content import (
     ExampleRow,
     check_finite_scores,
-    check_self_scores,
     damping_text,
-    detection,
     example_rows,
+    heatmap_columns,
     layer_label,
+    saved_describe,
+    saved_images,
+    saved_query_describe,
+    saved_query_images,
     select_queries,
 )
 from hookinf.report.images import img_tag
-from hookinf.report.page import Section, check_anchor, escape, figure_html, save_html, summary_cards
+from hookinf.report.page import Section, check_anchor, escape, figure_html, require_matplotlib, summary_cards
 from hookinf.scores import Scores
 
 if TYPE_CHECKING:
@@ -57,11 +59,12 @@ def scores_section(
     """The report of influence scores as a page section.
 
     Content: a summary (method, ``n_query × n_train``, layers, damping, concentration), how to read the signs; the
-    per-layer table and a bar plot of each layer's share of |influence|; a layer × query heat map of the shares
-    (every query); the distribution of |scores| (histogram on a log scale, harmful and helpful apart) and the
-    concentration curve (share of |influence| held by the top fraction of pairs); then, per detailed query, its
-    layer shares (plotted together for all detailed queries) and tables of its ``k`` most harmful and ``k`` most
-    helpful training examples with score, largest layer part, description and thumbnail.
+    per-layer table (each layer's share of |influence| drawn as a bar in its row); a layer × query heat map of the
+    shares (a column per query; past :data:`~hookinf.report.content.HEATMAP_COLUMNS` queries, each column the mean of
+    a block of consecutive queries, as its title says); the distribution of |scores| (histogram on a log scale,
+    harmful and helpful apart) and the concentration curve (share of |influence| held by the top fraction of pairs);
+    then, per detailed query, its layer shares (plotted together for all detailed queries) and tables of its ``k``
+    most harmful and ``k`` most helpful training examples with score, largest layer part, description and thumbnail.
 
     Args:
         scores: the scores.
@@ -74,19 +77,26 @@ def scores_section(
         describe_query: query index → short text, shown in the query's heading.
         query_images: query index → image, shown next to the query's heading.
         heading: the section's heading (default names the method and the sizes).
-        anchor: the section's id and the prefix of the ids inside it: ``{anchor}-layer-shares``,
-            ``{anchor}-query-shares``, ``{anchor}-heatmap``, ``{anchor}-distribution`` (figures),
-            ``{anchor}-layers`` (table), ``{anchor}-q{q}-harmful`` / ``-helpful`` (tables).
+        anchor: the section's id and the prefix of the ids inside it: ``{anchor}-query-shares``,
+            ``{anchor}-heatmap``, ``{anchor}-distribution`` (figures), ``{anchor}-layers`` (table),
+            ``{anchor}-q{q}-harmful`` / ``-helpful`` (tables).
 
     Returns:
         The section.
 
     Raises:
         ConfigurationError: a bad ``queries``, ``k`` or ``anchor``, an image of a bad shape, or matplotlib missing.
+
+    Each of ``describe``, ``images``, ``describe_query`` and ``query_images`` left out is taken from the scores'
+    descriptions when they hold it (:meth:`hookinf.Scores.with_descriptions`, kept by :meth:`hookinf.Scores.save`).
     """
     check_anchor(anchor)
+    describe = describe or saved_describe(scores)
+    images = images or saved_images(scores)
+    describe_query = describe_query or saved_query_describe(scores)
+    query_images = query_images or saved_query_images(scores)
     check_finite_scores(scores)
-    _require_matplotlib()
+    require_matplotlib()
     from hookinf.report import plots  # numpy and matplotlib: loaded when a section is drawn, not by import hookinf
 
     chosen = select_queries(scores, queries)
@@ -115,7 +125,7 @@ def scores_section(
         "the score, and a layer's <em>share</em> is its part of the total |influence|.</p>"
     )
 
-    # per-layer table and plots
+    # per-layer table (the one drawing of the layer shares) and the heat map
     out.append("<h3>Layers</h3>")
     rows = []
     largest = max(shares.values()) or 1.0
@@ -137,19 +147,18 @@ def scores_section(
     )
     names = [layer_label(n) for n in scores.layers]
     colors = plots.layer_colors(len(names))
-    out.append(
-        figure_html(
-            f"{anchor}-layer-shares",
-            plots.layer_shares_svg(names, list(shares.values()), colors, salt=f"{anchor}-layer-shares"),
-            "Each layer's share of the total |influence| over all (query, training example) pairs.",
-        )
-    )
+    columns, block = heatmap_columns(query_shares)
     out.append(
         figure_html(
             f"{anchor}-heatmap",
-            plots.heatmap_svg(names, query_shares, salt=f"{anchor}-heatmap"),
-            "Each layer's share of each query's |influence| (columns: queries in order; each column sums to 100%; the "
-            "darkest colour is the largest share).",
+            plots.heatmap_svg(names, columns, block, salt=f"{anchor}-heatmap"),
+            "Each layer's share of each query's |influence| ("
+            + (
+                "columns: queries in order"
+                if block == 1
+                else f"{n_query:,} queries: each column is the mean of {block} consecutive queries"
+            )
+            + "; each column sums to 100%; the darkest colour is the largest share).",
         )
     )
 
@@ -244,154 +253,3 @@ def _top_tables(
         )
     out.append("</div></div>")
     return "\n".join(out)
-
-
-def suspects_section(
-    self_scores: Tensor,
-    *,
-    flipped: Tensor | None = None,
-    describe: Callable[[Any], str] | None = None,
-    images: ImageFn | None = None,
-    k: int = 20,
-    heading: str = "Suspected mislabeled examples (highest self-influence)",
-    anchor: str = "suspects",
-) -> Section:
-    """Training examples ranked by self-influence, the mislabel signal, as a page section.
-
-    Content: a summary (and, when the flips are known, the detection AUC and the share of flips among the top
-    ``n_flipped`` suspects), a histogram of self-influence (flipped and clean apart when known) with the ROC curve,
-    and the table of the ``k`` top suspects.
-
-    Args:
-        self_scores: ``[n_train]`` self-influence, e.g. from :func:`hookinf.self_influence`.
-        flipped: optional ``[n_train]`` bool, the known flipped labels.
-        describe: training index → short text.
-        images: training index → image, shown as a thumbnail (see :func:`~hookinf.report.images.thumbnail`).
-        k: how many suspects to list.
-        heading: the section's heading.
-        anchor: the section's id and id prefix: ``{anchor}-plot`` (figure), ``{anchor}-table`` (table, one
-            ``<tr data-train data-score>`` per suspect); the AUC is in ``data-auc`` of ``{anchor}-auc``.
-
-    Returns:
-        The section.
-
-    Raises:
-        ConfigurationError: bad shapes or values, or matplotlib missing.
-    """
-    check_anchor(anchor)
-    _require_matplotlib()
-    from hookinf.report import plots  # numpy and matplotlib: loaded when a section is drawn, not by import hookinf
-
-    values = check_self_scores(self_scores)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigurationError(f"k={k!r}: the number of suspects to list must be a positive integer.")
-    n_train = values.numel()
-    cards = [("training examples", f"{n_train:,}")]
-    found = detection(values, flipped) if flipped is not None else None
-    flags = flipped.detach().cpu() if flipped is not None else None
-    if found is not None:
-        cards += [
-            ("known flips", f"{found.n_flipped:,}"),
-            ("AUC (0.5 = chance)", f'<span id="{anchor}-auc" data-auc="{found.auc!r}">{found.auc:.3f}</span>'),
-            (f"flips among the top {found.n_flipped}", f"{found.precision:.0%}"),
-        ]
-    out = [summary_cards(cards, raw=True)]
-    out.append(
-        '<p class="note">Self-influence g(z)ᵀ(G+λI)⁻¹g(z) is large for training examples the model finds hard to '
-        "fit; mislabeled examples are the usual reason. The list is a ranking to review, largest first.</p>"
-    )
-    out.append(
-        figure_html(
-            f"{anchor}-plot",
-            plots.suspects_svg(values, flags, salt=f"{anchor}-plot"),
-            "Self-influence of every training example"
-            + (" (flipped and clean apart) and the ROC curve of ranking by it." if flags is not None else "."),
-        )
-    )
-    top_values, top_indices = values.topk(min(k, n_train))
-    header = "<th>rank</th><th>train</th>" + ("<th></th>" if images is not None else "")
-    header += ("<th>example</th>" if describe is not None else "") + "<th>self-influence</th>"
-    header += "<th>flipped?</th>" if flags is not None else ""
-    body = []
-    for rank, (value, index) in enumerate(zip(top_values.tolist(), top_indices.tolist(), strict=True), start=1):
-        cells = f'<td class="num">{rank}</td><td class="num">{index}</td>'
-        if images is not None:
-            cells += f"<td>{img_tag(images(index), f'training example {index}')}</td>"
-        if describe is not None:
-            cells += f'<td class="example">{escape(describe(index))}</td>'
-        cells += f'<td class="num">{value:.4g}</td>'
-        if flags is not None:
-            cells += '<td class="harmful">yes</td>' if bool(flags[index]) else '<td class="muted">no</td>'
-        body.append(f'<tr data-train="{index}" data-score="{value!r}">{cells}</tr>')
-    out.append(
-        f'<table id="{anchor}-table" class="suspects"><thead><tr>{header}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
-    return Section(anchor, heading, "\n".join(out))
-
-
-def comparison_section(
-    rows: Sequence[tuple[str, float, float]],
-    *,
-    heading: str = "Mislabel detection per method",
-    note: str | None = None,
-    anchor: str = "comparison",
-) -> Section:
-    """A table comparing methods at finding known-bad training examples.
-
-    Args:
-        rows: ``(name, AUC, share of flips among the top suspects)`` per method (as for
-            :func:`hookinf.report.terminal.comparison_table`).
-        heading: the section's heading.
-        note: optional sentence under the table (plain text).
-        anchor: the section's id; the table is ``{anchor}-table``, each row carries ``data-auc``.
-
-    Returns:
-        The section.
-    """
-    check_anchor(anchor)
-    body = []
-    for name, auc_value, precision in rows:
-        width = max(0.0, min(1.0, (auc_value - 0.5) / 0.5)) * 100
-        body.append(
-            f'<tr data-auc="{auc_value!r}"><td>{escape(name)}</td>'
-            f'<td class="num"><span class="bar" style="width:{width:.1f}px"></span>{auc_value:.3f}</td>'
-            f'<td class="num">{precision:.0%}</td></tr>'
-        )
-    table = (
-        f'<table id="{anchor}-table" class="comparison"><thead><tr><th>method</th><th>AUC</th>'
-        f"<th>flips among top suspects</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
-    )
-    extra = f'<p class="note">{escape(note)}</p>' if note else ""
-    return Section(anchor, heading, table + extra)
-
-
-def save_suspects_html(
-    path: str | os.PathLike[str],
-    self_scores: Tensor,
-    *,
-    flipped: Tensor | None = None,
-    describe: Callable[[Any], str] | None = None,
-    images: ImageFn | None = None,
-    k: int = 20,
-    title: str = "Suspected mislabeled examples",
-) -> Path:
-    """Writes the self-influence (mislabel) report as one self-contained HTML file.
-
-    See :func:`suspects_section` for the content and the arguments; needs matplotlib
-    (``pip install 'hookinf[report]'``).
-
-    Returns:
-        The path written.
-    """
-    section = suspects_section(self_scores, flipped=flipped, describe=describe, images=images, k=k)
-    return save_html(path, [section], title=title)
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib.figure  # noqa: F401
-    except ImportError as err:
-        raise ConfigurationError(
-            "the HTML report draws its plots with matplotlib, which is not installed: pip install 'hookinf[report]'."
-        ) from err

@@ -126,6 +126,16 @@ def summary_cards(entries: list[tuple[str, str]], raw: bool = False) -> str:
     return f'<div class="cards">{items}</div>'
 
 
+def require_matplotlib() -> None:
+    """A :class:`ConfigurationError` with the fix when matplotlib, which draws the plots, is not installed."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError as err:
+        raise ConfigurationError(
+            "the HTML report draws its plots with matplotlib, which is not installed: pip install 'hookinf[report]'."
+        ) from err
+
+
 _CSS = """
 :root { --fg: #1f2328; --muted: #59636e; --border: #d1d9e0; --alt: #f6f8fa; --accent: #4c78a8;
         --harmful: #b03a2e; --helpful: #1e7b45; }

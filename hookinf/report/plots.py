@@ -2,8 +2,8 @@
 
 Figures are :class:`matplotlib.figure.Figure` objects made directly, never through pyplot, so there is no GUI backend
 and no global figure state; a fixed hash salt and per-plot id prefixes make the SVG the same for the same data and
-keep ids unique on a page. The plots summarise (bars, histograms, a heat map with one cell per layer and query), so
-their size does not grow with the number of training examples.
+keep ids unique on a page. The plots summarise (bars, histograms, a heat map with one cell per layer and query, or
+per layer and block of queries past a few hundred), so their size does not grow with the number of examples.
 
 This module imports numpy and matplotlib (the ``report`` extra): :mod:`hookinf.report.html` loads it when it draws
 a section, so that ``import hookinf`` needs neither.
@@ -90,31 +90,6 @@ def _grouped(names: list[str], values: list[float]) -> tuple[list[str], list[flo
     )
 
 
-def layer_shares_svg(names: list[str], shares: list[float], colors: list[str], salt: str) -> str:
-    """Horizontal bars of each layer's share of |influence| (at most 40 bars: the rest summed as ``other``).
-
-    Args:
-        names: ``[L]`` layer labels, model order.
-        shares: ``[L]`` their shares of the total |influence|.
-        colors: ``[L]`` their colours (:func:`layer_colors`).
-        salt: prefix of the SVG's ids, unique on the page.
-    """
-    labels, values, kept = _grouped(names, shares)
-    bar_colors = [colors[i] for i in kept] + ["#bbbbbb"] * (len(labels) - len(kept))
-    with _figure(9.6, 0.9 + 0.3 * len(labels), salt) as (fig, svg):
-        ax = fig.add_subplot()
-        positions = np.arange(len(labels))
-        ax.barh(positions, values, color=bar_colors, height=0.7)
-        ax.set_yticks(positions, labels)
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(1e-12, max(values)) * 1.15)
-        ax.xaxis.set_major_formatter(_percent())
-        for y, value in zip(positions, values, strict=True):
-            ax.text(value, float(y), f" {value:.1%}", va="center", fontsize=9)
-        ax.set_xlabel("share of |influence|")
-    return svg[0]
-
-
 def query_shares_svg(queries: list[int], names: list[str], shares: Tensor, colors: list[str], salt: str) -> str:
     """One stacked bar per detailed query: each layer's share of that query's |influence|.
 
@@ -150,21 +125,24 @@ def query_shares_svg(queries: list[int], names: list[str], shares: Tensor, color
     return svg[0]
 
 
-def heatmap_svg(names: list[str], shares: Tensor, salt: str) -> str:
+def heatmap_svg(names: list[str], shares: Tensor, block: int, salt: str) -> str:
     """A layer × query heat map of each layer's share of each query's |influence|.
 
     Args:
         names: ``[L]`` layer labels, model order (rows).
-        shares: ``[n_query, L]`` float64 CPU, :meth:`hookinf.Scores.query_layer_shares` (columns: queries).
+        shares: ``[n_columns, L]`` float64 CPU: :meth:`hookinf.Scores.query_layer_shares`, or the means of blocks of
+            ``block`` consecutive queries (:func:`hookinf.report.content.heatmap_columns`).
+        block: queries per column (``1``: a column per query); above 1 the plot's title and axis say so.
         salt: prefix of the SVG's ids, unique on the page.
     """
-    data = shares.numpy().T  # [L, n_query]
+    data = shares.numpy().T  # [L, n_columns]
     labels, _, kept = _grouped(names, data.sum(axis=1).tolist())
     if len(kept) < len(names):
         rest = [i for i in range(len(names)) if i not in set(kept)]
         data = np.concatenate([data[kept], data[rest].sum(axis=0, keepdims=True)])
-    n_query = data.shape[1]
-    with _figure(9.6, 1.1 + 0.3 * len(labels), salt) as (fig, svg):
+    n_columns = data.shape[1]
+    left = -0.5 if block == 1 else 0.0  # x in query numbers: a column per query, or per block of queries
+    with _figure(9.6, 1.1 + 0.3 * len(labels) + (0.3 if block > 1 else 0.0), salt) as (fig, svg):
         ax = fig.add_subplot()
         image = ax.imshow(
             data,
@@ -173,10 +151,14 @@ def heatmap_svg(names: list[str], shares: Tensor, salt: str) -> str:
             cmap="Blues",
             vmin=0.0,
             vmax=max(float(data.max()), 1e-12),  # with many layers every share is small: use the whole scale
-            extent=(-0.5, n_query - 0.5, len(labels) - 0.5, -0.5),
+            extent=(left, left + n_columns * block, len(labels) - 0.5, -0.5),
         )
         ax.set_yticks(np.arange(len(labels)), labels)
-        ax.set_xlabel("query")
+        if block == 1:
+            ax.set_xlabel("query")
+        else:
+            ax.set_title(f"Aggregated: each column is the mean of {block} consecutive queries", loc="left")
+            ax.set_xlabel(f"query (columns: blocks of {block})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for side in ("top", "right", "left", "bottom"):
             ax.spines[side].set_visible(False)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
@@ -30,15 +29,21 @@ from hookinf.report.content import (
     detection,
     example_rows,
     layer_label,
+    saved_describe,
     select_queries,
+    self_shown,
 )
+from hookinf.rich_text import Label, Table
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 
 def layer_table(scores: Scores, title: str | None = None) -> Table:
     """A rich table: per layer, its share of |influence|, signed sum, and how many queries it dominates.
 
-    Also :meth:`hookinf.Scores.layer_table`, and what printing :class:`~hookinf.Scores` with rich shows.
+    Also :meth:`hookinf.Scores.layer_table`, and what printing :class:`~hookinf.Scores` with rich shows. The table
+    prints as text with ``print`` too; layer names too long for the terminal are cut in the middle, keeping their
+    ends (:class:`~hookinf.rich_text.Label`).
 
     Args:
         scores: the scores.
@@ -55,7 +60,7 @@ def layer_table(scores: Scores, title: str | None = None) -> Table:
         finite = math.isfinite(share)
         lam = scores.damping.get(name)
         table.add_row(
-            layer_label(name),
+            Label(layer_label(name)),
             f"{share:6.1%} {'█' * round(20 * share)}" if finite else "not finite",
             f"{float(scores.per_layer[name].sum()):.4g}",
             str(int(dominant[idx])),
@@ -65,7 +70,7 @@ def layer_table(scores: Scores, title: str | None = None) -> Table:
 
 
 def suspects_table(
-    self_scores: Tensor,
+    self_scores: Tensor | SelfScores,
     *,
     k: int = 10,
     flipped: Tensor | None = None,
@@ -75,28 +80,31 @@ def suspects_table(
     """The ``k`` training examples with the largest self-influence.
 
     Args:
-        self_scores: ``[n_train]`` self-influence scores.
+        self_scores: :class:`~hookinf.SelfScores` from :func:`hookinf.self_influence`, or ``[n_train]`` scores.
         k: how many rows.
-        flipped: optional ``[n_train]`` booleans, the known label flips (adds a column).
-        describe: optional function from a training index to a short text (label, content, ...).
+        flipped: optional ``[n_train]`` booleans, the known label flips, one per entry (adds a column).
+        describe: optional function from a training example (its id when ``self_scores`` has ids, else its index)
+            to a short text (label, content, ...).
         title: table title.
     """
     values_all = check_self_scores(self_scores)
     check_k(k)
     flags = check_flipped(flipped, values_all.numel()) if flipped is not None else None
     values, indices = values_all.topk(min(k, values_all.numel()))
+    shown = self_shown(self_scores, indices.tolist())
+    has_ids = isinstance(self_scores, SelfScores) and self_scores.ids is not None
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
-    table.add_column("train index", justify="right")
+    table.add_column("train id" if has_ids else "train index", justify="right")
     table.add_column("self-influence", justify="right")
     if describe is not None:
         table.add_column("example")
     if flags is not None:
         table.add_column("label flipped?")
-    for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist(), strict=True), start=1):
-        row: list[RenderableType] = [str(rank), str(index), f"{value:.4g}"]
+    for rank, (value, index, who) in enumerate(zip(values.tolist(), indices.tolist(), shown, strict=True), start=1):
+        row: list[RenderableType] = [str(rank), Text(str(who)), f"{value:.4g}"]
         if describe is not None:
-            row.append(Text(describe(index)))
+            row.append(Text(describe(who)))
         if flags is not None:
             row.append("[red]yes[/red]" if bool(flags[index]) else "no")
         table.add_row(*row)
@@ -104,7 +112,7 @@ def suspects_table(
 
 
 def suspects_report(
-    self_scores: Tensor,
+    self_scores: Tensor | SelfScores,
     *,
     flipped: Tensor | None = None,
     describe: Callable[[Any], str] | None = None,
@@ -114,10 +122,10 @@ def suspects_report(
     """A terminal report of self-influence: a summary (with the detection AUC when the flips are known), top suspects.
 
     Args:
-        self_scores: ``[n_train]`` self-influence, e.g. from :func:`hookinf.self_influence`.
+        self_scores: :class:`~hookinf.SelfScores` from :func:`hookinf.self_influence`, or ``[n_train]`` scores.
         flipped: optional ``[n_train]`` bool, the known flipped labels; adds the AUC, the share of flips among the
             top ``n_flipped`` suspects, and a column marking the flips.
-        describe: optional training index → short text (label, content, ...).
+        describe: optional training example (its id when ``self_scores`` has ids, else its index) → short text.
         k: how many suspects to list.
         title: the table's title.
 
@@ -134,7 +142,7 @@ def suspects_report(
             f"{found.precision:.0%} of the top {found.n_flipped} suspects are flips."
         )
     table = suspects_table(
-        values,
+        self_scores,
         k=k,
         flipped=flipped,
         describe=describe,
@@ -195,10 +203,14 @@ def top_examples_table(scores: Scores, query: int, k: int = 5, describe: Callabl
         scores: the scores.
         query: the query's index.
         k: examples per direction.
-        describe: optional training example (its id when the scores have ids, else its index) → short text.
+        describe: optional training example (its id when the scores have ids, else its index) → short text; by
+            default the text the scores' descriptions hold, if any (:meth:`hookinf.Scores.with_descriptions`).
     """
     harmful, helpful = example_rows(scores, query, k)
-    table = Table(title=f"Query {query}: most harmful (+) and most helpful (−) training examples", title_justify="left")
+    describe = describe or saved_describe(scores)
+    title = f"Query {query}: most harmful (+) and most helpful (−) training examples"
+    about = scores.descriptions.query_summary(query) if scores.descriptions is not None else None
+    table = Table(title=Text(title + (f"\n{about}" if about else "")), title_justify="left")
     table.add_column("")
     table.add_column("train id" if scores.ids is not None else "train index", justify="right")
     table.add_column("score", justify="right")
@@ -211,7 +223,7 @@ def top_examples_table(scores: Scores, query: int, k: int = 5, describe: Callabl
             Text(row.direction, style=style),
             str(row.shown),
             f"{row.score:+.4g}",
-            Text(f"{layer_label(row.layer)} ({row.part:+.3g})"),
+            Label(f"{layer_label(row.layer)} ({row.part:+.3g})"),
         ]
         if describe is not None:
             cells.append(Text(describe(row.shown)))
@@ -237,7 +249,8 @@ def scores_report(
         queries: which queries to detail (see :func:`~hookinf.report.content.select_queries`): by default the 3
             with the largest total |influence|, which are the queries the training set moves most.
         k: examples per query and direction.
-        describe: optional training example (its id when the scores have ids, else its index) → short text.
+        describe: optional training example (its id when the scores have ids, else its index) → short text; by
+            default the text the scores' descriptions hold, if any.
 
     Returns:
         A rich renderable (``console.print`` it).
