@@ -32,7 +32,6 @@ from hookinf.errors import StoreError
 from hookinf.ids import IdKind, Ids, as_ids, concat, empty_ids, id_count, id_kind, id_values, strings_to_tensor
 from hookinf.io import remove_temporaries, write_json, write_safetensors
 from hookinf.lock import WriterLock
-from hookinf.rich_text import shortened
 from hookinf.shapes import LayerShape
 from hookinf.store_format import (
     INT_IDS,
@@ -45,6 +44,7 @@ from hookinf.store_format import (
     next_shard_name,
     read_ids,
     read_tensors,
+    store_repr,
     unlisted_shards,
     verify_shards,
 )
@@ -377,18 +377,7 @@ class GradientStore:
 
     def __repr__(self) -> str:
         """One short line: the path, the counts, the compressor's kind and a few layers (first two, last one)."""
-        kind = self.compressor.get("kind", "?")
-        names = list(self.layers)
-        picked = names if len(names) <= 3 else [names[0], names[1], names[-1]]
-        labels = dict(zip(names, shortened([name or "<model>" for name in names], 40), strict=True))
-        shown = [f"{labels[name]}: {self.layers[name].dim}" for name in picked]  # cut where the names read alike
-        if len(names) > 3:
-            shown.insert(2, "…")
-        count = len(self.shards)
-        return (
-            f"GradientStore({str(self.path)!r}, {len(self):,} examples, {count} shard{'' if count == 1 else 's'}, "
-            f"{kind}, {len(names)} layer{'' if len(names) == 1 else 's'} [{', '.join(shown)}])"
-        )
+        return store_repr(self.path, len(self), len(self.shards), self.compressor, self.layers)
 
 
 def _clean(directory: Path) -> None:

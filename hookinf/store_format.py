@@ -38,6 +38,7 @@ from torch import Tensor
 from hookinf.errors import StoreError
 from hookinf.ids import IdKind, Ids, id_values, strings_from_tensor
 from hookinf.io import SAFETENSORS_DTYPES, file_digest, plain_name, safetensors_header, seal
+from hookinf.rich_text import shortened
 from hookinf.shapes import LayerShape
 from hookinf.weights import WeightsRecord
 
@@ -309,3 +310,20 @@ def verify_shards(directory: Path, manifest: StoreManifest) -> StoreCheck:
         seen.update(values)
     unlisted = tuple(unlisted_shards(directory, manifest.shards))
     return StoreCheck(len(manifest.shards), len(seen), checksummed, total, unlisted)
+
+
+def store_repr(
+    path: Path, examples: int, shards: int, compressor: dict[str, Any], layers: dict[str, LayerShape]
+) -> str:
+    """A store's one-line repr: the path, the counts, the compressor's kind and a few layers (first two, last one)."""
+    kind = compressor.get("kind", "?")
+    names = list(layers)
+    picked = names if len(names) <= 3 else [names[0], names[1], names[-1]]
+    labels = dict(zip(names, shortened([name or "<model>" for name in names], 40), strict=True))
+    shown = [f"{labels[name]}: {layers[name].dim}" for name in picked]  # cut where the names read alike
+    if len(names) > 3:
+        shown.insert(2, "…")
+    return (
+        f"GradientStore({str(path)!r}, {examples:,} examples, {shards} shard{'' if shards == 1 else 's'}, "
+        f"{kind}, {len(names)} layer{'' if len(names) == 1 else 's'} [{', '.join(shown)}])"
+    )
