@@ -8,11 +8,13 @@ influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` 
 import hookinf.report  # noqa: F401  (registers the presenter behind Scores.report(), .save_html(), .layer_table())
 from hookinf._version import __version__ as __version__
 from hookinf.capture import LayerCapture, Step
+from hookinf.checkpoint_scores import CheckpointScores
 from hookinf.compress import Compressor, Dropout, Gaussian, LoGra
 from hookinf.curvature import Curvature, load
 from hookinf.damping import Damping
 from hookinf.errors import (
     CaptureError,
+    CheckpointError,
     CompressorMismatchError,
     ConfigurationError,
     CurvatureError,
@@ -32,6 +34,7 @@ from hookinf.losses import CrossEntropy, SampledLoss, Sampler, Summed, summed
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
 from hookinf.scores import Scores, TopK, load_scores
 from hookinf.shapes import LayerShape
+from hookinf.snapshots import Snapshots, saved_snapshots
 from hookinf.store import GradientStore, StoreError
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "watch",
     "Watch",
     "LoopWatch",
+    "Snapshots",
+    "saved_snapshots",
     "Step",
     "LayerCapture",
     # methods and configuration
@@ -73,11 +78,13 @@ __all__ = [
     "GradientStore",
     # results
     "Scores",
+    "CheckpointScores",
     "TopK",
     # errors
     "HookinfError",
     "HookinfWarning",
     "CaptureError",
+    "CheckpointError",
     "CompressorMismatchError",
     "ConfigurationError",
     "CurvatureError",
