@@ -8,11 +8,13 @@ influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` 
 import hookinf.report  # noqa: F401  (registers the presenter behind Scores.report(), .save_html(), .layer_table())
 from hookinf._version import __version__ as __version__
 from hookinf.capture import LayerCapture, Step
+from hookinf.checkpoint_scores import CheckpointScores
 from hookinf.compress import Compressor, Dropout, Gaussian, LoGra
 from hookinf.curvature import Curvature, load
 from hookinf.damping import Damping
 from hookinf.errors import (
     CaptureError,
+    CheckpointError,
     CompressorMismatchError,
     ConfigurationError,
     CurvatureError,
@@ -33,6 +35,7 @@ from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method
 from hookinf.scores import Scores, TopK, load_scores
 from hookinf.self_scores import SelfScores, SelfTopK
 from hookinf.shapes import LayerShape
+from hookinf.snapshots import Snapshots, saved_snapshots
 from hookinf.store import GradientStore, StoreError
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "watch",
     "Watch",
     "LoopWatch",
+    "Snapshots",
+    "saved_snapshots",
     "Step",
     "LayerCapture",
     # methods and configuration
@@ -74,6 +79,7 @@ __all__ = [
     "GradientStore",
     # results
     "Scores",
+    "CheckpointScores",
     "TopK",
     "SelfScores",
     "SelfTopK",
@@ -81,6 +87,7 @@ __all__ = [
     "HookinfError",
     "HookinfWarning",
     "CaptureError",
+    "CheckpointError",
     "CompressorMismatchError",
     "ConfigurationError",
     "CurvatureError",

@@ -52,6 +52,10 @@ class CurvatureError(HookinfError, RuntimeError):
     """A curvature block cannot be built or inverted (too large, not positive definite, ...)."""
 
 
+class CheckpointError(HookinfError, ValueError):
+    """A checkpoint cannot be read, or does not fit the model (an unknown name, a wrong shape, a missing parameter)."""
+
+
 class StoreError(HookinfError, RuntimeError):
     """A gradient store is missing, corrupt, locked by another writer, unwritable, or incompatible with the input.
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from typing import Any
+from typing import Any, Unpack, overload
 
 import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step
+from hookinf.checkpoint_scores import Combine
 from hookinf.compress import Compressor, LoGra, from_config, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
@@ -32,6 +33,7 @@ from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.logger import GradientLogger, batch_ids
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
+from hookinf.over_checkpoints import CURVATURES, SCORES, Checkpoints, FitOptions, over_checkpoints
 from hookinf.pairwise import LowRank, layer_scores
 from hookinf.progress import PassProgress
 from hookinf.runner import LossFn, Runner, check_reiterable
@@ -45,6 +47,15 @@ IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
 
 
+@overload
+def fit(
+    model: nn.Module, train: Iterable[Any], loss_fn: LossFn, *, checkpoints: None = None, **options: Unpack[FitOptions]
+) -> Curvature: ...
+@overload
+def fit(
+    model: nn.Module, train: Iterable[Any], loss_fn: LossFn, *, checkpoints: Checkpoints, **options: Unpack[FitOptions]
+) -> list[Curvature]: ...
+@over_checkpoints(CURVATURES)
 def fit(
     model: nn.Module,
     train: Iterable[Any],
@@ -58,7 +69,8 @@ def fit(
     compress: Compressor | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> Curvature:
+    checkpoints: Checkpoints | None = None,
+) -> Curvature | list[Curvature]:
     """Fits a method's curvature over the training data, streaming (memory does not grow with ``len(train)``).
 
     Args:
@@ -83,10 +95,13 @@ def fit(
             ``hookinf.Gaussian``); the curvature remembers the compressor and must be used with the same one.
         dtype: the dtype statistics accumulate in; default float64 for a float64 model and float32 otherwise.
         progress: show rich progress bars (one per pass).
+        checkpoints: fit at each of these checkpoints of the same run instead of the model's own weights (state
+            dicts, files or Hugging Face checkpoint directories; see ``docs/checkpoints.md``).
 
     Returns:
         The fitted :class:`hookinf.Curvature`; pass it as ``method=`` to :func:`influence` /
-        :func:`self_influence` to reuse it, or :meth:`~hookinf.Curvature.save` it.
+        :func:`self_influence` to reuse it, or :meth:`~hookinf.Curvature.save` it. With ``checkpoints``, a list
+        of curvatures, one per checkpoint in order (pass the list as ``method=`` with the same ``checkpoints``).
 
     Raises:
         ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
@@ -106,13 +121,14 @@ def fit(
         return curvature
 
 
+@over_checkpoints(SCORES)
 def influence(
     model: nn.Module,
     train: Iterable[Any],
     query: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | QueryMethod | Curvature = "auto",
+    method: str | Method | QueryMethod | Curvature | Sequence[Curvature] = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
@@ -121,6 +137,8 @@ def influence(
     per_token: bool = False,
     query_rank: int | None = None,
     progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+    combine: Combine = "normalized",
 ) -> Scores:
     """Influence of every training example on every query, per layer.
 
@@ -136,7 +154,8 @@ def influence(
             the scores' ``method`` says which), ``"exact"`` (explicit damped blocks), ``"kfac"``, ``"ekfac"``,
             ``"identity"`` (TracIn-style dot products), a :class:`hookinf.Method` such as
             ``hookinf.Exact(max_dim=...)``, or a fitted :class:`hookinf.Curvature` (from :func:`fit` or
-            :func:`hookinf.load`), which is reused without refitting.
+            :func:`hookinf.load`), which is reused without refitting; with ``checkpoints``, also a list of fitted
+            curvatures, one per checkpoint.
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
             means 0.1, or the damping a fitted curvature was fitted with.
@@ -153,13 +172,19 @@ def influence(
             so that scoring costs ``O(T k (O + I))`` per pair and layer instead of ``O(O I)`` (Grosse et al. 2023,
             §3.2); ``None`` keeps them exact.
         progress: show rich progress bars.
+        checkpoints: score at each of these checkpoints of the same run (state dicts, files or Hugging Face
+            checkpoint directories, loaded into ``model`` in turn; ``model`` is restored afterwards) and combine.
+        combine: with ``checkpoints``: ``"normalized"`` (each checkpoint's scores scaled to unit standard deviation),
+            ``"sum"``, or one weight per checkpoint (e.g. learning rates); see ``docs/checkpoints.md``.
 
     Returns:
         :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64; float32 for
         ``kfac``/``ekfac`` on a float32 model, whose preconditioning runs in the statistics' dtype). From a
         :class:`~hookinf.GradientStore`, the columns are sorted by id and ``Scores.ids`` holds them (column ``j``
-        is example ``j`` when the ids are dataset indices), whatever order the examples were logged in.
+        is example ``j`` when the ids are dataset indices), whatever order the examples were logged in. With
+        ``checkpoints``, a :class:`~hookinf.CheckpointScores` that also holds each checkpoint's scores.
     """
+    assert isinstance(method, str | Method | QueryMethod | Curvature)  # @over_checkpoints split a list per checkpoint
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
     check_reiterable(query, "query")

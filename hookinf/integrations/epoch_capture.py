@@ -26,18 +26,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.capture import Step
 from hookinf.compress import Compressor
-from hookinf.curvature import statistics_dtype
+from hookinf.curvature import Curvature, statistics_dtype
+from hookinf.damping import Damping
 from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.helpers import fit
 from hookinf.hooks import Watch
 from hookinf.ids import Ids
 from hookinf.integrations.model_loss import ModelLoss
 from hookinf.logger import GradientLogger
-from hookinf.methods import Method
+from hookinf.methods import EKFAC, Method
 from hookinf.methods.base import Accumulator
 from hookinf.pipeline import Consumer, Pipeline, Rescale, Transform
 from hookinf.selection import ModuleSpec, select
@@ -211,4 +215,35 @@ def check_trainer_arguments(args: Any, *, logs: bool, id_column: str) -> None:
             f"log_to= stores each example under the id in its batch's {id_column!r} column, which the Trainer drops "
             f"as an input the model does not take: set TrainingArguments(remove_unused_columns=False) (and use a "
             f"data collator that passes the column through). HookinfCallback removes it from the model's inputs."
+        )
+
+
+def correction_pass(
+    model: nn.Module,
+    basis: Curvature,
+    loader: Any,
+    args: Any,
+    loss: ModelLoss,
+    modules: ModuleSpec | Sequence[ModuleSpec] | None,
+    damping: Damping,
+    compress: Compressor | None,
+) -> Curvature:
+    """EK-FAC's second pass over the Trainer's training set, in order, at the current weights (eval mode)."""
+    if not isinstance(loader, DataLoader):
+        raise ConfigurationError(
+            "fit='ekfac' runs its correction pass over the Trainer's training data, but the Trainer passed no "
+            "training DataLoader to its callbacks; fit 'kfac' and run hookinf.fit(model, loader, ModelLoss(), "
+            "method=hookinf.EKFAC(basis=callback.curvature)) yourself."
+        )
+    ordered = DataLoader(loader.dataset, batch_size=args.per_device_train_batch_size, collate_fn=loader.collate_fn)
+    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: leave the Trainer's RNG alone
+        return fit(
+            model,
+            ordered,
+            loss,
+            method=EKFAC(basis=basis),
+            modules=modules,
+            damping=damping,
+            compress=compress,
+            progress=not args.disable_tqdm,
         )

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.autograd import in_backward
@@ -41,12 +40,12 @@ from hookinf.compress import Compressor, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
 from hookinf.errors import ConfigurationError, HookinfWarning
-from hookinf.helpers import fit as fit_curvature
 from hookinf.ids import as_ids
-from hookinf.integrations.epoch_capture import EpochCapture, MicroBatch, check_trainer_arguments
+from hookinf.integrations.epoch_capture import EpochCapture, MicroBatch, check_trainer_arguments, correction_pass
 from hookinf.integrations.model_loss import LossReduction, ModelLoss, returned_loss
 from hookinf.methods import EKFAC, KFAC, Method, check_basis_compressor, resolve_method
 from hookinf.selection import ModuleSpec
+from hookinf.snapshots import Snapshots
 from hookinf.store import GradientStore
 
 __all__ = ["HookinfCallback", "ModelLoss"]
@@ -97,9 +96,13 @@ class HookinfCallback(transformers.TrainerCallback):
         damping: the damping rule stored with the curvature.
         flush_every: write a store shard every this many examples.
         overwrite: replace the store at ``log_to`` when logging starts, instead of resuming it (a rerun's).
+        snapshot_every: keep the trainable weights every this many optimizer steps and after the last one
+            (:class:`hookinf.Snapshots`), for ``hookinf.influence(..., checkpoints=callback.snapshots.checkpoints)``.
+        snapshots_to: a directory for those snapshots (safetensors files; default: kept in host memory).
 
     Attributes:
         curvature: the fitted curvature (after the epoch), or ``None``.
+        snapshots: the :class:`hookinf.Snapshots` of the last ``train()`` (with ``snapshot_every``), or ``None``.
         store: the gradient store (after the epoch), or ``None``.
     """
 
@@ -117,11 +120,15 @@ class HookinfCallback(transformers.TrainerCallback):
         damping: float | Damping = 0.1,
         flush_every: int = 4096,
         overwrite: bool = False,
+        snapshot_every: int | None = None,
+        snapshots_to: str | os.PathLike[str] | None = None,
     ) -> None:
-        if fit is None and log_to is None:
+        if fit is None and log_to is None and snapshot_every is None:
             raise ConfigurationError(
-                "HookinfCallback does nothing without fit=... (a curvature) or log_to=... (a store)."
+                "HookinfCallback does nothing without fit=... (a curvature), log_to=... (a store) or snapshot_every=."
             )
+        if snapshots_to is not None and snapshot_every is None:
+            raise ConfigurationError("snapshots_to= saves snapshots: give snapshot_every= (optimizer steps) too.")
         if save_to is not None and fit is None:
             raise ConfigurationError("save_to= saves the fitted curvature: give fit= too (e.g. fit='kfac').")
         if log_to is not None and compress is None:
@@ -153,6 +160,8 @@ class HookinfCallback(transformers.TrainerCallback):
         self.modules = modules
         self.damping = as_damping(damping)
         self.flush_every, self.overwrite = flush_every, overwrite
+        self.snapshot_every, self.snapshots_to = snapshot_every, snapshots_to
+        self.snapshots: Snapshots | None = None
         self.curvature: Curvature | None = None
         self.store: GradientStore | None = None
         self._model: nn.Module | None = None
@@ -222,6 +231,13 @@ class HookinfCallback(transformers.TrainerCallback):
         self.close()  # leftovers of a train() that raised
         self.curvature, self.store, self._done = None, None, False
         with self._guard():
+            model = kwargs.get("model")
+            if not isinstance(model, nn.Module):
+                raise ConfigurationError("the Trainer passed no model to its callbacks.")
+            if self.snapshot_every is not None:
+                self.snapshots = Snapshots(model, every=self.snapshot_every, to=self.snapshots_to)
+            if self.method is None and self.log_to is None:
+                return  # snapshots only: nothing to capture
             check_trainer_arguments(args, logs=self.log_to is not None, id_column=self.id_column)
             epochs = int(state.num_train_epochs)
             target = self.epoch if self.epoch >= 0 else epochs + self.epoch
@@ -230,9 +246,6 @@ class HookinfCallback(transformers.TrainerCallback):
                     f"HookinfCallback(epoch={self.epoch}): this training runs {epochs} epoch(s) (0 to {epochs - 1})."
                 )
             self._target = target
-            model = kwargs.get("model")
-            if not isinstance(model, nn.Module):
-                raise ConfigurationError("the Trainer passed no model to its callbacks.")
             self._model = model
             self._hooks.append(model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
             self._hooks.append(model.register_forward_hook(self._on_forward_end, with_kwargs=True))
@@ -287,7 +300,10 @@ class HookinfCallback(transformers.TrainerCallback):
         control: transformers.TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Consumes the optimizer step's last micro-batch."""
+        """Consumes the optimizer step's last micro-batch; takes a snapshot when one is due."""
+        if self.snapshots is not None:
+            with self._guard():
+                self.snapshots.take(state.global_step)
         if self._capture is not None:
             with self._guard():
                 self._capture.consume()
@@ -313,8 +329,10 @@ class HookinfCallback(transformers.TrainerCallback):
         control: transformers.TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Removes every hook; warns when the chosen epoch never ran."""
+        """Removes every hook; snapshots the final weights; warns when the chosen epoch never ran."""
         self.close()
+        if self.snapshots is not None:
+            self.snapshots.take(state.global_step, force=True)
         if not self._done and self._target is not None:
             warnings.warn(
                 f"HookinfCallback: training ended before epoch {self._target} ran; nothing was captured.",
@@ -362,34 +380,15 @@ class HookinfCallback(transformers.TrainerCallback):
         if accumulator is not None:
             curvature = accumulator.finish(self.damping)
             if self.two_pass:
-                curvature = self._correction_pass(curvature, args, train_dataloader)
+                assert self._model is not None
+                curvature = correction_pass(
+                    self._model, curvature, train_dataloader, args, self.loss, self.modules, self.damping, self.compress
+                )
             if self.save_to is not None:
                 curvature.save(self.save_to)
             self.curvature = curvature
         if logger is not None:
             self.store = logger.store
-
-    def _correction_pass(self, basis: Curvature, args: transformers.TrainingArguments, loader: Any) -> Curvature:
-        """EK-FAC's second pass over the training set, in order, at the current weights (eval mode)."""
-        if not isinstance(loader, DataLoader):
-            raise ConfigurationError(
-                "fit='ekfac' runs its correction pass over the Trainer's training data, but the Trainer passed no "
-                "training DataLoader to its callbacks; fit 'kfac' and run hookinf.fit(model, loader, ModelLoss(), "
-                "method=hookinf.EKFAC(basis=callback.curvature)) yourself."
-            )
-        assert self._model is not None
-        ordered = DataLoader(loader.dataset, batch_size=args.per_device_train_batch_size, collate_fn=loader.collate_fn)
-        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: leave the Trainer's RNG alone
-            return fit_curvature(
-                self._model,
-                ordered,
-                self.loss,
-                method=EKFAC(basis=basis),
-                modules=self.modules,
-                damping=self.damping,
-                compress=self.compress,
-                progress=not args.disable_tqdm,
-            )
 
     def __repr__(self) -> str:
         state = "capturing" if self._capture is not None else ("done" if self._done else "waiting")
