@@ -8,7 +8,7 @@ influence scores ``I(z_q, z) = −Σ_l g_l(z_q)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` 
 import hookinf.report  # noqa: F401  (registers the presenter behind Scores.report(), .save_html(), .layer_table())
 from hookinf._version import __version__ as __version__
 from hookinf.capture import LayerCapture, Step
-from hookinf.checkpoint_scores import CheckpointScores
+from hookinf.checkpoint_scores import CheckpointScores, CheckpointSelfScores
 from hookinf.compress import Compressor, Dropout, Gaussian, LoGra
 from hookinf.curvature import Curvature, load
 from hookinf.damping import Damping
@@ -80,6 +80,7 @@ __all__ = [
     # results
     "Scores",
     "CheckpointScores",
+    "CheckpointSelfScores",
     "TopK",
     "SelfScores",
     "SelfTopK",

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from hookinf.errors import ConfigurationError
 from hookinf.scores import Scores
+from hookinf.self_scores import SelfScores
 
 Combine = Literal["normalized", "sum"] | Sequence[float]
 """How scores at several checkpoints combine: ``"normalized"``, ``"sum"``, or one weight per checkpoint."""
@@ -107,7 +108,52 @@ def combine_scores(parts: Sequence[Scores], combine: Combine) -> CheckpointScore
     )
 
 
-def combine_weights(parts: Sequence[Scores], combine: Combine) -> tuple[tuple[float, ...], str]:
+@dataclass(frozen=True, repr=False)
+class CheckpointSelfScores(SelfScores):
+    """:class:`SelfScores` combined over checkpoints, by the rules of :func:`combine_scores`.
+
+    ``per_layer[l] = Σ_k weights[k] × per_checkpoint[k].per_layer[l]``; ``"normalized"`` divides each checkpoint's
+    self-influence by the standard deviation of its ``total`` over the training examples.
+
+    Attributes:
+        per_checkpoint: each checkpoint's own self-influence, in the order of ``checkpoints=``.
+        weights: the weight each checkpoint's values were multiplied by.
+        combine: the rule: ``"normalized"``, ``"sum"`` or ``"weights"`` (given ones).
+    """
+
+    per_checkpoint: tuple[SelfScores, ...] = field(default=(), repr=False)
+    weights: tuple[float, ...] = ()
+    combine: str = "sum"
+
+    def __repr__(self) -> str:
+        weights = ", ".join(f"{w:.3g}" for w in self.weights)
+        rule = f"{len(self.per_checkpoint)} checkpoints combined by {self.combine!r} (weights {weights})"
+        return f"{super().__repr__()}\n  {rule}"
+
+
+def combine_self_scores(parts: Sequence[SelfScores], combine: Combine) -> CheckpointSelfScores:
+    """Combines the self-influence of ``K`` checkpoints (same training examples and layers) by a rule.
+
+    Raises:
+        ConfigurationError: as :func:`combine_scores`.
+    """
+    if not parts:
+        raise ConfigurationError("checkpoints= is empty: give at least one checkpoint.")
+    weights, rule = combine_weights(parts, combine)
+    first = parts[0]
+    for index, scores in enumerate(parts[1:], start=1):
+        if scores.layers != first.layers or scores.shape != first.shape:
+            raise ConfigurationError(
+                f"the self-influence of checkpoint {index} ({list(scores.shape)}, layers {scores.layers}) does not "
+                f"line up with checkpoint 0's ({list(first.shape)}, layers {first.layers})."
+            )
+    per_layer = {name: _weighted([s.per_layer[name] for s in parts], weights) for name in first.layers}
+    return CheckpointSelfScores(
+        per_layer, first.method, {}, first.ids, per_checkpoint=tuple(parts), weights=weights, combine=rule
+    )
+
+
+def combine_weights(parts: Sequence[Scores | SelfScores], combine: Combine) -> tuple[tuple[float, ...], str]:
     """Each checkpoint's weight under ``combine``, and the rule's name (``"weights"`` for given ones)."""
     given = check_combine(combine, len(parts))
     if given is not None:

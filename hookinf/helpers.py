@@ -17,13 +17,12 @@ off) and restored after.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any, Unpack, overload
 
 import torch
 from torch import Tensor, nn
 
-from hookinf.capture import Step
 from hookinf.checkpoint_scores import Combine
 from hookinf.compress import Compressor, LoGra, from_config, require_compressor
 from hookinf.curvature import Curvature
@@ -33,10 +32,18 @@ from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.logger import GradientLogger, batch_ids
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
-from hookinf.over_checkpoints import CURVATURES, SCORES, Checkpoints, FitOptions, over_checkpoints
-from hookinf.pairwise import LowRank, layer_scores
+from hookinf.over_checkpoints import (
+    CURVATURES,
+    SCORES,
+    SELF_SCORES,
+    STORES,
+    Checkpoints,
+    FitOptions,
+    over_checkpoints,
+)
+from hookinf.pairwise import LowRank, check_positions, layer_scores, pad_cat
 from hookinf.progress import PassProgress
-from hookinf.runner import LossFn, Runner, check_reiterable
+from hookinf.runner import LossFn, Runner, check_reiterable, gradient_chunks
 from hookinf.scores import Scores
 from hookinf.selection import ModuleSpec
 from hookinf.self_scores import SelfScores
@@ -211,7 +218,7 @@ def influence(
         columns: dict[str, list[Tensor]] = {name: [] for name in layers}
         for step in runner.steps(train, "scores"):
             if per_token:
-                _check_positions(step)
+                check_positions(step)
             for name, capture in step.layers.items():
                 columns[name].append(layer_scores(queries[name], capture, per_token=per_token))
         runner.check_count()
@@ -219,30 +226,35 @@ def influence(
             raise empty_train()
     ids, order = _id_order(train)
     if per_token:
-        tokens = {name: _pad_cat(parts)[:, order] for name, parts in columns.items()}  # [n_query, n_train, T]
+        tokens = {name: pad_cat(parts)[:, order] for name, parts in columns.items()}  # [n_query, n_train, T]
         per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
         return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, per_token=tokens, ids=ids)
     per_layer = {name: torch.cat(parts, dim=1)[:, order] for name, parts in columns.items()}
     return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, ids=ids)
 
 
+@over_checkpoints(SELF_SCORES)
 def self_influence(
     model: nn.Module,
     train: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str | Method | QueryMethod | Curvature = "auto",
+    method: str | Method | QueryMethod | Curvature | Sequence[Curvature] = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
     seed: int = 0,
     compress: Compressor | None = None,
+    checkpoints: Checkpoints | None = None,
+    combine: Combine = "normalized",
     progress: bool = True,
 ) -> SelfScores:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
 
     It is the diagonal of ``influence(model, train, train, ...)`` with the opposite sign: large values mark
-    examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`.
+    examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`; with
+    ``checkpoints``, ``train`` may also be one gradient store per checkpoint, and the result is a
+    :class:`~hookinf.checkpoint_scores.CheckpointSelfScores` combined by ``combine``.
 
     Returns:
         :class:`~hookinf.SelfScores`: ``per_layer`` ``{layer: [n_train]}`` (``g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)``),
@@ -251,6 +263,7 @@ def self_influence(
         example with the ``j``-th smallest id: example ``j`` when the ids are dataset indices), whatever order the
         examples were logged in.
     """
+    assert isinstance(method, str | Method | QueryMethod | Curvature)  # @over_checkpoints split a list per checkpoint
     compress = _store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
@@ -265,7 +278,7 @@ def self_influence(
                     applied = solved.apply(name, grads)
                     values[name].append((applied * grads.to(applied.dtype)).flatten(1).sum(dim=1).double())
         else:  # a query method: precondition chunks of training gradients as if they were queries
-            for chunk in _chunks(runner.steps(train, "self-influence"), _SELF_CHUNK):
+            for chunk in gradient_chunks(runner.steps(train, "self-influence"), _SELF_CHUNK):
                 pre = precondition(solved, chunk, runner)
                 lambdas = dict(pre.lambdas)
                 for n in chunk:
@@ -278,6 +291,7 @@ def self_influence(
     return SelfScores(per_layer=per_layer, method=solver_name(solved), damping=lambdas, ids=ids)
 
 
+@over_checkpoints(STORES)
 def log(
     model: nn.Module,
     train: Iterable[Any],
@@ -289,6 +303,7 @@ def log(
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
     flush_every: int = 4096,
     overwrite: bool = False,
+    checkpoints: Checkpoints | None = None,
     progress: bool = True,
 ) -> GradientStore:
     """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
@@ -308,10 +323,14 @@ def log(
         modules: which layers to track (see :func:`hookinf.watch`).
         flush_every: a shard is written at least every this many examples (what an interruption can lose).
         overwrite: replace the store at ``path`` (its manifest and shards) instead of resuming it.
+        checkpoints: log at each of these checkpoints (see :func:`influence`) into its own store,
+            ``path/checkpoint-<k>``; returns the list of stores, in order, to pass as ``train`` with the same
+            ``checkpoints`` (each store records its checkpoint's weights, and is refused at any other).
         progress: show a rich progress bar.
 
     Returns:
         The :class:`GradientStore`; pass it as ``train`` to :func:`hookinf.influence` / :func:`self_influence`.
+        With ``checkpoints``, a list of stores, one per checkpoint.
     """
     if compress is None:
         raise ConfigurationError("a gradient store needs compress= (e.g. hookinf.LoGra(16, 16)).")
@@ -354,21 +373,6 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice |
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
 
 
-def _chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
-    """Per-example gradients ``{layer: [n, O, I]}`` of consecutive steps, about ``size`` examples at a time."""
-    held: dict[str, list[Tensor]] = {}
-    count = 0
-    for step in steps:
-        for name, grads in step.gradients().items():
-            held.setdefault(name, []).append(grads)
-        count += step.batch_size
-        if count >= size:
-            yield {name: torch.cat(parts) for name, parts in held.items()}
-            held, count = {}, 0
-    if count:
-        yield {name: torch.cat(parts) for name, parts in held.items()}
-
-
 def _store_compressor(train: Iterable[Any] | GradientStore, compress: Compressor | None) -> Compressor | None:
     """The compressor to use: a store's own (``compress``, when also given, must be the same)."""
     if not isinstance(train, GradientStore):
@@ -380,19 +384,3 @@ def _store_compressor(train: Iterable[Any] | GradientStore, compress: Compressor
             f"out when scoring against a store (its own compressor is used)."
         )
     return stored
-
-
-def _check_positions(step: Step) -> None:
-    sizes = {name: int(capture.a.shape[1]) for name, capture in step.layers.items()}
-    if len(set(sizes.values())) > 1:
-        shown = ", ".join(f"'{n}': {s}" for n, s in sizes.items())
-        raise ConfigurationError(
-            f"per_token=True needs every tracked layer to see the same positions (tokens); the layers see {shown}. "
-            f"Track only the layers applied once per token with modules=[...] (not convolutions or reused modules)."
-        )
-
-
-def _pad_cat(parts: list[Tensor]) -> Tensor:
-    """Concatenates ``[n_query, B, S_k]`` blocks along B, zero-padding the position axis to the longest."""
-    longest = max(part.shape[2] for part in parts)
-    return torch.cat([torch.nn.functional.pad(part, (0, longest - part.shape[2])) for part in parts], dim=1)

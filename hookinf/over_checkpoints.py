@@ -19,11 +19,18 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypedDict, TypeVar, cast
 
 import torch
 
-from hookinf.checkpoint_scores import CheckpointScores, check_combine, combine_scores
+from hookinf.checkpoint_scores import (
+    CheckpointScores,
+    CheckpointSelfScores,
+    check_combine,
+    combine_scores,
+    combine_self_scores,
+)
 from hookinf.checkpoints import CheckpointSource, check_source, describe, read_checkpoint
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
@@ -50,10 +57,12 @@ class Combination:
             arguments → the helper's result over checkpoints.
         check: ``check(arguments, count)``, run before the first checkpoint: refuses arguments that cannot combine
             ``count`` results (e.g. a wrong number of weights), so no pass runs in vain.
+        per_call: ``per_call(arguments, k)`` → arguments that differ for checkpoint ``k`` (e.g. its own store path).
     """
 
     combine: Callable[[list[Any], Mapping[str, Any]], Any]
     check: Callable[[Mapping[str, Any], int], None] | None = None
+    per_call: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
 
 
 class FitOptions(TypedDict, total=False):
@@ -86,7 +95,7 @@ def over_checkpoints(combination: Combination) -> Callable[[Callable[P, R]], Cal
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
-            checkpoints, method = arguments["checkpoints"], arguments["method"]
+            checkpoints, method = arguments["checkpoints"], arguments.get("method")
             listed = isinstance(method, Sequence) and not isinstance(method, str)
             if checkpoints is None:
                 if listed:
@@ -95,14 +104,10 @@ def over_checkpoints(combination: Combination) -> Callable[[Callable[P, R]], Cal
                     )
                 return call(**arguments)
             sources = checkpoint_list(checkpoints)
-            methods = per_checkpoint(method, len(sources)) if listed else [method] * len(sources)
+            methods = per_checkpoint(method, len(sources)) if listed and method is not None else [method] * len(sources)
             if combination.check is not None:
                 combination.check(arguments, len(sources))
-            if isinstance(arguments.get("train"), GradientStore):
-                raise ConfigurationError(
-                    "checkpoints= with a GradientStore as train: a store holds the training gradients of one set of "
-                    "weights. Pass the training data, so that each checkpoint's gradients are computed at its weights."
-                )
+            trains = per_checkpoint_train(arguments.get("train"), len(sources))
             model = arguments["model"]
             with warnings.catch_warnings():  # what select() warns about, each checkpoint's call warns about again
                 warnings.simplefilter("ignore", HookinfWarning)
@@ -110,8 +115,13 @@ def over_checkpoints(combination: Combination) -> Callable[[Callable[P, R]], Cal
             results = []
             for index, (source, entry) in enumerate(zip(sources, methods, strict=True)):
                 what = describe(source, index)
+                own = {"checkpoints": None, **({"method": entry} if "method" in arguments else {})}
+                if trains is not None:
+                    own["train"] = trains[index]
+                if combination.per_call is not None:
+                    own.update(combination.per_call(arguments, index))
                 with LoadedCheckpoint(model, read_checkpoint(source, model, what), require=require, what=what):
-                    results.append(call(**{**arguments, "checkpoints": None, "method": entry}))
+                    results.append(call(**{**arguments, **own}))
             return cast(R, combination.combine(results, arguments))
 
         return run
@@ -134,6 +144,31 @@ def checkpoint_list(checkpoints: object) -> list[CheckpointSource]:
             describe(source, index) if isinstance(source, str | os.PathLike | Mapping) else f"checkpoints[{index}]",
         )
     return list(checkpoints)
+
+
+def per_checkpoint_train(train: object, count: int) -> list[GradientStore] | None:
+    """``train=`` as one gradient store per checkpoint when it is a list of stores; ``None`` for training data.
+
+    Each store must hold the gradients taken at its checkpoint's weights (checked against the store's record of
+    them when it is scored, see :meth:`hookinf.GradientStore.check_weights`).
+
+    Raises:
+        ConfigurationError: a single store, or not one store per checkpoint.
+    """
+    if isinstance(train, GradientStore):
+        raise ConfigurationError(
+            "checkpoints= with one GradientStore as train: a store holds the training gradients of one set of "
+            "weights. Pass one store per checkpoint (train=[store_0, store_1, ...], e.g. from hookinf.log(..., "
+            "checkpoints=...)), or the training data, so that each checkpoint's gradients are computed at its weights."
+        )
+    if not isinstance(train, list | tuple) or not train or not all(isinstance(t, GradientStore) for t in train):
+        return None
+    if len(train) != count:
+        raise ConfigurationError(
+            f"train= lists {len(train)} gradient stores for {count} checkpoints: give one store per checkpoint, in the "
+            f"order of checkpoints=."
+        )
+    return list(train)
 
 
 def per_checkpoint(method: Sequence[Any], count: int) -> list[Curvature]:
@@ -167,7 +202,21 @@ def _combined_scores(results: list[Any], arguments: Mapping[str, Any]) -> Checkp
     return combine_scores(results, arguments["combine"])
 
 
+def _combined_self_scores(results: list[Any], arguments: Mapping[str, Any]) -> CheckpointSelfScores:
+    """:func:`hookinf.self_influence`'s combination: the checkpoints' self-influence combined by ``combine=``."""
+    return combine_self_scores(results, arguments["combine"])
+
+
+def _own_store(arguments: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """:func:`hookinf.log`'s per-checkpoint argument: the store ``path/checkpoint-<k>``."""
+    return {"path": Path(arguments["path"]) / f"checkpoint-{index}"}
+
+
 CURVATURES = Combination(_keep_list)
 """:func:`hookinf.fit`'s combination: the list of curvatures, one per checkpoint."""
 SCORES = Combination(_combined_scores, _check_rule)
 """:func:`hookinf.influence`'s combination: :func:`~hookinf.checkpoint_scores.combine_scores` by ``combine=``."""
+SELF_SCORES = Combination(_combined_self_scores, _check_rule)
+""":func:`hookinf.self_influence`'s combination: :func:`~hookinf.checkpoint_scores.combine_self_scores`."""
+STORES = Combination(_keep_list, per_call=_own_store)
+""":func:`hookinf.log`'s combination: one store per checkpoint, at ``path/checkpoint-<k>``, in order."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hookinf.capture import LayerCapture
+from hookinf.capture import LayerCapture, Step
 from hookinf.errors import ConfigurationError
 from hookinf.linalg import einsum
 
@@ -62,3 +62,20 @@ def layer_scores(queries: Tensor | LowRank, capture: LayerCapture, *, per_token:
     if isinstance(queries, LowRank):
         return -einsum(f"bso,qok,bsi,qik->{out}", delta, queries.left, a, queries.right)
     return -einsum(f"qoi,bso,bsi->{out}", queries, delta, a)
+
+
+def check_positions(step: Step) -> None:
+    """Refuses a step whose tracked layers see different positions (``per_token=True`` needs the same ones)."""
+    sizes = {name: int(capture.a.shape[1]) for name, capture in step.layers.items()}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"'{n}': {s}" for n, s in sizes.items())
+        raise ConfigurationError(
+            f"per_token=True needs every tracked layer to see the same positions (tokens); the layers see {shown}. "
+            f"Track only the layers applied once per token with modules=[...] (not convolutions or reused modules)."
+        )
+
+
+def pad_cat(parts: list[Tensor]) -> Tensor:
+    """Concatenates ``[n_query, B, S_k]`` blocks along B, zero-padding the position axis to the longest."""
+    longest = max(part.shape[2] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, longest - part.shape[2])) for part in parts], dim=1)

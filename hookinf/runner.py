@@ -231,3 +231,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def gradient_chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tensor]]:
+    """Per-example gradients ``{layer: [n, O, I]}`` of consecutive steps, about ``size`` examples at a time."""
+    held: dict[str, list[Tensor]] = {}
+    count = 0
+    for step in steps:
+        for name, grads in step.gradients().items():
+            held.setdefault(name, []).append(grads)
+        count += step.batch_size
+        if count >= size:
+            yield {name: torch.cat(parts) for name, parts in held.items()}
+            held, count = {}, 0
+    if count:
+        yield {name: torch.cat(parts) for name, parts in held.items()}

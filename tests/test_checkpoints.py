@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import hookinf
 from hookinf import CheckpointError, CheckpointScores, ConfigurationError, Snapshots, saved_snapshots
-from hookinf.checkpoint_scores import combine_scores
+from hookinf.checkpoint_scores import CheckpointSelfScores, combine_scores
 from hookinf.checkpoints import read_checkpoint
 from hookinf.loaded_checkpoint import LoadedCheckpoint
 
@@ -497,3 +497,61 @@ def test_trainer_snapshots_and_its_own_checkpoints_are_sources(tmp_path: Path) -
     batches = [{"x": torch.stack([r["x"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows])}]
     scores = hookinf.influence(model, batches, batches, ModelLoss(), checkpoints=paths, progress=False)
     assert scores.shape == (10, 10)
+
+
+# ---------------------------------------------------------------------------------------------------- self-influence
+@pytest.mark.parametrize("combine", ["normalized", "sum", [0.5, -2.0, 3.0]], ids=["normalized", "sum", "weights"])
+def test_self_influence_over_checkpoints_is_the_combination_of_each(data: Any, combine: Any) -> None:
+    train, _ = data
+    model = make_model()
+    states = trained_checkpoints(model, train)
+    before, modes = state_bits(model), [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    combined = hookinf.self_influence(
+        model, train, loss_fn, method="exact", checkpoints=states, combine=combine, progress=False
+    )
+    assert isinstance(combined, CheckpointSelfScores)
+    assert_unchanged(model, before, modes, flags)
+    manual = [hookinf.self_influence(at(model, s), train, loss_fn, method="exact", progress=False) for s in states]
+    for got, want in zip(combined.per_checkpoint, manual, strict=True):
+        for name in want.layers:
+            assert torch.equal(got.per_layer[name], want.per_layer[name]), name
+    spreads = [float(m.total.std(correction=0)) for m in manual]
+    rules = {"sum": [1.0] * 3, "normalized": [1 / s for s in spreads]}
+    weights = rules[combine] if isinstance(combine, str) else combine
+    assert combined.weights == pytest.approx(weights, rel=1e-12)
+    for name in combined.layers:
+        expected = sum(w * m.per_layer[name] for w, m in zip(weights, manual, strict=True))
+        torch.testing.assert_close(combined.per_layer[name], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(combined.total, sum(combined.per_layer.values()), rtol=1e-12, atol=0)
+    assert combined.topk(2).indices.tolist() == combined.total.topk(2).indices.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- a store each
+def test_one_store_per_checkpoint_scores_like_the_data_and_refuses_another_checkpoint(
+    data: Any, tmp_path: Path
+) -> None:
+    train, query = data
+    model = make_model()
+    states = trained_checkpoints(model, train)
+    compress = hookinf.LoGra(3, 2)
+    stores = hookinf.log(model, train, loss_fn, compress=compress, path=tmp_path, checkpoints=states, progress=False)
+    assert [s.path for s in stores] == [tmp_path / f"checkpoint-{k}" for k in range(3)]
+    from_stores = hookinf.influence(model, stores, query, loss_fn, method="exact", checkpoints=states, progress=False)
+    from_data = hookinf.influence(
+        model, train, query, loss_fn, method="exact", compress=compress, checkpoints=states, progress=False
+    )
+    # the same compressed gradients (stored in float64) and the same formulas, summed in another grouping
+    torch.testing.assert_close(from_stores.total, from_data.total, rtol=1e-10, atol=1e-12)
+    self_from_stores = hookinf.self_influence(model, stores, loss_fn, method="exact", checkpoints=states)
+    self_from_data = hookinf.self_influence(
+        model, train, loss_fn, method="exact", compress=compress, checkpoints=states
+    )
+    torch.testing.assert_close(self_from_stores.total, self_from_data.total, rtol=1e-10, atol=1e-12)
+
+    with pytest.raises(hookinf.StoreError, match="taken at other weights"):
+        hookinf.influence(model, stores[::-1], query, loss_fn, method="exact", checkpoints=states, progress=False)
+    with pytest.raises(ConfigurationError, match="one store per checkpoint"):
+        hookinf.influence(model, stores[0], query, loss_fn, method="exact", checkpoints=states, progress=False)
+    with pytest.raises(ConfigurationError, match="2 gradient stores for 3 checkpoints"):
+        hookinf.influence(model, stores[:2], query, loss_fn, method="exact", checkpoints=states, progress=False)
