@@ -10,13 +10,14 @@ the maps act per position and linearly on ``δ``, so the order does not matter �
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from hookinf.capture import FiniteCheck, LayerCapture
+from hookinf.autograd import without_autocast
+from hookinf.capture import FiniteCheck, LayerCapture, all_finite
 from hookinf.errors import CaptureError
 from hookinf.layers import LayerAdapter
 from hookinf.pipeline import FactorMap
@@ -28,9 +29,10 @@ class Call:
 
     name: str
     adapter: LayerAdapter
-    a: Tensor
+    a: Tensor  # the activations, or the module's input when they are formed later (see received)
     dtype: torch.dtype  # the layer's weight dtype: both factors are captured in it (see hookinf.hooks)
     done: bool = False
+    size: tuple[int, ...] = ()  # the activations' shape when ``a`` is the input (checked, not formed, in forward)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Pending:
     fired: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     flags: list[tuple[str, str, Tensor]] = field(default_factory=list)  # finiteness of the raw factors, unread
+    versions: dict[str, list[int]] = field(default_factory=dict)  # deferred: each input's version when it fired
 
     def __bool__(self) -> bool:
         return bool(self.fired)
@@ -76,19 +79,82 @@ def finite_check(flags: list[tuple[str, str, Tensor]], layers: Sequence[str]) ->
     return FiniteCheck.of(sorted(flags, key=lambda flag: order[flag[0]]))
 
 
+def received(
+    pending: Pending, call: Call, grad: Tensor, factor_map: FactorMap | None, deferred: bool
+) -> tuple[Tensor, Tensor]:
+    """One call's ``(a, δ)`` once its output gradient ``grad`` arrived (inside backward), flagged for finiteness.
+
+    The forward hook kept the module's input (or, with a factor map, the mapped activations). Unless ``deferred``,
+    the activations are formed here, during backward: the input is then exactly what the forward saw (autograd
+    refuses a backward through a saved input modified in place), and the unfolded patches of a convolution exist
+    only from now on, not from the forward. ``deferred`` (a watch without consumers or factor map) keeps the input
+    and its version, and forms ``a`` when the step's capture is first read (:func:`deferred_activations`).
+
+    Raises:
+        CaptureError: the output gradient does not line up with the layer's activations.
+    """
+    delta = call.adapter.output_gradients(grad.detach())
+    a = call.a
+    if factor_map is None and not deferred:
+        with without_autocast(a.device.type):
+            a = call.adapter.activations(a)
+    size = call.size if factor_map is None and deferred else tuple(a.shape)
+    if tuple(delta.shape[:2]) != size[:2]:
+        raise CaptureError(
+            f"layer '{call.name}': output gradient {list(delta.shape)} does not match its activations "
+            f"{list(size)} in the batch/position dimensions; the module's output was reshaped in a way "
+            f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
+        )
+    pending.flags.append((call.name, "output gradients", all_finite(delta)))
+    delta = delta.to(call.dtype)  # under autocast δ is bfloat16/float16 while the weight is float32
+    if factor_map is not None:
+        with without_autocast(delta.device.type):
+            delta = factor_map.output_gradients(call.name, delta)
+    elif deferred:
+        pending.versions.setdefault(call.name, []).append(a._version)
+    return a, delta
+
+
+def deferred_activations(
+    name: str, adapter: LayerAdapter, inputs: Sequence[Tensor], versions: Sequence[int]
+) -> Callable[[], Tensor]:
+    """What forms a layer's ``a`` from its calls' inputs when first read, refusing inputs modified since backward.
+
+    Raises (when called):
+        CaptureError: an input was modified in place after its backward (a reused input buffer): its activations
+            are gone, and forming them from the new values would be silently wrong.
+    """
+
+    def build() -> Tensor:
+        if any(x._version != version for x, version in zip(inputs, versions, strict=True)):
+            raise CaptureError(
+                f"layer '{name}': its input was modified in place after the backward (e.g. a reused input buffer) "
+                f"before the step's activations were read. Read w.last_step or w.per_example_gradients() right "
+                f"after the backward, before the next batch is written into the buffer."
+            )
+        with without_autocast(inputs[0].device.type):
+            parts = [adapter.activations(x) for x in inputs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    return build
+
+
 def assemble(
     fired: Mapping[str, Sequence[tuple[Tensor, Tensor]]],
     adapters: Mapping[str, LayerAdapter],
     loss_reduction: str,
     factor_map: FactorMap | None = None,
+    versions: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[dict[str, LayerCapture], int]:
     """The step's captures (in ``adapters``' order) and its batch size.
 
     Args:
-        fired: layer → the ``(a [B, S_k, I], δ [B, S_k, O])`` of each of its calls, every tracked layer present.
+        fired: layer → the ``(a [B, S_k, I], δ [B, S_k, O])`` of each of its calls, every tracked layer present
+            (with ``versions``: the call's input in place of ``a``).
         adapters: layer → adapter, in model order.
         loss_reduction: ``"mean"`` or ``"sum"`` (see :func:`hookinf.watch`).
         factor_map: what mapped the factors in the hooks (it then builds each capture), or ``None``.
+        versions: for a deferred step (see :func:`received`), each call's input version when its gradient came.
 
     Raises:
         CaptureError: a layer's calls, or two layers, saw different batch sizes.
@@ -113,10 +179,14 @@ def assemble(
                 f"dimension: if the model reshapes [B, T, ...] to [B*T, ...] before this layer, exclude it with "
                 f"watch(model, modules=[...]); if the backward mixes batches, run one backward per batch."
             )
-        a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls], dim=1)
         delta = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls], dim=1)
         if loss_reduction == "mean":
             delta = delta * batch_size
+        if versions is not None:
+            build = deferred_activations(name, adapters[name], [c[0] for c in calls], versions[name])
+            layers[name] = LayerCapture(name, build, delta, adapters[name])
+            continue
+        a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls], dim=1)
         if factor_map is None:
             layers[name] = LayerCapture(name=name, a=a, delta=delta, adapter=adapters[name])
         else:

@@ -8,7 +8,7 @@ output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +21,11 @@ from hookinf.linalg import per_example_gradients
 from hookinf.shapes import LayerShape
 
 
-@dataclass(frozen=True)
 class LayerCapture:
     """The factors of one layer's per-example gradients for one step.
+
+    ``a`` may be given as a function that builds it: a bare :class:`~hookinf.Watch` keeps each layer's input and
+    forms ``a`` (for a convolution, its unfolded patches: ``k²`` times the input) only when something reads it.
 
     Attributes:
         name: the layer's qualified name in ``model.named_modules()``.
@@ -33,15 +35,41 @@ class LayerCapture:
             capture, whose gradient lives in the compressed space.
     """
 
-    name: str
-    a: Tensor
-    delta: Tensor
-    adapter: LayerAdapter | None = field(repr=False)
+    __slots__ = ("_a", "_build", "adapter", "delta", "name")
+
+    def __init__(
+        self, name: str, a: Tensor | Callable[[], Tensor], delta: Tensor, adapter: LayerAdapter | None
+    ) -> None:
+        self.name = name
+        self._a: Tensor | None = a if isinstance(a, Tensor) else None
+        self._build: Callable[[], Tensor] | None = None if isinstance(a, Tensor) else a
+        self.delta = delta
+        self.adapter = adapter
+
+    @property
+    def a(self) -> Tensor:
+        """Activations ``[B, S, I]``, formed on first use when the capture was given a function."""
+        if self._a is None:
+            assert self._build is not None
+            self._a, self._build = self._build(), None
+        return self._a
+
+    def with_delta(self, delta: Tensor) -> LayerCapture:
+        """This capture with other output gradients (the same activations, formed once between the two)."""
+        other = LayerCapture(self.name, self._a if self._a is not None else self._deferred(), delta, self.adapter)
+        return other
+
+    def _deferred(self) -> Callable[[], Tensor]:
+        return lambda: self.a
+
+    def __repr__(self) -> str:
+        shown = list(self._a.shape) if self._a is not None else "not formed yet"
+        return f"LayerCapture(name={self.name!r}, a={shown}, delta={list(self.delta.shape)})"
 
     @property
     def batch_size(self) -> int:
         """``B``."""
-        return int(self.a.shape[0])
+        return int(self.delta.shape[0])
 
     def gradients(self) -> Tensor:
         """Per-example gradients as matrices ``[B, O, I]`` (``Σ_s δ_s a_sᵀ``)."""

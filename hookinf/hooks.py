@@ -1,12 +1,13 @@
 """``Watch``: the forward/backward hooks that capture per-example gradient factors around the user's loop.
 
-A forward hook per tracked module computes the activations ``a`` ``[B, S, I]`` (through the module's adapter) and
-registers a tensor hook on the module's output, which receives ``∂loss/∂output`` in backward and turns it into
-``δ`` ``[B, S, O]``. A *step* (one forward/backward) is complete when the next forward starts outside of backward,
-or when its result is asked for (:attr:`Watch.last_step`) or the block ends. Then every tracked layer must have
-received a gradient, calls of one module are concatenated along ``S``, ``δ`` is rescaled for
-``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` goes to the watch's consumers
-(:mod:`hookinf.pipeline`). The watch owns its hooks and nothing else.
+A forward hook per tracked module keeps its input and registers a tensor hook on the module's output, which receives
+``∂loss/∂output`` in backward and turns it into ``δ`` ``[B, S, O]``; the activations ``a`` ``[B, S, I]`` (through
+the module's adapter: a convolution's unfolded patches) are formed then, or — in a watch without consumers — only
+when the step is read (:func:`hookinf.assembly.received`). A *step* (one forward/backward) is complete when the
+next forward starts outside of backward, or when its result is asked for (:attr:`Watch.last_step`) or the block
+ends. Then every tracked layer must have received a gradient, calls of one module are concatenated along ``S``,
+``δ`` is rescaled for ``loss_reduction="mean"``, and the :class:`~hookinf.capture.Step` goes to the watch's
+consumers (:mod:`hookinf.pipeline`). The watch owns its hooks and nothing else.
 
 Given a :class:`~hookinf.pipeline.FactorMap` (a compressor), the hooks keep only the mapped factors (``a P_inᵀ``,
 ``δ P_outᵀ``), never the full-width ones. Finiteness is checked on the raw tensors in the hooks (one fused flag per
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check
+from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check, received
 from hookinf.autograd import in_backward, in_functorch, without_autocast
 from hookinf.capture import FiniteCheck, Step, all_finite
 from hookinf.errors import CaptureError, ConfigurationError, HookinfError, NestedWatchError
@@ -93,6 +94,9 @@ class Watch:
         self.layers: tuple[str, ...] = self.selection.layers
         self.consumers: tuple[Consumer, ...] = tuple(consumers)
         self.factor_map = factor_map
+        # No consumer and no map: keep each layer's input and form its activations only when the step is read
+        # (a convolution's unfolded patches are k² times its input); else they are formed in backward.
+        self._deferred = factor_map is None and not self.consumers
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._pending = Pending()
@@ -341,8 +345,10 @@ class Watch:
         fmap = self.factor_map
         with without_autocast(x.device.type):
             x = x.to(dtype)  # under autocast a float32 layer may get a bfloat16 input: capture in the weight's dtype
-            a = adapter.activations(x) if fmap is None else fmap.activations(name, adapter, x)
-        call = Call(name, adapter, a, dtype)
+            a = x if fmap is None else fmap.activations(name, adapter, x)  # a formed in backward (received)
+        # the input's shape is checked now (a meta tensor: nothing computed), its activations formed later
+        size = tuple(adapter.activations(x.to("meta")).shape) if fmap is None else ()
+        call = Call(name, adapter, a, dtype, size=size)
         if self._outputs is not None and not in_backward():
             self._outputs.append((name, output, output._version))
         self._pending.calls.append(call)
@@ -354,19 +360,8 @@ class Watch:
         if not self._open or call.done:
             return None
         call.done = True
-        delta = call.adapter.output_gradients(grad.detach())
-        if delta.shape[:2] != call.a.shape[:2]:
-            raise CaptureError(
-                f"layer '{call.name}': output gradient {list(delta.shape)} does not match its activations "
-                f"{list(call.a.shape)} in the batch/position dimensions; the module's output was reshaped in a way "
-                f"hookinf cannot follow. Exclude the layer with watch(model, modules=[...])."
-            )
-        self._pending.flags.append((call.name, "output gradients", all_finite(delta)))
-        delta = delta.to(call.dtype)  # under autocast δ is bfloat16/float16 while the weight is float32
-        if self.factor_map is not None:
-            with without_autocast(delta.device.type):
-                delta = self.factor_map.output_gradients(call.name, delta)
-        self._pending.fired.setdefault(call.name, []).append((call.a, delta))
+        a, delta = received(self._pending, call, grad, self.factor_map, self._deferred)
+        self._pending.fired.setdefault(call.name, []).append((a, delta))
         return None
 
     # ------------------------------------------------------------------ step assembly
@@ -379,13 +374,14 @@ class Watch:
             if self._ran is None:
                 self._pending = Pending()
             return None
-        fired, flags = self._pending.fired, self._pending.flags
+        fired, flags, versions = self._pending.fired, self._pending.flags, self._pending.versions
         self._pending = Pending()
         for handle in self._tensor_handles:
             handle.remove()
         self._tensor_handles.clear()
         check_received(fired, self.layers)
-        layers, batch_size = assemble(fired, self._adapters, self.loss_reduction, self.factor_map)
+        deferred = versions if self._deferred else None
+        layers, batch_size = assemble(fired, self._adapters, self.loss_reduction, self.factor_map, deferred)
         del fired  # the raw per-call factors go as soon as the step's are built
         self.verify()  # the previous step's check, one step late: its device work is long done
         tag, self._tag = self._tag, None

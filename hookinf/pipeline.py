@@ -122,7 +122,7 @@ class Rescale:
         if not isinstance(factor, Tensor) and factor == 1.0:
             return step
         layers = {
-            name: replace(capture, delta=capture.delta * _on(factor, capture.delta))
+            name: capture.with_delta(capture.delta * _on(factor, capture.delta))
             for name, capture in step.layers.items()
         }
         return replace(step, layers=layers)

@@ -32,6 +32,7 @@ from conftest import (
     seeded,
 )
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import hookinf
@@ -892,3 +893,63 @@ def test_the_default_selection_says_which_trainable_parameters_it_leaves_out() -
         model[0].weight.requires_grad_(False)
         model[1].requires_grad_(False)
         hookinf.watch(model)  # nothing trainable left out: no warning
+
+
+# ---------------------------------------------------------------------------------------------------- deferred patches
+class _CountIm2col(TorchDispatchMode):
+    """Counts aten's im2col (what F.unfold runs) on real tensors: each one forms a convolution's patches.
+
+    (The watch checks an input's shape with the adapter's map of a meta copy, which computes nothing.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket is torch.ops.aten.im2col and args[0].device.type != "meta":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_model() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).to(DTYPE)
+    return model, torch.randn(5, 3, 6, 6, dtype=DTYPE), torch.randint(0, 3, (5,))
+
+
+def test_a_bare_watch_unfolds_no_patch_until_the_step_is_read() -> None:
+    model, x, y = _conv_model()
+    counter = _CountIm2col()
+    with watch(model, modules=["0", "3"]) as w:
+        with counter:
+            F.cross_entropy(model(x), y).backward()
+        assert counter.count == 0  # forward and backward formed no patches
+        with counter:
+            grads = w.per_example_param_gradients()
+        assert counter.count == 1  # reading the step formed the convolution's, once
+    expected = func_per_example_grads(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), (x, y))
+    for name, value in expected.items():
+        close(grads[name], value, 1e-10, name)
+
+
+def test_a_reused_input_buffer_is_refused_by_a_bare_watch_and_fine_with_a_consumer() -> None:
+    model, x, y = _conv_model()
+    buffer = x.clone()
+    with watch(model, modules=["0", "3"]) as w:
+        F.cross_entropy(model(buffer), y).backward()
+        buffer.copy_(torch.randn_like(buffer))  # the next batch written into the same buffer before the step is read
+        with pytest.raises(CaptureError, match=r"layer '0': its input was modified in place after the backward"):
+            w.per_example_gradients()
+    model.zero_grad(set_to_none=True)
+    fitted = []
+    for data in (x.clone(), None):
+        buffer = x.clone() if data is None else data
+        with watch(model, modules=["0", "3"], fit="kfac") as w:  # a consumer: the activations form in the backward
+            F.cross_entropy(model(buffer), y).backward()
+            if data is None:
+                buffer.copy_(torch.randn_like(buffer))
+        fitted.append(w.curvature())
+        model.zero_grad(set_to_none=True)
+    for key, value in fitted[0].tensors.items():
+        assert torch.equal(fitted[1].tensors[key], value), key

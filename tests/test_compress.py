@@ -217,7 +217,9 @@ def test_a_watch_that_compresses_holds_only_the_projected_factors_between_forwar
             out = model(x)
             held[in_hooks] = [tuple(call.a.shape) for call in w._pending.calls]  # what waits for the backward
             out.sum().backward()
-    assert held[False] == [(4, 36, 3 * 9 + 1), (4, 1, 8 * 36 + 1)]  # the unfolded patches, the full input
+    # uncompressed: the layers' inputs themselves (which autograd keeps for the backward anyway), not the unfolded
+    # [4, 36, 3 · 9 + 1] patches nor a copy with a ones column: the activations are formed in the backward
+    assert held[False] == [(4, 3, 6, 6), (4, 8 * 36)]
     assert held[True] == [(4, 36, 2), (4, 1, 2)]  # conv: 36 positions × r_in = 2, never the [4, 36, 27 + 1] patches
 
 
