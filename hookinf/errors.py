@@ -66,3 +66,11 @@ class StoreError(HookinfError, RuntimeError):
 
 class CompressorMismatchError(CurvatureError, ConfigurationError):
     """A curvature (or an EK-FAC basis) is used, or merged, in another compressed space than it was fitted in."""
+
+
+class DistributedError(HookinfError, RuntimeError):
+    """Another rank of a distributed run failed: it raised, died, or did not reach a collective within its timeout.
+
+    Raised on the ranks that were waiting for it, naming the failed rank(s) where known; the failed rank raises its
+    own error. Chained from torch.distributed's ``RuntimeError`` when a collective itself failed.
+    """

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.checkpoint_scores import Combine
-from hookinf.compress import Compressor, LoGra, from_config, require_compressor
+from hookinf.compress import Compressor, LoGra, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping
+from hookinf.distributed import Group, resolve_ranks
+from hookinf.distributed_log import shared_store
 from hookinf.errors import ConfigurationError, DataError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.logger import GradientLogger, batch_ids
@@ -43,7 +45,7 @@ from hookinf.over_checkpoints import (
 )
 from hookinf.pairwise import LowRank, check_positions, layer_scores, pad_cat
 from hookinf.progress import PassProgress
-from hookinf.runner import LossFn, Runner, check_reiterable, gradient_chunks
+from hookinf.runner import LossFn, Runner, check_reiterable, gradient_chunks, store_compressor
 from hookinf.scores import Scores
 from hookinf.selection import ModuleSpec
 from hookinf.self_scores import SelfScores
@@ -77,6 +79,7 @@ def fit(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     checkpoints: Checkpoints | None = None,
+    group: Group = "auto",
 ) -> Curvature | list[Curvature]:
     """Fits a method's curvature over the training data, streaming (memory does not grow with ``len(train)``).
 
@@ -104,6 +107,10 @@ def fit(
         progress: show rich progress bars (one per pass).
         checkpoints: fit at each of these checkpoints of the same run instead of the model's own weights (state
             dicts, files or Hugging Face checkpoint directories; see ``docs/checkpoints.md``).
+        group: with ``"auto"`` and an initialised process group of several ranks (or a given ``ProcessGroup``),
+            every rank calls ``fit`` with its own shard of ``train`` (used as given) and every rank returns the
+            same curvature, that of one process over all shards (see ``docs/distributed.md``); ``None``: this
+            process alone.
 
     Returns:
         The fitted :class:`hookinf.Curvature`; pass it as ``method=`` to :func:`influence` /
@@ -114,9 +121,9 @@ def fit(
         ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
     """
     damp = as_damping(damping)
-    compress = _store_compressor(train, compress)
+    compress = store_compressor(train, compress)
     check_reiterable(train, "train")
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner:
         resolved = resolve_method(method, runner.shapes)
         if not isinstance(resolved, Method):
             raise ConfigurationError(
@@ -192,7 +199,7 @@ def influence(
         ``checkpoints``, a :class:`~hookinf.CheckpointScores` that also holds each checkpoint's scores.
     """
     assert isinstance(method, str | Method | QueryMethod | Curvature)  # @over_checkpoints split a list per checkpoint
-    compress = _store_compressor(train, compress)
+    compress = store_compressor(train, compress)
     check_reiterable(train, "train")
     check_reiterable(query, "query")
     if per_token and compress is not None and not isinstance(compress, LoGra):
@@ -264,7 +271,7 @@ def self_influence(
         examples were logged in.
     """
     assert isinstance(method, str | Method | QueryMethod | Curvature)  # @over_checkpoints split a list per checkpoint
-    compress = _store_compressor(train, compress)
+    compress = store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         solved = solver(runner, method, train, damping, None, fisher, seed)
@@ -305,6 +312,7 @@ def log(
     overwrite: bool = False,
     checkpoints: Checkpoints | None = None,
     progress: bool = True,
+    group: Group = "auto",
 ) -> GradientStore:
     """Logs every training example's compressed gradient into a store at ``path`` (resuming a partial one).
 
@@ -327,6 +335,8 @@ def log(
             ``path/checkpoint-<k>``; returns the list of stores, in order, to pass as ``train`` with the same
             ``checkpoints`` (each store records its checkpoint's weights, and is refused at any other).
         progress: show a rich progress bar.
+        group: as :func:`fit`: with several ranks, each logs its shard into its own part of the store at ``path``
+            and rank 0 merges the parts at the end (``ids`` is then required: positions repeat across ranks).
 
     Returns:
         The :class:`GradientStore`; pass it as ``train`` to :func:`hookinf.influence` / :func:`self_influence`.
@@ -335,9 +345,23 @@ def log(
     if compress is None:
         raise ConfigurationError("a gradient store needs compress= (e.g. hookinf.LoGra(16, 16)).")
     require_compressor(compress)
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=False) as runner:
+    ranks = resolve_ranks(group)
+    if ranks is not None and ids is None:
+        raise ConfigurationError("logging from several ranks needs ids= (e.g. dataset indices): positions repeat.")
+    with (
+        Runner(model, loss_fn, modules=modules, compress=compress, progress=False) as runner,
+        shared_store(path, ranks, overwrite) as target,
+    ):
         assert runner.compressor is not None
-        logger = GradientLogger(path, runner.compressor, runner.params, flush_every, overwrite=overwrite)
+        logger = GradientLogger(
+            target.path,
+            runner.compressor,
+            runner.params,
+            flush_every,
+            overwrite=target.overwrite,
+            run=target.run,
+            whole=target.whole,
+        )
         try:
             total = len(train) if isinstance(train, Sized) else None
             position = 0
@@ -354,7 +378,7 @@ def log(
                     bar.advance(step.batch_size)
         finally:
             logger.close()  # completed steps are durable even when the loop raised
-    return logger.store
+    return logger.store if target.whole is None else GradientStore(target.whole)
 
 
 def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice | Tensor]:
@@ -371,16 +395,3 @@ def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice |
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence
-
-
-def _store_compressor(train: Iterable[Any] | GradientStore, compress: Compressor | None) -> Compressor | None:
-    """The compressor to use: a store's own (``compress``, when also given, must be the same)."""
-    if not isinstance(train, GradientStore):
-        return compress
-    stored = from_config(train.compressor)
-    if compress is not None and compress.config() != train.compressor:
-        raise ConfigurationError(
-            f"compress={compress.config()} differs from the store's compressor {train.compressor}; leave compress= "
-            f"out when scoring against a store (its own compressor is used)."
-        )
-    return stored

@@ -32,7 +32,7 @@ from hookinf.ids import IdKind, Ids, as_ids, concat, id_kind, id_values, take
 from hookinf.shapes import fingerprint
 from hookinf.store import GradientStore
 from hookinf.transfer import HostCopier, HostCopy
-from hookinf.weights import WeightsRecord, weights_hash
+from hookinf.weights import WeightsRecord, check_resume, weights_hash
 
 IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
@@ -50,6 +50,10 @@ class GradientLogger:
             and again when it is closed, so a store logged during training records the weights it ended at).
         flush_every: write a shard whenever this many examples are buffered.
         overwrite: replace the store at ``path`` the first time it is opened (not when this logger reopens it).
+        run: the token recorded with the weights (:class:`~hookinf.weights.WeightsRecord`); the ranks of one
+            distributed run share rank 0's. Default: a fresh one.
+        whole: the store ``path`` is a part of (one rank's part, :mod:`hookinf.store_parts`): ids stored anywhere
+            in it are skipped, and its weights are checked before resuming. ``None``: ``path`` is the whole store.
 
     Attributes:
         closed: whether the store is closed (also before its first use); :meth:`reopen` opens it.
@@ -64,6 +68,8 @@ class GradientLogger:
         flush_every: int = 4096,
         *,
         overwrite: bool = False,
+        run: str | None = None,
+        whole: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigurationError(f"flush_every={flush_every!r} must be a positive integer.")
@@ -73,7 +79,8 @@ class GradientLogger:
         self.dtype = model_dtype(self.params)
         self.flush_every = flush_every
         self._overwrite = overwrite
-        self._run = uuid.uuid4().hex[:16]  # this logger may resume its own store after the weights moved
+        self._run = run or uuid.uuid4().hex[:16]  # this logger may resume its own store after the weights moved
+        self._whole = whole
         self._store: GradientStore | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
@@ -114,7 +121,9 @@ class GradientLogger:
         )
         self._overwrite = False  # replaced once: reopening resumes what this logger wrote
         try:
-            self._stored = set(id_values(store.ids))  # in the store when logging (re)started: skipped
+            whole = store if self._whole is None else GradientStore(self._whole)
+            check_resume(whole.path, whole.manifest.weights, len(whole), self._weights())
+            self._stored = set(id_values(whole.ids))  # in the (whole) store when logging (re)started: skipped
         except BaseException:
             store.close()
             raise

@@ -29,14 +29,17 @@ from hookinf.errors import ConfigurationError, DataError
 Fisher = Literal["empirical", "sampled"]
 
 
-def pass_seed(seed: int, index: int) -> int:
+def pass_seed(seed: int, index: int, rank: int = 0) -> int:
     """The seed of pass ``index`` (0, 1, …) of a fit seeded with ``seed``: a hash of both, in ``[0, 2⁶³)``.
 
     ``int.from_bytes(blake2b(f"{seed}:{index}", digest_size=8), "little") >> 1``: the same pair always gives the same
     seed (blake2b is not salted per process, unlike ``hash``), and distinct pairs give unrelated seeds (an affine mix
     such as ``seed · P + index`` makes pairs collide, e.g. ``(0, P)`` and ``(1, 0)``); any Python int is accepted.
+    Rank ``r > 0`` of a distributed fit hashes ``f"{seed}:{index}:{r}"`` instead, so each rank draws its own labels,
+    reproducibly; rank 0 draws what a single process would.
     """
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    text = f"{seed}:{index}" if rank == 0 else f"{seed}:{index}:{rank}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -56,9 +59,9 @@ class Sampler:
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def for_pass(cls, seed: int, index: int) -> Sampler:
-        """The sampler of pass ``index`` of a fit seeded with ``seed`` (seeded with :func:`pass_seed`)."""
-        return cls(pass_seed(seed, index))
+    def for_pass(cls, seed: int, index: int, rank: int = 0) -> Sampler:
+        """The sampler of pass ``index`` on ``rank`` of a fit seeded with ``seed`` (seeded with :func:`pass_seed`)."""
+        return cls(pass_seed(seed, index, rank))
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         """The pass's generator for ``device`` (a CPU one for ``meta`` tensors, which hold no values).

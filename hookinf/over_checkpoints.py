@@ -35,6 +35,7 @@ from hookinf.checkpoints import CheckpointSource, check_source, describe, read_c
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
+from hookinf.distributed import Group
 from hookinf.errors import ConfigurationError, HookinfWarning
 from hookinf.loaded_checkpoint import LoadedCheckpoint, tracked_names
 from hookinf.losses import Fisher
@@ -76,6 +77,7 @@ class FitOptions(TypedDict, total=False):
     compress: Compressor | None
     dtype: torch.dtype | None
     progress: bool
+    group: Group
 
 
 def over_checkpoints(combination: Combination) -> Callable[[Callable[P, R]], Callable[P, R]]:

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from hookinf.autograd import differentiate
 from hookinf.capture import Step, store_step
-from hookinf.compress import Compressor, require_compressor
+from hookinf.compress import Compressor, from_config, require_compressor
+from hookinf.distributed import Group, resolve_ranks, unwrap
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
 from hookinf.losses import SampledLoss, Sampler, sums_examples
@@ -52,12 +53,17 @@ class Runner:
         modules: which layers to track (see :func:`hookinf.watch`).
         compress: the compressor every step is compressed with (inside the watch's hooks), or ``None``.
         progress: show a rich progress bar per pass.
+        group: the ranks the passes are shards of (:mod:`hookinf.distributed`); ``None``: this process alone.
+
+    A ``DistributedDataParallel`` model is unwrapped: the hooks sit on its inner modules, named without the
+    ``module.`` prefix, and ``loss_fn`` is given the inner module (DDP's gradient reducer stays out of the passes).
 
     Attributes:
         watch: the hook-owning watch.
         compressor: ``compress`` bound to the tracked layers, or ``None``.
         shapes: the gradient shapes steps come in (compressed when there is a compressor), in model order.
         params: the tracked layers' trainable parameters.
+        ranks: the ranks of ``group``, or ``None``.
     """
 
     def __init__(
@@ -68,8 +74,11 @@ class Runner:
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
         compress: Compressor | None = None,
         progress: bool = True,
+        group: Group = None,
     ) -> None:
         require_compressor(compress)
+        model = unwrap(model)
+        self.ranks = resolve_ranks(group)
         selection = select(model, modules)
         self.model = model
         self.loss_fn = loss_fn
@@ -246,3 +255,16 @@ def gradient_chunks(steps: Iterable[Step], size: int) -> Iterator[dict[str, Tens
             held, count = {}, 0
     if count:
         yield {name: torch.cat(parts) for name, parts in held.items()}
+
+
+def store_compressor(train: Iterable[Any] | GradientStore, compress: Compressor | None) -> Compressor | None:
+    """The compressor to use: a store's own (``compress``, when also given, must be the same)."""
+    if not isinstance(train, GradientStore):
+        return compress
+    stored = from_config(train.compressor)
+    if compress is not None and compress.config() != train.compressor:
+        raise ConfigurationError(
+            f"compress={compress.config()} differs from the store's compressor {train.compressor}; leave compress= "
+            f"out when scoring against a store (its own compressor is used)."
+        )
+    return stored

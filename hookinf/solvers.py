@@ -22,6 +22,7 @@ from torch import Tensor
 from hookinf.capture import Step
 from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping, as_damping
+from hookinf.distributed import Ranks
 from hookinf.errors import ConfigurationError
 from hookinf.losses import Fisher, Sampler, check_fisher
 from hookinf.methods import EKFAC, KFAC, Method, Preconditioned, QueryMethod, resolve_method
@@ -35,7 +36,8 @@ class TrainPasses:
     """``run_pass(description)`` over the training data (a :data:`~hookinf.methods.RunPass`), counting its passes.
 
     With ``sampled``, pass ``k`` (counted from 0 by this object) draws labels from ``Sampler.for_pass(seed, k)``:
-    each pass draws fresh labels, and the same passes in the same order draw the same labels. ``fresh_draws`` tells
+    each pass draws fresh labels, and the same passes in the same order draw the same labels (on rank ``r`` of a
+    distributed fit, from ``Sampler.for_pass(seed, k, r)``: each rank its own). ``fresh_draws`` tells
     a method that a pass must not be replayed from memory in place of running the next one
     (:func:`hookinf.methods.base.fresh_draws`).
 
@@ -58,9 +60,15 @@ class TrainPasses:
         """Whether each pass draws new labels (``fisher="sampled"``)."""
         return self.sampled
 
+    @property
+    def ranks(self) -> Ranks | None:
+        """The ranks whose shards the passes are parts of (the runner's), or ``None``."""
+        return self.runner.ranks
+
     def __call__(self, description: str) -> Iterator[Step]:
         """Runs the next pass over ``train``, labelled ``description`` in the progress bar."""
-        sampler = Sampler.for_pass(self.seed, self.count) if self.sampled else None
+        rank = self.ranks.rank if self.ranks is not None else 0
+        sampler = Sampler.for_pass(self.seed, self.count, rank) if self.sampled else None
         self.count += 1
         return self.runner.steps(self.train, description, sampler)
 

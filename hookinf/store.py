@@ -1,7 +1,8 @@
 """``GradientStore``: compressed per-example gradients on disk, append-only, crash-safe and checked.
 
 A store is a directory: ``manifest.json``, one ``shard-NNNNNN.safetensors`` per flush, and ``writer.lock`` (see
-:mod:`hookinf.store_format` for the format and :mod:`hookinf.lock` for the lock).
+:mod:`hookinf.store_format` for the format and :mod:`hookinf.lock` for the lock); a store logged by several ranks
+also has one part per rank, which it reads until they are merged (:mod:`hookinf.store_parts`).
 
 Durability: a shard is written to a temporary file, fsynced and renamed to a name no file has, and only then is the
 manifest (also temporary file + rename) updated to list it with its size and SHA-256. A run killed at any point
@@ -17,7 +18,6 @@ Stores never see models: they hold tensors, ids and configuration.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -40,7 +40,6 @@ from hookinf.store_format import (
     Shard,
     StoreCheck,
     StoreManifest,
-    check_shard,
     next_shard_name,
     read_ids,
     read_tensors,
@@ -48,6 +47,7 @@ from hookinf.store_format import (
     unlisted_shards,
     verify_shards,
 )
+from hookinf.store_parts import load_view, remove_parts
 from hookinf.weights import WeightsRecord, check_resume, check_scoring
 
 __all__ = ["GradientStore", "StoreCheck", "StoreError"]
@@ -78,20 +78,8 @@ class GradientStore:
         self._load()
 
     def _load(self) -> None:
-        """Reads and checks the manifest and the listed shards' sizes and headers (again, after a change)."""
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise StoreError(f"{self.path}: no hookinf gradient store here (missing {MANIFEST}).")
-        try:
-            manifest = StoreManifest.parse(json.loads(manifest_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise StoreError(
-                f"{manifest_path}: corrupt gradient store manifest ({type(err).__name__}: {err}); the store in "
-                f"{self.path} cannot be read."
-            ) from err
-        for shard in manifest.shards:
-            check_shard(self.path, manifest, shard)
-        self._set(manifest)
+        """Reads and checks the manifest (with its parts' unmerged shards) and the listed shards' sizes and headers."""
+        self._set(load_view(self.path))
         self._ids: Ids | None = None
 
     def _set(self, manifest: StoreManifest) -> None:
@@ -152,6 +140,7 @@ class GradientStore:
                     _write_manifest(directory, replace(empty, weights=weights))  # lists no shard: then remove them
                     for leftover in unlisted_shards(directory, ()):
                         (directory / leftover).unlink()
+                    remove_parts(directory)
                 except OSError as err:
                     raise StoreError(f"{directory}: cannot create the store ({err.strerror or err}).") from err
             store = cls(directory)

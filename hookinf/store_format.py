@@ -11,10 +11,13 @@
     weights                {"hash", "run"}: the weights the gradients were taken at (hookinf.weights.WeightsRecord);
                            absent in stores written before it was recorded
     shards                 [{"file", "count", "size", "sha256"}], in storage order
+    merged                 the parts' shards this manifest has merged (absent when none; see hookinf.store_parts)
 
 ``shard-NNNNNN.safetensors`` holds one ``[n, r_l]`` tensor per layer in the store's dtype, and the ids: ``__ids__``
 ``int64 [n]``, or ``__ids_utf8__`` ``uint8`` (the UTF-8 JSON list of the ``n`` string ids). Shard numbers only grow:
 a new shard takes the number after the largest one in the directory, listed or not, so it never replaces a file.
+A store logged by several ranks also has parts ``rank-NNNNN/`` (stores of their own, see :mod:`hookinf.store_parts`),
+whose shards the manifest lists as ``rank-NNNNN/shard-NNNNNN.safetensors`` once merged.
 
 The shard list is not sealed: removing the entry of a damaged shard by hand is a valid recovery (its examples are
 logged again on the next resume). Each listed shard's size and header are checked when the store opens; its
@@ -48,6 +51,7 @@ INT_IDS = "__ids__"
 STR_IDS = "__ids_utf8__"
 _CONFIG = ("format", "compressor", "layers", "original", "dtype", "fingerprint")
 _SHARD = re.compile(r"shard-(\d+)\.safetensors")
+PART_SHARD = re.compile(r"rank-\d{5}/shard-\d+\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -85,6 +89,7 @@ class StoreManifest:
     ids: IdKind | None
     shards: tuple[Shard, ...]
     weights: WeightsRecord | None = None
+    merged: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's JSON form, its configuration sealed by ``config_sha256``."""
@@ -104,6 +109,7 @@ class StoreManifest:
             "ids": self.ids,
             "shards": [shard.to_json() for shard in self.shards],
             **({"weights": self.weights.to_json()} if self.weights is not None else {}),
+            **({"merged": list(self.merged)} if self.merged else {}),
         }
 
     def with_shard(self, shard: Shard, kind: IdKind) -> StoreManifest:
@@ -147,13 +153,20 @@ class StoreManifest:
         layers = {str(n): LayerShape.from_json(s) for n, s in data["layers"].items()}
         original = {str(n): LayerShape.from_json(s) for n, s in data["original"].items()}
         weights = WeightsRecord.parse(data.get("weights"))
-        return cls(dict(data["compressor"]), layers, original, dtype, str(data["fingerprint"]), kind, shards, weights)
+        merged = tuple(str(name) for name in data.get("merged", ()))
+        if not all(PART_SHARD.fullmatch(name) for name in merged):
+            raise ValueError(f"merged lists {merged!r}, not only rank-N/shard-N.safetensors files")
+        fields = (dict(data["compressor"]), layers, original, dtype, str(data["fingerprint"]), kind, shards, weights)
+        return cls(*fields, merged)
 
 
 def _shard(entry: Any) -> Shard:
     file, count = entry["file"], entry["count"]
-    if not plain_name(file) or not _SHARD.fullmatch(file):
-        raise ValueError(f"shard name {file!r} is not a plain shard-N.safetensors file of the store's directory")
+    if not (plain_name(file) and _SHARD.fullmatch(file)) and not (isinstance(file, str) and PART_SHARD.fullmatch(file)):
+        raise ValueError(
+            f"shard name {file!r} is not a plain shard-N.safetensors file of the store's directory (or of a part, "
+            f"rank-N/shard-N.safetensors)"
+        )
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"shard {file!r} has count {count!r}, not a positive integer")
     size, sha256 = entry.get("size"), entry.get("sha256")

@@ -7,10 +7,15 @@ through ``run_pass(description)``), a :func:`hookinf.watch` around the user's ow
 (which feed it the steps of that loop). Multi-pass methods (EK-FAC) override :meth:`Method.fit`; the data is
 iterated in the same order on each pass. With a sampled Fisher each pass draws fresh labels, so a pass may not be
 replayed from memory in place of running the next one (:func:`fresh_draws`).
+
+Distributed (:mod:`hookinf.distributed`): a ``run_pass`` with ``ranks`` runs this rank's shard, and each pass ends
+with :func:`accumulate` summing the accumulator's sums and counts over the ranks (one all-reduce), so every rank
+finishes the same statistics — those of one process over all the shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +27,8 @@ from hookinf.capture import Step
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
-from hookinf.errors import DataError
+from hookinf.distributed import Ranks
+from hookinf.errors import DataError, DistributedError
 from hookinf.shapes import LayerShape
 
 RunPass = Callable[[str], Iterable[Step]]
@@ -36,6 +42,12 @@ def fresh_draws(run_pass: RunPass) -> bool:
     any other callable runs the same numbers on every pass, which a method may then replay from memory.
     """
     return getattr(run_pass, "fresh_draws", False) is True
+
+
+def pass_ranks(run_pass: RunPass) -> Ranks | None:
+    """The ranks whose shards the passes of ``run_pass`` are parts of (its ``ranks`` attribute), or ``None``."""
+    ranks = getattr(run_pass, "ranks", None)
+    return ranks if isinstance(ranks, Ranks) else None
 
 
 class Accumulator(ABC):
@@ -74,6 +86,48 @@ class Accumulator(ABC):
         if self.count == 0:
             raise empty_train()
 
+    def all_reduce(self, ranks: Ranks, *, failed: bool = False, what: str = "the statistics") -> None:
+        """Sums the statistics over ``ranks`` in place: every rank calls it once at the end of each pass.
+
+        Args:
+            ranks: the ranks of the pass.
+            failed: this rank's pass raised; it joins only so that the others stop (see :meth:`Ranks.all_reduce`).
+            what: the statistics' name, for error messages.
+        """
+        sums, counts = self._sums(ranks.device), self._counts()
+        self._set_counts(ranks.all_reduce(sums, counts, failed=failed, what=f"summing {what}"))
+
+    def _sums(self, device: torch.device) -> list[Tensor]:
+        """Every additive statistic of every layer, in model order (zeros on ``device`` where no step reached one)."""
+        return []
+
+    def _counts(self) -> list[int]:
+        """The counts (host integers) the statistics go with."""
+        return [self.count]
+
+    def _set_counts(self, counts: list[int]) -> None:
+        self.count = counts[0]
+
+
+def accumulate(accumulator: Accumulator, steps: Iterable[Step], ranks: Ranks | None, what: str) -> None:
+    """Feeds a pass's steps to ``accumulator``; with ``ranks``, sums its statistics over them at the end.
+
+    A step that raises on this rank is announced to the other ranks in that all-reduce (they raise
+    :class:`~hookinf.errors.DistributedError` at once instead of waiting), then raised here.
+    """
+    if ranks is None:
+        for step in steps:
+            accumulator.update(step)
+        return
+    try:
+        for step in steps:
+            accumulator.update(step)
+    except BaseException:
+        with contextlib.suppress(DistributedError):
+            accumulator.all_reduce(ranks, failed=True, what=what)
+        raise
+    accumulator.all_reduce(ranks, what=what)
+
 
 class Method(ABC):
     """An influence method: how ``(G_l + λ_l I)⁻¹`` is approximated."""
@@ -109,8 +163,7 @@ class Method(ABC):
         """
         self.check(shapes)
         accumulator = self.accumulator(shapes, dtype, compressor)
-        for step in run_pass(f"fit {self.name}"):
-            accumulator.update(step)
+        accumulate(accumulator, run_pass(f"fit {self.name}"), pass_ranks(run_pass), f"the {self.name} statistics")
         return accumulator.finish(damping)
 
 

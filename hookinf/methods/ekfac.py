@@ -13,7 +13,8 @@ Index conventions: ``b`` examples, ``s`` positions, ``o`` output features, ``i``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Self
 
@@ -24,9 +25,10 @@ from hookinf.capture import Step
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature, LayerStatistics
 from hookinf.damping import Damping
+from hookinf.distributed import Ranks
 from hookinf.errors import ConfigurationError, CurvatureError
 from hookinf.linalg import einsum
-from hookinf.methods.base import Accumulator, Method, RunPass, fresh_draws
+from hookinf.methods.base import Accumulator, Method, RunPass, accumulate, fresh_draws, pass_ranks
 from hookinf.methods.kfac import (
     Eigen,
     FactorAccumulator,
@@ -112,18 +114,19 @@ class EKFACCurvature(KroneckerCurvature):
 class _CorrectionAccumulator(Accumulator):
     """Sums ``(Q_Sᵀ g_b Q_A)²`` per layer in a fixed eigenbasis (EK-FAC's second pass)."""
 
-    def __init__(self, basis: KFACCurvature | EKFACCurvature, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        basis: KFACCurvature | EKFACCurvature,
+        dtype: torch.dtype,
+        rotations: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         super().__init__(basis.compressor)
         self.basis = basis
         self.shapes = dict(basis.layers)
         self.dtype = dtype
         self.rotations: dict[str, tuple[Tensor, Tensor]] = {}  # (Q_A, Q_S) where the basis is
         for name in self.shapes:
-            stats = basis.state[name]
-            if isinstance(stats, EKFACStatistics):
-                q_a, q_s = stats.QA, stats.QS
-            else:
-                _, q_a, _, q_s = basis.eigenbasis(name)  # type: ignore[union-attr]  # a KFACCurvature here
+            q_a, q_s = rotations[name] if rotations is not None else _rotation(basis, name)
             # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
             self.rotations[name] = (q_a.to(dtype).contiguous(), q_s.to(dtype).contiguous())
         self.placed: dict[str, tuple[Tensor, Tensor]] = {}  # the rotations on the device of the layer's captures
@@ -141,6 +144,12 @@ class _CorrectionAccumulator(Accumulator):
                 self.eigen[name] = a.new_zeros(d.shape[2], a.shape[2])
             squared_gradient_sum(a, d, out=self.eigen[name])
 
+    def _sums(self, device: torch.device) -> list[Tensor]:
+        for name, shape in self.shapes.items():
+            if name not in self.eigen:  # a layer no step of this rank reached: its sum is zero
+                self.eigen[name] = torch.zeros(shape.out_features, shape.in_features, dtype=self.dtype, device=device)
+        return [self.eigen[name] for name in self.shapes]
+
     def finish(self, damping: Damping) -> EKFACCurvature:
         """The EK-FAC curvature: the basis's factors, the rotations and the corrected eigenvalue sums."""
         self._require_data()
@@ -149,8 +158,8 @@ class _CorrectionAccumulator(Accumulator):
                 A=self.basis.stat(name, "A"),
                 S=self.basis.stat(name, "S"),
                 positions=self.basis.stat(name, "positions"),
-                QA=self.placed[name][0],
-                QS=self.placed[name][1],
+                QA=self.placed.get(name, self.rotations[name])[0],
+                QS=self.placed.get(name, self.rotations[name])[1],
                 eigen=eigen.clone(),
                 corrected=host_count(self.count),
             )
@@ -253,18 +262,63 @@ class EKFAC(Method):
         labels (:func:`~hookinf.methods.base.fresh_draws`): then the correction pass runs the model on new draws.
         """
         self.check(shapes)
-        basis = self.basis
+        ranks = pass_ranks(run_pass)
+        basis: KFACCurvature | EKFACCurvature | None = self.basis  # type: ignore[assignment]  # __post_init__ checked
         cache = _StepCache(self.cache_bytes if basis is None and not fresh_draws(run_pass) else 0)
         if basis is None:
             factors = FactorAccumulator(shapes, dtype, compressor)
-            for step in run_pass("fit ekfac factors (pass 1/2)"):
-                factors.update(step)
-                cache.add(step)
+            accumulate(factors, cache.keeping(run_pass("fit ekfac factors (pass 1/2)")), ranks, "the K-FAC factors")
             basis = factors.finish(damping)
-        correction = EKFAC(basis=basis).accumulator(shapes, dtype, compressor)
-        for step in cache.steps if cache.steps is not None else run_pass("fit ekfac correction (pass 2/2)"):
-            correction.update(step)
+        basis.check_compressor(compressor, "the basis")
+        rotations = shared_rotations(basis, ranks) if ranks is not None else None
+        correction = _CorrectionAccumulator(basis, dtype, rotations)
+        steps = cache.steps if cache.steps is not None else run_pass("fit ekfac correction (pass 2/2)")
+        accumulate(correction, steps, ranks, "EK-FAC's eigenvalue corrections")
         return correction.finish(damping)
+
+
+def _rotation(basis: KFACCurvature | EKFACCurvature, name: str) -> tuple[Tensor, Tensor]:
+    """``(Q_A, Q_S)`` of one layer: stored in an EK-FAC basis, from the factors' eigendecompositions in a K-FAC one."""
+    stats = basis.state[name]
+    if isinstance(stats, EKFACStatistics):
+        return stats.QA, stats.QS
+    _, q_a, _, q_s = basis.eigenbasis(name)  # type: ignore[union-attr]  # a KFACCurvature here
+    return q_a, q_s
+
+
+def shared_rotations(basis: KFACCurvature | EKFACCurvature, ranks: Ranks) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every layer's ``(Q_A, Q_S)``, bit-identical on every rank: each decomposed on one rank, then summed into place.
+
+    The layers are dealt to the ranks in turn (layer ``k`` to rank ``k mod size``), so the eigendecompositions run
+    in parallel; each rank fills the layers it owns and zeros elsewhere, and one all-reduce (sums with zeros are
+    exact) gives every rank the owner's bits. A decomposition that fails is sent as NaN, so every rank raises the
+    layer's :class:`~hookinf.errors.CurvatureError`. An EK-FAC basis already holds its rotations: no collective.
+    """
+    if isinstance(basis, EKFACCurvature):
+        return {name: _rotation(basis, name) for name in basis.layers}
+    rotations: dict[str, tuple[Tensor, Tensor]] = {}
+    failures: dict[str, CurvatureError] = {}
+    for k, (name, shape) in enumerate(basis.layers.items()):
+        dtype, device = basis.compute_dtype(name), basis.stat(name, "A").device
+        q_a = torch.zeros(shape.in_features, shape.in_features, dtype=dtype, device=device)
+        q_s = torch.zeros(shape.out_features, shape.out_features, dtype=dtype, device=device)
+        if k % ranks.size == ranks.rank:
+            try:
+                owned = _rotation(basis, name)
+                q_a.copy_(owned[0])
+                q_s.copy_(owned[1])
+            except CurvatureError as err:
+                failures[name] = err
+                q_a.fill_(math.nan)
+        rotations[name] = (q_a, q_s)
+    ranks.all_reduce([q for pair in rotations.values() for q in pair], [], failed=False, what="sharing the eigenbases")
+    for name, (q_a, _) in rotations.items():
+        if name in failures:
+            raise failures[name]
+        if not bool(torch.isfinite(q_a).all()):
+            owner = list(basis.layers).index(name) % ranks.size
+            raise CurvatureError(f"layer '{name}': its eigendecomposition failed on rank {owner} (see its error).")
+    return rotations
 
 
 class _StepCache:
@@ -274,6 +328,12 @@ class _StepCache:
         self.budget = budget
         self.used = 0
         self.steps: list[Step] | None = [] if budget > 0 else None
+
+    def keeping(self, steps: Iterable[Step]) -> Iterator[Step]:
+        """Yields ``steps``, keeping each (within the budget)."""
+        for step in steps:
+            self.add(step)
+            yield step
 
     def add(self, step: Step) -> None:
         if self.steps is None:

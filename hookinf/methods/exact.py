@@ -131,6 +131,12 @@ class _GramAccumulator(Accumulator):
                 gram = self.grams[name] = flat.new_zeros(flat.shape[1], flat.shape[1])
             gram.addmm_(flat.T, flat)
 
+    def _sums(self, device: torch.device) -> list[Tensor]:
+        for name, shape in self.shapes.items():
+            if name not in self.grams:  # a layer no step of this rank reached: its sum is zero
+                self.grams[name] = torch.zeros(shape.dim, shape.dim, dtype=self.dtype, device=device)
+        return [self.grams[name] for name in self.shapes]
+
     def finish(self, damping: Damping) -> Curvature:
         self._require_data()
         state = {name: ExactStatistics(gram.clone()) for name, gram in self.grams.items()}

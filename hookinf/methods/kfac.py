@@ -190,6 +190,24 @@ class FactorAccumulator(Accumulator):
             _add_lower_gram(s_sum, d)
             self.positions[name] += a.shape[0]
 
+    def _sums(self, device: torch.device) -> list[Tensor]:
+        for name, shape in self.shapes.items():
+            if name not in self.sums:
+                zeros = torch.zeros  # a layer no step of this rank reached: its sums are zero
+                i, o = shape.in_features, shape.out_features
+                self.sums[name] = (
+                    zeros(i, i, dtype=self.dtype, device=device),
+                    zeros(o, o, dtype=self.dtype, device=device),
+                )
+        return [tensor for name in self.shapes for tensor in self.sums[name]]
+
+    def _counts(self) -> list[int]:
+        return [self.count, *self.positions.values()]
+
+    def _set_counts(self, counts: list[int]) -> None:
+        self.count = counts[0]
+        self.positions = dict(zip(self.positions, counts[1:], strict=True))
+
     def finish(self, damping: Damping) -> KFACCurvature:
         """The K-FAC curvature of the factor sums so far."""
         self._require_data()

@@ -1,0 +1,286 @@
+"""hookinf.fit and hookinf.log on two gloo processes (spawned from here, bounded in time) against one process.
+
+Each spawned run starts two ranks on CPU, each with its own shard of the same 21 examples: rank 0 three batches
+(5, 5, 3 examples), rank 1 two (4, 4) whose last repeats example 0 — the padding ``DistributedSampler`` adds. The
+oracle is one process over the concatenated shards (for fit, the repeat included: fit uses the shards as given; for
+the store, every id once). A rank's results are saved under the test's directory and compared here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import Tensor, nn
+
+import hookinf
+from hookinf.losses import pass_seed
+from hookinf.store_parts import part_path
+
+WORLD = 2
+TIMEOUT_S = 120  # a spawned run that takes longer is killed and fails the test
+SHARDS = {0: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12]], 1: [[13, 14, 15, 16], [17, 18, 19, 0]]}
+METHODS = ("kfac", "ekfac", "exact", "identity")
+COMPRESS = hookinf.LoGra(2, 2)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _examples() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(20, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (20,), generator=generator)
+
+
+def _batches(shard: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    x, y = _examples()
+    return [(x[idx], y[idx], idx) for idx in (torch.tensor(b) for b in shard)]
+
+
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def _sampled_loss() -> hookinf.CrossEntropy:
+    return hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
+
+
+def _ids(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    return batch[2]
+
+
+# ---------------------------------------------------------------------------------------------- spawning
+def _entry(worker: Callable[[int, Path], None], rank: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        worker(rank, out)
+    except BaseException as err:
+        (out / f"error-{rank}.txt").write_text(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker: Callable[[int, Path], None], out: Path) -> dict[int, int | None]:
+    """Runs ``worker(rank, out)`` on two gloo ranks; returns their exit codes (killed after ``TIMEOUT_S``)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_entry, args=(worker, rank, port, out)) for rank in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if time.monotonic() > deadline:
+        pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s")
+    return {rank: proc.exitcode for rank, proc in enumerate(procs)}
+
+
+def _error(out: Path, rank: int) -> str:
+    path = out / f"error-{rank}.txt"
+    return path.read_text() if path.is_file() else ""
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _fit_and_log(rank: int, out: Path) -> None:
+    model, batches = _model(), _batches(SHARDS[rank])
+    for method in METHODS:
+        curvature = hookinf.fit(model, batches, _loss, method=method, progress=False)
+        curvature.save(out / f"{method}-{rank}")
+    compressed = hookinf.fit(model, batches, _loss, method="ekfac", compress=COMPRESS, progress=False)
+    compressed.save(out / f"ekfac-logra-{rank}")
+    sampled = hookinf.fit(model, batches, _sampled_loss(), method="kfac", fisher="sampled", progress=False)
+    sampled.save(out / f"sampled-{rank}")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    wrapped = hookinf.fit(ddp, batches, _loss, method="kfac", progress=False)
+    torch.save(list(wrapped.layers), out / f"ddp-layers-{rank}.pt")
+    hookinf.log(model, batches, _loss, compress=COMPRESS, path=out / "store", ids=_ids, flush_every=4, progress=False)
+
+
+def _die_while_logging(rank: int, out: Path) -> None:
+    calls = 0
+
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if rank == 1 and calls == 2:
+            time.sleep(0.5)  # the first batch's shard is written by then
+            os._exit(7)  # killed: no clean-up, no goodbye to rank 0
+        return _loss(model, batch)
+
+    hookinf.log(_model(), _batches(SHARDS[rank]), loss, compress=COMPRESS, path=out / "died", ids=_ids,
+                flush_every=1, progress=False)  # fmt: skip
+
+
+def _resume_then_raise(rank: int, out: Path) -> None:
+    model = _model()
+    hookinf.log(model, _batches(SHARDS[rank]), _loss, compress=COMPRESS, path=out / "died", ids=_ids, progress=False)
+
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        if rank == 1:
+            raise ValueError("rank 1's loss fails")
+        return _loss(model, batch)
+
+    start = time.monotonic()
+    try:
+        hookinf.fit(model, _batches(SHARDS[rank]), loss, method="ekfac", progress=False)
+    finally:
+        (out / f"seconds-{rank}.txt").write_text(f"{time.monotonic() - start}")
+
+
+def _everything(rank: int, out: Path) -> None:
+    _fit_and_log(rank, out)
+    _resume_then_raise(rank, out)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def _single(method: str, **options: object) -> hookinf.Curvature:
+    batches = _batches(SHARDS[0] + SHARDS[1])
+    return hookinf.fit(_model(), batches, _loss, method=method, progress=False, group=None, **options)  # type: ignore[arg-type]
+
+
+def _check_curvature(got: hookinf.Curvature, want: hookinf.Curvature, what: str) -> None:
+    assert got.num_examples == want.num_examples == 21, what
+    for name, shape in want.layers.items():
+        grads = torch.randn(3, shape.out_features, shape.in_features, dtype=torch.float64)
+        assert_close(got.apply(name, grads), want.apply(name, grads), rtol=1e-6, atol=1e-9, what=f"{what} {name}")
+        for key, value in want.state[name].tensors().items():
+            if key not in ("QA", "QS"):  # eigenvectors: equal up to sign, compared through apply
+                assert_close(got.stat(name, key), value, rtol=1e-6, atol=1e-9, what=f"{what} {name}/{key}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two spawned runs: rank 1 killed while logging (the store is copied as it was left); then, on the same ranks,
+    every fit and log of the tests, the logging of the killed run resumed, and a fit in which rank 1 raises."""
+    out = tmp_path_factory.mktemp("dist")
+    codes = _spawn(_die_while_logging, out)
+    assert codes[1] == 7, codes
+    assert codes[0] != 0, (codes, _error(out, 0))
+    (out / "died-error-0.txt").write_text(_error(out, 0))
+    shutil.copytree(out / "died", out / "unmerged")
+    (out / "error-0.txt").unlink()
+    codes = _spawn(_everything, out)
+    assert codes == {0: 1, 1: 1}, (codes, _error(out, 0), _error(out, 1))
+    return out
+
+
+def test_fit_on_two_ranks_equals_one_process_over_the_shards(runs: Path) -> None:
+    for method in METHODS:
+        mine, theirs = hookinf.load(runs / f"{method}-0"), hookinf.load(runs / f"{method}-1")
+        for key, value in mine.tensors.items():  # every rank returns the same curvature, bit for bit
+            assert torch.equal(value, theirs.tensors[key]), (method, key)
+        if method == "identity":
+            assert mine.method == "identity"
+            assert theirs.num_examples == mine.num_examples
+            continue
+        _check_curvature(mine, _single(method), method)
+    compressed = hookinf.load(runs / "ekfac-logra-0")
+    _check_curvature(compressed, _single("ekfac", compress=COMPRESS), "ekfac with LoGra")
+
+
+def test_sampled_fisher_draws_differ_per_rank(runs: Path) -> None:
+    mine, theirs = hookinf.load(runs / "sampled-0"), hookinf.load(runs / "sampled-1")
+    for key, value in mine.tensors.items():
+        assert torch.equal(value, theirs.tensors[key]), key
+    assert pass_seed(0, 0, rank=0) == pass_seed(0, 0) != pass_seed(0, 0, rank=1) != pass_seed(0, 1, rank=1)
+    # rank 0 draws what one process draws over its shard; rank 1 its own labels: the sum is not one process's
+    single = hookinf.fit(_model(), _batches(SHARDS[0] + SHARDS[1]), _sampled_loss(), method="kfac",
+                         fisher="sampled", progress=False)  # fmt: skip
+    assert not torch.allclose(mine.stat("2", "S"), single.stat("2", "S"))
+
+
+def test_ddp_wrapped_model_is_tracked_inside(runs: Path) -> None:
+    assert torch.load(runs / "ddp-layers-0.pt") == ["0", "2"]
+
+
+def test_log_from_two_ranks_gives_one_store_with_every_id_once(runs: Path, tmp_path: Path) -> None:
+    store = hookinf.GradientStore(runs / "store")
+    check = store.verify()
+    assert check.examples == len(store) == 20
+    assert sorted(store.ids.tolist()) == list(range(20))
+    assert any(s.file.startswith("rank-00001/") for s in store.shards)
+    assert store.manifest.merged
+    single = hookinf.log(_model(), _batches(SHARDS[0] + SHARDS[1][:1] + [[17, 18, 19]]), _loss, compress=COMPRESS,
+                         path=tmp_path / "single", ids=_ids, progress=False)  # fmt: skip
+    got, want = _by_id(store), _by_id(single)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-6, atol=1e-12, what=f"stored gradients of {name}")
+    query = _batches([[3, 7]])
+    curvature = hookinf.load(runs / "ekfac-logra-0")
+    scores = hookinf.influence(_model(), store, query, _loss, method=curvature, progress=False)
+    oracle = hookinf.influence(_model(), single, query, _loss, method=curvature, progress=False)
+    assert_close(scores.total, oracle.total, rtol=1e-6, atol=1e-12, what="scores from the merged store")
+
+
+def _by_id(store: hookinf.GradientStore) -> dict[str, Tensor]:
+    parts: dict[str, list[Tensor]] = {}
+    ids = []
+    for chunk_ids, grads in store.chunks():
+        ids.append(chunk_ids)
+        for name, value in grads.items():
+            parts.setdefault(name, []).append(value)
+    order = torch.cat(ids).argsort()
+    return {name: torch.cat(values)[order] for name, values in parts.items()}
+
+
+def test_a_rank_that_dies_while_logging_stops_the_other_and_leaves_a_store_that_opens_and_scores(runs: Path) -> None:
+    error = (runs / "died-error-0.txt").read_text()
+    assert error.startswith("DistributedError"), error
+    assert "another rank died" in error, error
+    unmerged = hookinf.GradientStore(runs / "unmerged")  # no merge ran: the parts are read as they are
+    assert not (runs / "unmerged" / "manifest.json").exists()
+    assert part_path(runs / "unmerged", 1).is_dir()
+    held = set(unmerged.ids.tolist())
+    assert {13, 14, 15, 16} <= held
+    assert not held & {17, 18, 19}
+    scores = hookinf.self_influence(_model(), unmerged, _loss, method="identity", progress=False)
+    assert scores.total.shape == (len(held),)
+
+
+def test_the_store_of_a_dead_rank_resumes_to_every_id_once(runs: Path) -> None:
+    store = hookinf.GradientStore(runs / "died")
+    assert store.verify().examples == 20
+    assert sorted(store.ids.tolist()) == list(range(20))
+    assert (runs / "died" / "manifest.json").exists()
+
+
+def test_a_rank_that_raises_makes_the_other_fail_at_once(runs: Path) -> None:
+    assert "ValueError: rank 1's loss fails" in _error(runs, 1)
+    error = _error(runs, 0)
+    assert error.startswith("DistributedError"), error
+    assert "rank 1 of 2 failed" in error, error
+    assert float((runs / "seconds-0.txt").read_text()) < 10
+
+
+def test_an_uninitialised_group_and_group_none_stay_local() -> None:
+    from hookinf.distributed import resolve_ranks
+
+    assert resolve_ranks("auto") is None
+    assert resolve_ranks(None) is None
+    with pytest.raises(hookinf.ConfigurationError, match="group="):
+        resolve_ranks("all")  # type: ignore[arg-type]
