@@ -33,11 +33,14 @@ from hookinf.hooks import Watch
 from hookinf.loop import LoopWatch, watch
 from hookinf.losses import CrossEntropy, SampledLoss, Sampler, Summed, summed
 from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method, QueryMethod
+from hookinf.preconditioned import PreconditionedStore, precondition_store
+from hookinf.retrieval import top_k
 from hookinf.scores import Scores, TopK, load_scores
 from hookinf.self_scores import SelfScores, SelfTopK
 from hookinf.shapes import LayerShape
 from hookinf.snapshots import Snapshots, saved_snapshots
 from hookinf.store import GradientStore, StoreError
+from hookinf.streaming import Retrieved
 
 __all__ = [
     # one-call helpers
@@ -45,6 +48,8 @@ __all__ = [
     "influence",
     "self_influence",
     "log",
+    "top_k",
+    "precondition_store",
     "load",
     "load_scores",
     # capture
@@ -78,11 +83,13 @@ __all__ = [
     "Dropout",
     "Gaussian",
     "GradientStore",
+    "PreconditionedStore",
     # results
     "Scores",
     "CheckpointScores",
     "CheckpointSelfScores",
     "TopK",
+    "Retrieved",
     "SelfScores",
     "SelfTopK",
     # errors

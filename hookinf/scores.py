@@ -29,6 +29,7 @@ from hookinf.descriptions import Descriptions
 from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.ids import Ids, check_ids
 from hookinf.presenter import Describe, ImageFn, Queries, presenter_for
+from hookinf.ranking import top_entries
 from hookinf.scores_file import SavedScores, read_scores, write_scores
 from hookinf.scores_parts import layer_groups, score_frame
 
@@ -158,12 +159,17 @@ class Scores:
         return int(n_query), int(n_train)
 
     def top_k(self, k: int = 10) -> TopK:
-        """The ``k`` most harmful and most helpful training examples per query, with their ids (:class:`TopK`)."""
-        if not isinstance(k, int) or k < 1:
+        """The ``k`` most harmful and most helpful training examples per query, with their ids (:class:`TopK`).
+
+        Equal scores are ranked by column (the smaller first), as :func:`hookinf.top_k` ranks them while streaming.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigurationError(f"top_k(k={k!r}): k must be a positive integer.")
         k = min(k, self.shape[1])
-        harmful_scores, harmful = self.total.topk(k, dim=1, largest=True)
-        helpful_scores, helpful = self.total.topk(k, dim=1, largest=False)
+        columns = torch.arange(self.shape[1], device=self.total.device)
+        harmful = top_entries(self.total, columns, k, largest=True)
+        helpful = top_entries(self.total, columns, k, largest=False)
+        harmful_scores, helpful_scores = self.total.gather(1, harmful), self.total.gather(1, helpful)
         return TopK(harmful, harmful_scores, helpful, helpful_scores, self._ids_at(harmful), self._ids_at(helpful))
 
     def _ids_at(self, columns: Tensor) -> Tensor | list[list[str]]:
