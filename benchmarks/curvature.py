@@ -1,7 +1,8 @@
 """Curvature benchmark: hookinf's K-FAC / EK-FAC against kronfluence — speed, memory, agreement and LDS, in one run.
 
     benchmarks/setup-bench.sh                                    # once: .venv-bench with kronfluence
-    .venv-bench/bin/python benchmarks/curvature.py [--quick]     # --quick: ~1 minute, small sizes
+    .venv-bench/bin/python benchmarks/curvature.py [--quick]     # --quick: small sizes
+    .venv-bench/bin/python benchmarks/curvature.py --parts f     # some parts only (comma-separated, e.g. c,d)
 
 Parts (all in one process tree, same model and data for both libraries):
 
@@ -20,9 +21,14 @@ c. Agreement of hookinf's and kronfluence's scores (EK-FAC and K-FAC, same dampi
 d. Attribution quality on the digits MLP with 10% flipped labels: LDS against models retrained on random halves of
    the training set (``hookinf.retrain.retrain_subsets``) and mislabel-detection AUC, per method.
 e. LDS against damping × Fisher for ``ekfac`` and ``exact`` (which defaults hookinf should use).
+f. The Fisher, over seeds: EK-FAC and K-FAC LDS of hookinf's empirical and sampled Fisher (``seed=0, 1, 2``) and of
+   kronfluence's empirical and true Fisher (``torch.manual_seed(0, 1, 2)``), on part d's digits MLP and on a held-out
+   64-64-32-10 MLP, with the paired per-query differences and their standard errors.
 
-Without kronfluence installed every kronfluence cell reads "kronfluence not installed". A full run (not --quick)
-also writes the tables to ``benchmarks/results/curvature.md``.
+Parts c–f share the digits MLP and its retrained halves, made once by the first part that needs them; part b fits
+part a's EK-FAC itself when part a does not run. Without kronfluence installed every kronfluence cell reads
+"kronfluence not installed". A full run (not --quick) also writes the tables to ``benchmarks/results/curvature.md``,
+or, when ``--parts`` leaves some parts out, to ``benchmarks/results/curvature-<parts>.md`` (e.g. ``curvature-f.md``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import copy
 import fnmatch
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -45,7 +52,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +65,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import hookinf
-from hookinf.metrics import detection_aucs, lds, spearman
+from hookinf.metrics import LDSResult, detection_aucs, lds, spearman
 from hookinf.retrain import retrain_subsets
 
 try:
@@ -72,7 +79,26 @@ RESULTS = ROOT / "benchmarks" / "results" / "curvature.md"
 DAMPINGS = (0.001, 0.01, 0.1, 1.0)
 FISHERS = ("empirical", "sampled")
 SEED = 0
-DIGITS_BATCH = 200  # parts a2 and c–e
+DIGITS_BATCH = 200  # parts a2 and c–f
+PARTS = ("a", "a2", "b", "c", "d", "e", "f")
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """``--parts``: comma-separated part names (``d``, ``c,d``, …), in :data:`PARTS`' order."""
+    chosen = {part.strip().lower() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - set(PARTS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}, comma-separated"
+        )
+    return tuple(part for part in PARTS if part in chosen)
+
+
+def results_path(parts: Sequence[str]) -> Path:
+    """Where a full run writes: ``curvature.md`` for all parts, ``curvature-<parts>.md`` (e.g. ``-c-d``) for some."""
+    if tuple(parts) == PARTS:
+        return RESULTS
+    return RESULTS.with_name(f"curvature-{'-'.join(parts)}.md")
 
 
 def _dist_version(name: str) -> str | None:
@@ -120,6 +146,7 @@ class Config:
     n_minilm: int = 256  # LoRA-MiniLM sentences (part a2)
     minilm_batch: int = 32
     lora_rank: int = 8
+    fisher_seeds: int = 3  # part f: label-drawing seeds per sampled Fisher
 
     @classmethod
     def make(cls, quick: bool, threads: int) -> Config:
@@ -465,15 +492,24 @@ class SmallFit:
 
 
 @dataclass
-class SpeedResults:
-    fit: dict[str, dict[str, Any]]
-    kron_ekfac_total: float | None  # λ pass extrapolated to all examples
-    score_hookinf: float
-    score_kron: float | None
-    small: dict[str, SmallFit]  # part a2, by f"{case}-{method}"
+class Results:
+    """What the parts that ran measured, for the targets table; ``None`` (or empty): the part did not run.
+
+    Within a part that ran, a kronfluence value of ``None`` means kronfluence is not installed.
+    """
+
+    fit: dict[str, dict[str, Any]] | None = None  # part a, by worker job
+    kron_ekfac_total: float | None = None  # part a: kronfluence's EK-FAC, λ pass extrapolated to all examples
+    small: dict[str, SmallFit] | None = None  # part a2, by f"{case}-{method}"
+    scoring: tuple[float, float | None] | None = None  # part b: (hookinf, kronfluence) seconds
+    correlation: float | None = None  # part c: EK-FAC, empirical, relative 0.1
+    lds_hookinf_ekfac: float | None = None  # part d
+    lds_kron: dict[str, float] = field(default_factory=dict)  # part d
+    fisher: list[FisherMatch] = field(default_factory=list)  # part f
 
 
-def part_speed(cfg: Config, workdir: Path, report: Report) -> SpeedResults:
+def part_speed(cfg: Config, workdir: Path, report: Report, results: Results) -> None:
+    """a. Fit time and memory of both libraries on the big MLP (each fit in fresh worker processes)."""
     console = report.console
     jobs = ["plain", "hookinf-ekfac", "hookinf-ekfac2pass", "hookinf-kfac"]
     if kronfluence is not None:
@@ -568,10 +604,7 @@ def part_speed(cfg: Config, workdir: Path, report: Report) -> SpeedResults:
             f"example) to {n:,}. Its peak memory is as measured (it does not grow with the number of batches)."
         )
     report.add(section)
-
-    small = part_fit_models(cfg, workdir, report)
-    score_hookinf, score_kron = part_scoring(cfg, workdir, report)
-    return SpeedResults(fit, kron_total.get("ekfac"), score_hookinf, score_kron, small)
+    results.fit, results.kron_ekfac_total = fit, kron_total.get("ekfac")
 
 
 # ---------------------------------------------------------------------------------------------------- a2. small fits
@@ -626,7 +659,7 @@ def minilm_setup(cfg: Config) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
     return model, encoded["input_ids"], encoded["attention_mask"], data.labels
 
 
-def part_fit_models(cfg: Config, workdir: Path, report: Report) -> dict[str, SmallFit]:
+def part_fit_models(cfg: Config, workdir: Path, report: Report, results: Results) -> None:
     """a2. EK-FAC and K-FAC fit time of both libraries on the digits MLP and on LoRA-MiniLM."""
     console = report.console
     cases = ["digits"]
@@ -660,7 +693,7 @@ def part_fit_models(cfg: Config, workdir: Path, report: Report) -> dict[str, Sma
             "layers",
         ],
     )
-    results: dict[str, SmallFit] = {}
+    small: dict[str, SmallFit] = {}
     labels = {"digits": "digits MLP", "minilm": "LoRA-MiniLM"}
     for case in cases:
         own = [fit[job] for job in jobs if job.startswith(f"{case}:")]
@@ -683,7 +716,7 @@ def part_fit_models(cfg: Config, workdir: Path, report: Report) -> dict[str, Sma
                 ]
             )
             theirs = kron["seconds"] if kron is not None else None
-            results[f"{case}-{method}"] = SmallFit(labels[case], ours["seconds"], theirs)
+            small[f"{case}-{method}"] = SmallFit(labels[case], ours["seconds"], theirs)
             if kron is None:
                 section.rows.append(["", f"kronfluence {method}", MISSING, "", "", "", MISSING, ""])
                 continue
@@ -728,11 +761,17 @@ def part_fit_models(cfg: Config, workdir: Path, report: Report) -> dict[str, Sma
         "are zero. Plain epochs train the LoRA and head parameters (the base is frozen).",
     ]
     report.add(section)
-    return results
+    results.small = small
 
 
-def part_scoring(cfg: Config, workdir: Path, report: Report) -> tuple[float, float | None]:
-    """b. Scoring speed with part a's fitted EK-FAC of both libraries; (hookinf seconds, kronfluence seconds)."""
+def part_scoring(cfg: Config, workdir: Path, report: Report, results: Results) -> None:
+    """b. Scoring speed with part a's fitted EK-FAC of both libraries (fitted here when part a did not run)."""
+    missing = [] if (workdir / "hookinf-ekfac").exists() else ["hookinf-ekfac"]
+    if kronfluence is not None and not (workdir / "kron-fit-mlp").exists():
+        missing.append("kronfluence-ekfac")
+    for job in missing:  # part a did not run: one fit of each, in a worker as there
+        log(report.console, f"worker {job} (for part b)")
+        run_worker(job, cfg, workdir)
     log(report.console, "scoring")
     model, x, y, xq, yq = big_setup(cfg)
     train = batches(x, y, cfg.batch)
@@ -779,12 +818,18 @@ def part_scoring(cfg: Config, workdir: Path, report: Report) -> tuple[float, flo
         f"Fastest of {cfg.repeats} alternating runs each."
     )
     report.add(section)
-    return score_hookinf, score_kron
+    results.scoring = (score_hookinf, score_kron)
 
 
 # ---------------------------------------------------------------------------------------------------- digits
+DIGITS_HIDDEN = (32,)  # parts a2 and c–f: the MLP 64-32-10
+HELD_OUT_HIDDEN = (64, 32)  # part f's second model, 64-64-32-10, which no default was chosen on
+
+
 @dataclass
 class Digits:
+    """The flipped digits, the MLP trained on them (hidden widths ``hidden``) and their batches."""
+
     x: Tensor
     y: Tensor
     flipped: Tensor
@@ -794,16 +839,33 @@ class Digits:
     train: list[tuple[Tensor, Tensor]]
     query: list[tuple[Tensor, Tensor]]
     accuracy: float
+    hidden: tuple[int, ...] = DIGITS_HIDDEN
+
+    @property
+    def label(self) -> str:
+        """The architecture, e.g. ``MLP 64-32-10``."""
+        return "MLP " + "-".join(str(width) for width in (64, *self.hidden, 10))
 
 
-def digits_mlp() -> nn.Module:
-    return nn.Sequential(OrderedDict(hidden=nn.Linear(64, 32), relu=nn.ReLU(), output=nn.Linear(32, 10)))
+def digits_mlp(hidden: tuple[int, ...] = DIGITS_HIDDEN) -> nn.Module:
+    """64-hidden…-10 with ReLUs; one hidden layer is named ``hidden``/``relu`` (as always), several ``hidden1``, …"""
+    if len(hidden) == 1:
+        return nn.Sequential(
+            OrderedDict(hidden=nn.Linear(64, hidden[0]), relu=nn.ReLU(), output=nn.Linear(hidden[0], 10))
+        )
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    widths = (64, *hidden)
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+        layers[f"hidden{i}"] = nn.Linear(fan_in, fan_out)
+        layers[f"relu{i}"] = nn.ReLU()
+    layers["output"] = nn.Linear(widths[-1], 10)
+    return nn.Sequential(layers)
 
 
-def train_digits(x: Tensor, y: Tensor, epochs: int) -> nn.Module:
+def train_digits(x: Tensor, y: Tensor, epochs: int, hidden: tuple[int, ...] = DIGITS_HIDDEN) -> nn.Module:
     """The demo's schedule (Adam 1e-2, weight decay 1e-3, batches of 64) with a fixed seed for init and order."""
     torch.manual_seed(SEED)
-    model = digits_mlp()
+    model = digits_mlp(hidden)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(SEED)
     for _ in range(epochs):
@@ -814,44 +876,93 @@ def train_digits(x: Tensor, y: Tensor, epochs: int) -> nn.Module:
     return model
 
 
-def digits_setup(cfg: Config) -> Digits:
+def digits_setup(cfg: Config, hidden: tuple[int, ...] = DIGITS_HIDDEN) -> Digits:
     from hookinf.demo import flipped_digits
 
     x, y, _, x_test, y_test, flipped = flipped_digits(SEED)
     x, x_test = x.float(), x_test.float()
     xq, yq = x_test[: cfg.n_query_digits], y_test[: cfg.n_query_digits]
-    model = train_digits(x, y, cfg.lds_epochs)
+    model = train_digits(x, y, cfg.lds_epochs, hidden)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-    return Digits(x, y, flipped, xq, yq, model, batches(x, y, DIGITS_BATCH), batches(xq, yq, DIGITS_BATCH), accuracy)
+    train, query = batches(x, y, DIGITS_BATCH), batches(xq, yq, DIGITS_BATCH)
+    return Digits(x, y, flipped, xq, yq, model, train, query, accuracy, hidden)
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """Models retrained on random halves of the training set (``hookinf.retrain.retrain_subsets``).
+
+    Attributes:
+        masks: ``[n_subsets, n_train]`` bool, the examples each model saw (seeded with ``SEED``: the same halves
+            for every architecture).
+        losses: ``[n_subsets, n_query]``, each retrained model's cross-entropy on each query.
+        seconds: the time all the retraining took.
+    """
+
+    masks: Tensor
+    losses: Tensor
+    seconds: float
+
+
+def retrain(d: Digits, cfg: Config) -> Retrained:
+    """``cfg.n_subsets`` models of ``d``'s architecture, trained as ``d.model`` was on random halves of ``d.x``."""
+
+    def train_fn(mask: Tensor) -> Tensor:
+        model = train_digits(d.x[mask], d.y[mask], cfg.lds_epochs, d.hidden)
+        with torch.no_grad():
+            return F.cross_entropy(model(d.xq), d.yq, reduction="none")
+
+    with timer() as t:
+        masks, losses = retrain_subsets(train_fn, len(d.x), n_subsets=cfg.n_subsets, fraction=0.5, seed=SEED)
+    return Retrained(masks, losses, t[0])
 
 
 @dataclass
 class Attribution:
     scores: Tensor  # [n_query, n_train], hookinf's sign (positive = harmful)
-    self_influence: Tensor  # [n_train]
+    self_influence: Tensor | None  # [n_train]; None where it was not computed (part f)
     seconds: float
 
 
 def hookinf_attribution(
-    d: Digits, method: Any, damping: float = 0.1, fisher: str = "empirical", lissa_depth: int = 200
+    d: Digits,
+    method: Any,
+    damping: float = 0.1,
+    fisher: str = "empirical",
+    lissa_depth: int = 200,
+    seed: int = 0,
+    self_scores: bool = True,
 ) -> Attribution:
     start = time.perf_counter()
     if method == "lissa":
         method = hookinf.LiSSA(depth=lissa_depth)
     if method in ("kfac", "ekfac", "exact", "identity"):
-        method = hookinf.fit(d.model, d.train, LOSS, method=method, damping=damping, fisher=fisher, progress=False)
-    kwargs: dict[str, Any] = {"method": method, "damping": damping, "fisher": fisher, "progress": False}
+        method = hookinf.fit(
+            d.model, d.train, LOSS, method=method, damping=damping, fisher=fisher, seed=seed, progress=False
+        )
+    kwargs: dict[str, Any] = {"method": method, "damping": damping, "fisher": fisher, "seed": seed, "progress": False}
     scores = hookinf.influence(d.model, d.train, d.query, LOSS, **kwargs).total
-    selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs).total
+    selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs).total if self_scores else None
     return Attribution(scores, selfs, time.perf_counter() - start)
 
 
 def kron_attribution(
-    d: Digits, workdir: Path, strategy: str, empirical: bool, damping: float | None, name: str
+    d: Digits,
+    workdir: Path,
+    strategy: str,
+    empirical: bool,
+    damping: float | None,
+    name: str,
+    seed: int = SEED,
+    self_scores: bool = True,
 ) -> Attribution:
-    """kronfluence's scores negated to hookinf's sign; its self-influence has hookinf's sign already."""
-    torch.manual_seed(SEED)  # its sampled labels (true Fisher) come from the global generator
+    """kronfluence's scores negated to hookinf's sign; its self-influence has hookinf's sign already.
+
+    ``seed`` seeds torch's global generator, from which kronfluence's true Fisher (``empirical=False``) draws its
+    labels, afresh in each of its passes.
+    """
+    torch.manual_seed(seed)
     start = time.perf_counter()
     analyzer = kron_analyzer(d.model, workdir / "kron-digits", name=name)
     train_ds, query_ds = TensorDataset(d.x, d.y), TensorDataset(d.xq, d.yq)
@@ -871,32 +982,76 @@ def kron_attribution(
         per_device_train_batch_size=DIGITS_BATCH,
         **common,
     )
-    analyzer.compute_self_scores(
-        scores_name=f"{name}-self", train_dataset=train_ds, per_device_train_batch_size=DIGITS_BATCH, **common
-    )
     pairwise = analyzer.load_pairwise_scores(f"{name}-pairwise")
-    selfs = analyzer.load_self_scores(f"{name}-self")
+    selfs = None
+    if self_scores:
+        analyzer.compute_self_scores(
+            scores_name=f"{name}-self", train_dataset=train_ds, per_device_train_batch_size=DIGITS_BATCH, **common
+        )
+        selfs = analyzer.load_self_scores(f"{name}-self")["all_modules"].double()
     seconds = time.perf_counter() - start
-    return Attribution(-pairwise["all_modules"].double(), selfs["all_modules"].double(), seconds)
+    return Attribution(-pairwise["all_modules"].double(), selfs, seconds)
+
+
+Setting = tuple[str, str, str]
+"""(method, Fisher, damping) of parts c and d, e.g. ``("ekfac", "empirical", "relative 0.1")``."""
 
 
 @dataclass
-class QualityResults:
-    correlation: float | None  # EK-FAC, empirical, relative 0.1
-    lds_hookinf_ekfac: float
-    lds_kron: dict[str, float] = field(default_factory=dict)
+class DigitsRun:
+    """What parts c–f share on one digits MLP: its retrained halves (made when a part first needs them) and the
+    attributions computed so far (part d reuses part c's), each made once whichever parts run.
+    """
+
+    cfg: Config
+    workdir: Path
+    console: Console
+    d: Digits
+    ours: dict[Setting, Attribution] = field(default_factory=dict)
+    kron: dict[Setting, Attribution] = field(default_factory=dict)
+    _retrained: Retrained | None = None
+
+    @property
+    def retrained(self) -> Retrained:
+        if self._retrained is None:
+            log(self.console, f"digits {self.d.label}: retraining {self.cfg.n_subsets} subsets for the LDS")
+            self._retrained = retrain(self.d, self.cfg)
+        return self._retrained
+
+    def hookinf(self, setting: Setting) -> Attribution:
+        if setting not in self.ours:
+            method, fisher, damping = setting
+            ours_damping: Any = 0.1 if damping == "relative 0.1" else hookinf.Damping(absolute=0.001)
+            self.ours[setting] = hookinf_attribution(self.d, method, damping=ours_damping, fisher=fisher)
+        return self.ours[setting]
+
+    def kronfluence(self, setting: Setting) -> Attribution:
+        if setting not in self.kron:
+            method, fisher, damping = setting
+            kron_damping = None if damping == "relative 0.1" else 0.001
+            name = f"{method}-{fisher}-{damping.replace(' ', '')}"
+            self.kron[setting] = kron_attribution(
+                self.d, self.workdir, method, fisher == "empirical", kron_damping, name
+            )
+        return self.kron[setting]
+
+    def lds(self, scores: Tensor) -> LDSResult:
+        return lds(scores, self.retrained.masks, self.retrained.losses)
 
 
-def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
-    console = report.console
-    log(console, "digits: training the model")
-    d = digits_setup(cfg)
-    n_train, n_flip = len(d.x), int(d.flipped.sum())
+def mean_se(values: Tensor) -> tuple[float, float]:
+    """Mean and standard error of ``values``, NaN entries (queries the LDS skipped) left out."""
+    kept = values[~values.isnan()].double()
+    se = float(kept.std() / math.sqrt(kept.numel())) if kept.numel() > 1 else math.nan
+    return float(kept.mean()), se
 
-    # ---------------------------------------------------------------- c. agreement
-    log(console, "digits: agreement with kronfluence")
+
+def part_agreement(run: DigitsRun, report: Report, results: Results) -> None:
+    """c. Agreement of hookinf's and kronfluence's scores with the same method, Fisher and damping."""
+    d = run.d
+    log(report.console, "digits: agreement with kronfluence")
     section = Section(
-        f"c. Agreement with kronfluence: digits MLP 64-32-10 (float32), {n_train} train × {len(d.xq)} queries",
+        f"c. Agreement with kronfluence: digits {d.label} (float32), {len(d.x)} train × {len(d.xq)} queries",
         [
             "method",
             "Fisher",
@@ -908,9 +1063,6 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
             "Pearson vs raw kronfluence",
         ],
     )
-    kron: dict[tuple[str, str, str], Attribution] = {}
-    ours: dict[tuple[str, str, str], Attribution] = {}
-    correlation = None
     settings = [
         ("ekfac", "empirical", "relative 0.1"),
         ("ekfac", "empirical", "absolute 0.001"),
@@ -918,25 +1070,20 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
         ("kfac", "empirical", "relative 0.1"),
         ("kfac", "sampled", "relative 0.1"),
     ]
-    for method, fisher, damping in settings:
-        key = (method, fisher, damping)
-        ours_damping: Any = 0.1 if damping == "relative 0.1" else hookinf.Damping(absolute=0.001)
-        ours[key] = hookinf_attribution(d, method, damping=ours_damping, fisher=fisher)
+    for setting in settings:
+        a = run.hookinf(setting)
         if kronfluence is None:
-            section.rows.append([method, fisher, damping] + [MISSING] * 5)
+            section.rows.append([*setting] + [MISSING] * 5)
             continue
-        kron_damping = None if damping == "relative 0.1" else 0.001
-        name = f"{method}-{fisher}-{damping.replace(' ', '')}"
-        kron[key] = k = kron_attribution(d, workdir, method, fisher == "empirical", kron_damping, name)
-        a = ours[key]
+        k = run.kronfluence(setting)
+        assert a.self_influence is not None
+        assert k.self_influence is not None
         r = pearson(a.scores, k.scores)
-        if key == ("ekfac", "empirical", "relative 0.1"):
-            correlation = r
+        if setting == ("ekfac", "empirical", "relative 0.1"):
+            results.correlation = r
         section.rows.append(
             [
-                method,
-                fisher,
-                damping,
+                *setting,
                 f"{r:.5f}",
                 f"{rank_corr(a.scores, k.scores):.5f}",
                 f"{mean_row_spearman(a.scores, k.scores):.5f}",
@@ -952,71 +1099,66 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
         "Damping 'relative 0.1' is hookinf's damping=0.1 and kronfluence's damping_factor=None (0.1 × mean "
         "eigenvalue per layer); 'absolute 0.001' is hookinf.Damping(absolute=0.001) and damping_factor=0.001.",
         "Sampled Fisher: each library draws its own labels from the model, so those rows agree only up to sampling "
-        "noise (hookinf: seeded generator; kronfluence: global torch seed).",
+        "noise (hookinf: seed=0; kronfluence: torch.manual_seed(0)). Part f compares the two over several seeds.",
     ]
     report.add(section)
 
-    # ---------------------------------------------------------------- d. LDS and AUC
-    log(console, f"digits: retraining {cfg.n_subsets} subsets for the LDS")
 
-    def train_fn(mask: Tensor) -> Tensor:
-        model = train_digits(d.x[mask], d.y[mask], cfg.lds_epochs)
-        with torch.no_grad():
-            return F.cross_entropy(model(d.xq), d.yq, reduction="none")
-
-    with timer() as t:
-        masks, losses = retrain_subsets(train_fn, n_train, n_subsets=cfg.n_subsets, fraction=0.5, seed=SEED)
-    retrain_seconds = t[0]
+def part_quality(run: DigitsRun, report: Report, results: Results) -> None:
+    """d. LDS and mislabel-detection AUC of every method, and of kronfluence's EK-FAC."""
+    cfg, d = run.cfg, run.d
+    retrained = run.retrained
 
     def quality(a: Attribution) -> tuple[str, str, str, str]:
-        result = lds(a.scores, masks, losses)
-        kept = result.per_query[~result.per_query.isnan()]
-        se = float(kept.std() / math.sqrt(kept.numel())) if kept.numel() > 1 else math.nan
+        mean, se = mean_se(run.lds(a.scores).per_query)
         aucs = detection_aucs(a.self_influence, a.scores, d.flipped)
         return (
-            f"{result.mean:.4f} ± {se:.4f}",
+            f"{mean:.4f} ± {se:.4f}",
             f"{aucs['self_influence']:.4f}",
             f"{aucs['mean_query_influence']:.4f}",
             f"{a.seconds:.2f}",
         )
 
-    def lds_mean(a: Attribution) -> float:
-        return lds(a.scores, masks, losses).mean
-
-    log(console, "digits: attribution with every method")
+    log(report.console, "digits: attribution with every method")
     section = Section(
-        f"d. Attribution quality: digits MLP, {n_train} train ({n_flip} flipped labels), {len(d.xq)} held-out "
-        f"queries, LDS over {cfg.n_subsets} retrained 50% subsets",
+        f"d. Attribution quality: digits {d.label}, {len(d.x)} train ({int(d.flipped.sum())} flipped labels), "
+        f"{len(d.xq)} held-out queries, LDS over {cfg.n_subsets} retrained 50% subsets",
         ["method", "LDS (± s.e. over queries)", "AUC self-influence", "AUC mean query influence", "time (s)"],
     )
     methods: list[tuple[str, Attribution]] = []
     for name in ("exact", "kfac", "ekfac", "datainf", "identity", "lissa"):
-        key = (name, "empirical", "relative 0.1")
-        attribution = ours.get(key) or hookinf_attribution(d, name, lissa_depth=cfg.lissa_depth)
+        setting = (name, "empirical", "relative 0.1")
+        attribution = run.ours.get(setting) or hookinf_attribution(d, name, lissa_depth=cfg.lissa_depth)
         methods.append((f"hookinf {name}" + (f" (depth {cfg.lissa_depth})" if name == "lissa" else ""), attribution))
-    lds_hookinf_ekfac = lds_mean(methods[2][1])
-    lds_kron: dict[str, float] = {}
+    results.lds_hookinf_ekfac = run.lds(methods[2][1].scores).mean
     for method_name, attribution in methods:
         section.rows.append([method_name, *quality(attribution)])
     if kronfluence is None:
         section.rows.append(["kronfluence ekfac", MISSING, MISSING, MISSING, ""])
     else:
-        defaults = kron_attribution(d, workdir, "ekfac", empirical=False, damping=1e-8, name="ekfac-defaults")
-        sampled, matched = kron[("ekfac", "sampled", "relative 0.1")], kron[("ekfac", "empirical", "relative 0.1")]
+        defaults = kron_attribution(d, run.workdir, "ekfac", empirical=False, damping=1e-8, name="ekfac-defaults")
         kron_rows = [
             ("kronfluence ekfac (its defaults: sampled Fisher, damping 1e-8)", "defaults", defaults),
-            ("kronfluence ekfac (sampled Fisher, damping 0.1 × mean eig.)", "sampled", sampled),
-            ("kronfluence ekfac (empirical Fisher, damping 0.1 × mean eig.)", "matched", matched),
+            (
+                "kronfluence ekfac (sampled Fisher, damping 0.1 × mean eig.)",
+                "sampled",
+                run.kronfluence(("ekfac", "sampled", "relative 0.1")),
+            ),
+            (
+                "kronfluence ekfac (empirical Fisher, damping 0.1 × mean eig.)",
+                "matched",
+                run.kronfluence(("ekfac", "empirical", "relative 0.1")),
+            ),
         ]
         for label, key_name, attribution in kron_rows:
             try:
                 section.rows.append([label, *quality(attribution)])
-                lds_kron[key_name] = lds_mean(attribution)
+                results.lds_kron[key_name] = run.lds(attribution.scores).mean
             except hookinf.HookinfError as err:  # e.g. non-finite scores at a tiny damping
                 section.rows.append([label, f"n/a ({err})", "", "", f"{attribution.seconds:.2f}"])
     section.notes += [
         f"Model test accuracy {d.accuracy:.1%}. Retraining: same architecture, seed {SEED}, Adam 1e-2, weight decay "
-        f"1e-3, {cfg.lds_epochs} epochs of batches of 64 ({retrain_seconds:.0f} s for {cfg.n_subsets} models). "
+        f"1e-3, {cfg.lds_epochs} epochs of batches of 64 ({retrained.seconds:.0f} s for {cfg.n_subsets} models). "
         "Query loss: per-example cross-entropy. Every row uses the same masks and retrained losses.",
         "hookinf rows: damping=0.1 (relative), fisher='empirical' (hookinf's defaults). LDS ranks subsets by "
         "Σ_{j∈S} score[q, j] in hookinf's sign (kronfluence's negated).",
@@ -1024,8 +1166,11 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
     ]
     report.add(section)
 
-    # ---------------------------------------------------------------- e. damping × Fisher
-    log(console, "digits: damping × Fisher grid")
+
+def part_grid(run: DigitsRun, report: Report) -> None:
+    """e. LDS against damping × Fisher for ``ekfac`` and ``exact``."""
+    d = run.d
+    log(report.console, "digits: damping × Fisher grid")
     section = Section(
         "e. LDS (AUC self-influence) against relative damping × Fisher — which defaults hookinf should use",
         ["method", "Fisher", *[f"damping {x:g}" for x in DAMPINGS]],
@@ -1037,7 +1182,7 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
             row = [method, fisher]
             for damping in DAMPINGS:
                 a = hookinf_attribution(d, curvature, damping=damping, fisher=fisher)
-                value = lds_mean(a)
+                value = run.lds(a.scores).mean
                 auc = detection_aucs(a.self_influence, None, d.flipped)["self_influence"]
                 row.append(f"{value:.4f} ({auc:.3f})")
                 if value > best.get(method, (-math.inf, ""))[0]:
@@ -1047,40 +1192,291 @@ def part_digits(cfg: Config, workdir: Path, report: Report) -> QualityResults:
         section.notes.append(
             f"{method}: best LDS {value:.4f} at {where} (hookinf's defaults: damping=0.1, 'empirical')."
         )
+    section.notes.append("fisher='sampled' with seed=0 (one draw of labels; part f compares seeds).")
     report.add(section)
-    return QualityResults(correlation, lds_hookinf_ekfac, lds_kron)
+
+
+# ---------------------------------------------------------------------------------------------------- f. Fisher
+KRONECKER = ("ekfac", "kfac")
+
+
+@dataclass(frozen=True)
+class FisherMatch:
+    """Part f's verdict for one model and method: hookinf's sampled Fisher against kronfluence's true Fisher.
+
+    Attributes:
+        model: the model's label.
+        method: ``ekfac`` or ``kfac``.
+        ours: hookinf's ``fisher="sampled"`` LDS, averaged over the seeds.
+        theirs: kronfluence's true-Fisher LDS, averaged over the seeds.
+        difference: the mean over queries of the paired per-query difference (ours − theirs).
+        se: its standard error over queries.
+    """
+
+    model: str
+    method: str
+    ours: float
+    theirs: float
+    difference: float
+    se: float
+
+
+@dataclass
+class FisherRuns:
+    """Part f's measurements on one model: each run's per-query LDS and seconds, by ``(run, method)``.
+
+    Runs are ``"hookinf empirical"``, ``"kronfluence empirical"``, and per seed ``s`` ``"hookinf sampled s"``,
+    ``"hookinf same draws s"`` (EK-FAC only) and ``"kronfluence true s"``.
+    """
+
+    label: str
+    seeds: list[int]
+    per_query: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # [n_query] LDS, NaN where skipped
+    seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def has(self, run: str, method: str) -> bool:
+        return (run, method) in self.per_query
+
+    def averaged(self, prefix: str, method: str) -> Tensor:
+        """Each query's LDS averaged over the seeds of ``prefix`` (e.g. ``"hookinf sampled"``)."""
+        return torch.stack([self.per_query[(f"{prefix} {s}", method)] for s in self.seeds]).mean(dim=0)
+
+    def seed_means(self, prefix: str, method: str) -> list[float]:
+        return [mean_se(self.per_query[(f"{prefix} {s}", method)])[0] for s in self.seeds]
+
+
+def measure_fishers(run: DigitsRun, seeds: list[int]) -> FisherRuns:
+    """Every run of part f on ``run``'s model: hookinf and kronfluence, empirical and sampled, EK-FAC and K-FAC."""
+    d = run.d
+    out = FisherRuns(d.label, seeds)
+
+    def record(key: tuple[str, str], a: Attribution) -> None:
+        out.per_query[key] = run.lds(a.scores).per_query
+        out.seconds[key] = a.seconds
+
+    for method in KRONECKER:
+        record(("hookinf empirical", method), hookinf_attribution(d, method, self_scores=False))
+        for s in seeds:
+            a = hookinf_attribution(d, method, fisher="sampled", seed=s, self_scores=False)
+            record((f"hookinf sampled {s}", method), a)
+        if kronfluence is None:
+            continue
+        a = kron_attribution(d, run.workdir, method, True, None, f"f-{method}-empirical", self_scores=False)
+        record(("kronfluence empirical", method), a)
+        for s in seeds:
+            a = kron_attribution(d, run.workdir, method, False, None, f"f-{method}-true{s}", s, self_scores=False)
+            record((f"kronfluence true {s}", method), a)
+    for s in seeds:  # the old behaviour: EK-FAC's correction pass on the very draws that fitted its eigenbasis
+        start = time.perf_counter()
+        basis = hookinf.fit(d.model, d.train, LOSS, method="kfac", fisher="sampled", seed=s, progress=False)
+        # a fit on a given basis runs one pass, pass 0 of seed s: the labels that the basis's only pass drew
+        same_draws = hookinf.EKFAC(basis=basis)
+        curvature = hookinf.fit(d.model, d.train, LOSS, method=same_draws, fisher="sampled", seed=s, progress=False)
+        scores = hookinf.influence(d.model, d.train, d.query, LOSS, method=curvature, progress=False).total
+        record((f"hookinf same draws {s}", "ekfac"), Attribution(scores, None, time.perf_counter() - start))
+    return out
+
+
+def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> list[FisherMatch]:
+    """Adds one model's rows to part f's two tables; returns hookinf-sampled-against-kronfluence-true per method."""
+    span = f"seeds 0–{m.seeds[-1]}" if len(m.seeds) > 1 else "seed 0"
+
+    def cell(values: Tensor | None) -> str:
+        if values is None:
+            return ""
+        mean, se = mean_se(values)
+        return f"{mean:.4f} ± {se:.4f}"
+
+    def over_seeds(prefix: str, method: str) -> str:
+        if not m.has(f"{prefix} {m.seeds[0]}", method):
+            return ""
+        means = m.seed_means(prefix, method)
+        return f"{cell(m.averaged(prefix, method))} [{min(means):.4f} … {max(means):.4f}]"
+
+    def lds_row(label: str, run: str, first: bool = False) -> None:
+        times = " / ".join(f"{m.seconds[(run, k)]:.2f}" for k in KRONECKER if m.has(run, k))
+        cells = [cell(m.per_query.get((run, k))) for k in KRONECKER]
+        lds_section.rows.append([m.label if first else "", label, *cells, times])
+
+    def paired(x: Tensor, y: Tensor) -> str:
+        mean, se = mean_se(x - y)  # a query skipped by either (NaN) drops out
+        return f"{mean:+.4f} ± {se:.4f}"
+
+    lds_row("hookinf fisher='empirical' (the default)", "hookinf empirical", first=True)
+    for s in m.seeds:
+        lds_row(f"hookinf fisher='sampled', seed={s}", f"hookinf sampled {s}")
+    lds_section.rows.append(
+        ["", f"hookinf 'sampled', {span}: mean [range]", *(over_seeds("hookinf sampled", k) for k in KRONECKER), ""]
+    )
+    lds_section.rows.append(
+        [
+            "",
+            f"hookinf 'sampled', same draws in both EK-FAC passes (the old behaviour), {span}: mean [range]",
+            over_seeds("hookinf same draws", "ekfac"),
+            "(one pass)",
+            "",
+        ]
+    )
+    diff_section.rows.append(
+        [
+            m.label,
+            f"hookinf sampled − hookinf empirical (sampled averaged over {span})",
+            *(paired(m.averaged("hookinf sampled", k), m.per_query[("hookinf empirical", k)]) for k in KRONECKER),
+        ]
+    )
+    diff_section.rows.append(
+        [
+            "",
+            f"hookinf same draws − hookinf fresh draws (each averaged over {span})",
+            paired(m.averaged("hookinf same draws", "ekfac"), m.averaged("hookinf sampled", "ekfac")),
+            "",
+        ]
+    )
+    if not m.has("kronfluence empirical", "ekfac"):
+        lds_section.rows.append(["", "kronfluence", MISSING, MISSING, ""])
+        diff_section.rows.append(["", "kronfluence", MISSING, MISSING])
+        return []
+
+    lds_row("kronfluence empirical Fisher", "kronfluence empirical")
+    for s in m.seeds:
+        lds_row(f"kronfluence true Fisher, torch.manual_seed({s})", f"kronfluence true {s}")
+    lds_section.rows.append(
+        [
+            "",
+            f"kronfluence true Fisher, {span}: mean [range]",
+            *(over_seeds("kronfluence true", k) for k in KRONECKER),
+            "",
+        ]
+    )
+    diff_section.rows.append(
+        [
+            "",
+            f"hookinf sampled − kronfluence true (each averaged over {span})",
+            *(paired(m.averaged("hookinf sampled", k), m.averaged("kronfluence true", k)) for k in KRONECKER),
+        ]
+    )
+    per_seed = []
+    for k in KRONECKER:
+        pairs = [
+            mean_se(m.per_query[(f"hookinf sampled {s}", k)] - m.per_query[(f"kronfluence true {s}", k)])
+            for s in m.seeds
+        ]
+        per_seed.append(" / ".join(f"{mean:+.4f}" for mean, _ in pairs) + f" (s.e. ≤ {max(se for _, se in pairs):.4f})")
+    diff_section.rows.append(
+        ["", f"hookinf sampled seed s − kronfluence true seed s, s = {', '.join(map(str, m.seeds))}", *per_seed]
+    )
+    diff_section.rows.append(
+        [
+            "",
+            f"kronfluence true − kronfluence empirical (true averaged over {span})",
+            *(paired(m.averaged("kronfluence true", k), m.per_query[("kronfluence empirical", k)]) for k in KRONECKER),
+        ]
+    )
+    diff_section.rows.append(
+        [
+            "",
+            "hookinf empirical − kronfluence empirical",
+            *(
+                paired(m.per_query[("hookinf empirical", k)], m.per_query[("kronfluence empirical", k)])
+                for k in KRONECKER
+            ),
+        ]
+    )
+    matches = []
+    for k in KRONECKER:
+        ours, theirs = m.averaged("hookinf sampled", k), m.averaged("kronfluence true", k)
+        difference, se = mean_se(ours - theirs)
+        matches.append(FisherMatch(m.label, k, mean_se(ours)[0], mean_se(theirs)[0], difference, se))
+    return matches
+
+
+def part_fisher(runs: Sequence[DigitsRun], report: Report, results: Results) -> None:
+    """f. LDS of hookinf's empirical and sampled Fisher against kronfluence's, over several label-drawing seeds.
+
+    One table of LDS values and one of paired per-query differences, each for every model in ``runs`` (the same
+    queries and retrained halves for every row of a model).
+    """
+    cfg = runs[0].cfg
+    seeds = list(range(cfg.fisher_seeds))
+    lds_section = Section(
+        f"f. Fisher: LDS of hookinf's empirical and sampled Fisher against kronfluence's ({cfg.n_subsets} retrained "
+        f"halves, {cfg.n_query_digits} held-out queries; damping 0.1 × mean eigenvalue)",
+        ["model", "run", "EK-FAC LDS (± s.e.)", "K-FAC LDS (± s.e.)", "time (s)"],
+    )
+    diff_section = Section(
+        "f2. Fisher: paired per-query LDS differences (mean ± s.e. over queries; same queries, same retrained halves)",
+        ["model", "difference", "EK-FAC", "K-FAC"],
+    )
+    for run in runs:
+        log(report.console, f"digits {run.d.label}: Fisher comparison")
+        results.fisher += fisher_rows(measure_fishers(run, seeds), lds_section, diff_section)
+    retrain_times = ", ".join(f"{run.d.label} {run.retrained.seconds:.0f} s" for run in runs)
+    accuracies = ", ".join(f"{run.d.label} {run.d.accuracy:.1%}" for run in runs)
+    lds_section.notes += [
+        f"Models: the digits MLP of parts c–e and a held-out {runs[-1].d.label} on which no default was chosen, both "
+        f"trained as in part d (test accuracy {accuracies}); each model's LDS uses {cfg.n_subsets} models of its own "
+        f"architecture retrained on the same random halves ({retrain_times}).",
+        "Every row: damping 0.1 × mean eigenvalue per layer (hookinf damping=0.1, kronfluence damping_factor=None), "
+        "float32 statistics, float64 eigendecomposition; scores at the given labels. 'sampled' / 'true Fisher': the "
+        "curvature's gradients are taken at labels drawn from the model's softmax, afresh in every pass over the "
+        "data — hookinf from generators seeded by (seed, pass) (hookinf.fit(..., fisher='sampled', seed=s)), "
+        "kronfluence from torch's global generator (torch.manual_seed(s) before its fit).",
+        "The 'same draws' row fits hookinf.EKFAC(basis=kfac) with seed=s on the K-FAC basis fitted with seed=s: its "
+        "one correction pass draws the labels that the basis's pass drew (the behaviour before issue 13). K-FAC has "
+        "a single pass, so it has no such variant.",
+        "LDS ± s.e.: the mean over queries of each query's Spearman correlation, and its standard error over "
+        "queries (the retrained halves are fixed, so the s.e. leaves out their noise). mean [range]: each query's "
+        "LDS averaged over the seeds, ± its s.e.; in brackets the lowest and highest single-seed LDS. time: seconds "
+        "of fit + pairwise scores, EK-FAC / K-FAC.",
+    ]
+    diff_section.notes += [
+        "Each difference is taken query by query (same queries, same retrained halves), so the noise the runs share "
+        "cancels; ± is the standard error of the mean difference over queries. A difference within about two "
+        "standard errors of 0 is no measurable difference.",
+        "The two libraries' seeds draw unrelated labels, so the 'seed s − seed s' pairs are arbitrary: that row shows "
+        "the spread of single-seed comparisons; the averaged row is the comparison.",
+    ]
+    report.add(lds_section)
+    report.add(diff_section)
 
 
 # ---------------------------------------------------------------------------------------------------- targets
-def part_targets(cfg: Config, speed: SpeedResults, quality: QualityResults, report: Report) -> None:
+def part_targets(cfg: Config, parts: Sequence[str], results: Results, report: Report) -> None:
+    """The targets of the parts that ran."""
     section = Section("Targets", ["target", "measured", "holds"])
-    ekfac = speed.fit["hookinf-ekfac"]
-    epochs = ekfac["seconds"] / ekfac["epoch"]
-    section.rows.append(
-        [f"hookinf EK-FAC fit ≤ 5 plain epochs ({cfg.n_big:,} examples)", f"{epochs:.1f} epochs", yes(epochs <= 5)]
-    )
-    two = speed.fit["hookinf-ekfac2pass"]
-    epochs = two["seconds"] / two["epoch"]
-    section.rows.append(
-        [
-            f"  the same with two passes, EKFAC(cache_bytes=0) ({cfg.n_big:,} examples)",
-            f"{epochs:.1f} epochs",
-            yes(epochs <= 5),
-        ]
-    )
+    if "a" in parts and results.fit is not None:
+        fit = results.fit
+        ekfac = fit["hookinf-ekfac"]
+        epochs = ekfac["seconds"] / ekfac["epoch"]
+        section.rows.append(
+            [f"hookinf EK-FAC fit ≤ 5 plain epochs ({cfg.n_big:,} examples)", f"{epochs:.1f} epochs", yes(epochs <= 5)]
+        )
+        two = fit["hookinf-ekfac2pass"]
+        epochs = two["seconds"] / two["epoch"]
+        section.rows.append(
+            [
+                f"  the same with two passes, EKFAC(cache_bytes=0) ({cfg.n_big:,} examples)",
+                f"{epochs:.1f} epochs",
+                yes(epochs <= 5),
+            ]
+        )
     for method in ("ekfac", "kfac"):
-        kron = speed.fit.get(f"kronfluence-{method}")
-        target = f"hookinf {method} fit ≤ kronfluence's (MLP 784-{cfg.hidden}-{cfg.hidden}-10)"
-        if kron is None:
-            section.rows.append([target, MISSING, ""])
-        else:
-            theirs = speed.kron_ekfac_total if method == "ekfac" else kron["seconds"]
-            ours = speed.fit[f"hookinf-{method}"]["seconds"]
-            section.rows.append([target, f"{ours:.1f} s vs {theirs:.1f} s", yes(ours <= theirs)])
+        if "a" in parts and results.fit is not None:
+            kron = results.fit.get(f"kronfluence-{method}")
+            target = f"hookinf {method} fit ≤ kronfluence's (MLP 784-{cfg.hidden}-{cfg.hidden}-10)"
+            if kron is None:
+                section.rows.append([target, MISSING, ""])
+            else:
+                theirs = results.kron_ekfac_total if method == "ekfac" else kron["seconds"]
+                assert theirs is not None
+                ours = results.fit[f"hookinf-{method}"]["seconds"]
+                section.rows.append([target, f"{ours:.1f} s vs {theirs:.1f} s", yes(ours <= theirs)])
+        if "a2" not in parts or results.small is None:
+            continue
         for case in ("digits", "minilm"):
             label = {"digits": "digits MLP", "minilm": "LoRA-MiniLM"}[case]
             target = f"hookinf {method} fit ≤ kronfluence's ({label})"
-            small = speed.small.get(f"{case}-{method}")
+            small = results.small.get(f"{case}-{method}")
             if small is None:
                 section.rows.append([target, MINILM_MISSING, ""])
             elif small.theirs is None:
@@ -1089,32 +1485,47 @@ def part_targets(cfg: Config, speed: SpeedResults, quality: QualityResults, repo
                 section.rows.append(
                     [target, f"{fine(small.ours)} s vs {fine(small.theirs)} s", yes(small.ours <= small.theirs)]
                 )
-    if speed.score_kron is None:
-        section.rows.append(["scoring ≤ kronfluence's", MISSING, ""])
-    else:
-        section.rows.append(
-            [
-                "EK-FAC scoring ≤ kronfluence's",
-                f"{speed.score_hookinf:.1f} s vs {speed.score_kron:.1f} s",
-                yes(speed.score_hookinf <= speed.score_kron),
-            ]
-        )
-    if quality.correlation is None:
-        section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (same damping/Fisher)", MISSING, ""])
-    else:
-        r = quality.correlation
-        section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (empirical, 0.1)", f"{r:.5f}", yes(r >= 0.99)])
-    ours_lds = quality.lds_hookinf_ekfac
-    if not quality.lds_kron:
-        section.rows.append(["LDS hookinf EK-FAC ≥ kronfluence EK-FAC", MISSING, ""])
-    for name, theirs in quality.lds_kron.items():
-        section.rows.append(
-            [
-                f"LDS hookinf EK-FAC (defaults) ≥ kronfluence EK-FAC ({name})",
-                f"{ours_lds:.4f} vs {theirs:.4f}",
-                yes(ours_lds >= theirs),
-            ]
-        )
+    if "b" in parts and results.scoring is not None:
+        score_hookinf, score_kron = results.scoring
+        if score_kron is None:
+            section.rows.append(["scoring ≤ kronfluence's", MISSING, ""])
+        else:
+            section.rows.append(
+                [
+                    "EK-FAC scoring ≤ kronfluence's",
+                    f"{score_hookinf:.1f} s vs {score_kron:.1f} s",
+                    yes(score_hookinf <= score_kron),
+                ]
+            )
+    if "c" in parts:
+        if results.correlation is None:
+            section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (same damping/Fisher)", MISSING, ""])
+        else:
+            r = results.correlation
+            section.rows.append(["EK-FAC Pearson ≥ 0.99 with kronfluence (empirical, 0.1)", f"{r:.5f}", yes(r >= 0.99)])
+    if "d" in parts and results.lds_hookinf_ekfac is not None:
+        ours_lds = results.lds_hookinf_ekfac
+        if not results.lds_kron:
+            section.rows.append(["LDS hookinf EK-FAC ≥ kronfluence EK-FAC", MISSING, ""])
+        for name, theirs in results.lds_kron.items():
+            section.rows.append(
+                [
+                    f"LDS hookinf EK-FAC (defaults) ≥ kronfluence EK-FAC ({name})",
+                    f"{ours_lds:.4f} vs {theirs:.4f}",
+                    yes(ours_lds >= theirs),
+                ]
+            )
+    if "f" in parts:
+        if kronfluence is None:
+            section.rows.append(["LDS hookinf sampled Fisher ≥ kronfluence true Fisher − 2 s.e.", MISSING, ""])
+        for match in results.fisher:
+            section.rows.append(
+                [
+                    f"LDS hookinf {match.method} sampled Fisher ≥ kronfluence's true Fisher − 2 s.e. ({match.model})",
+                    f"{match.ours:.4f} vs {match.theirs:.4f}: {match.difference:+.4f} ± {match.se:.4f}",
+                    yes(match.difference >= -2 * match.se),
+                ]
+            )
     report.add(section)
 
 
@@ -1181,6 +1592,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the target machine's cores)")
     parser.add_argument("--profile", action="store_true", help="only profile hookinf's EK-FAC fit and scoring")
+    parser.add_argument(
+        "--parts",
+        type=parse_parts,
+        default=PARTS,
+        help=f"comma-separated parts to run, of {','.join(PARTS)} (default all); a full run of some parts writes "
+        "benchmarks/results/curvature-<parts>.md instead of curvature.md",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="part f: label-drawing seeds per sampled Fisher (default 3: 0, 1, 2)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -1190,19 +1611,26 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, cfg, Path(args.workdir))), flush=True)
         return
 
-    cfg = Config.make(args.quick, args.threads)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    cfg = replace(Config.make(args.quick, args.threads), fisher_seeds=args.seeds)
     torch.set_num_threads(cfg.threads)
     console = Console(width=max(150, Console().width))
     if args.profile:
         profile(cfg, Console(width=400))
         return
-    report = Report(console, "Curvature benchmark: hookinf vs kronfluence")
+    parts: tuple[str, ...] = args.parts
+    title = "Curvature benchmark: hookinf vs kronfluence"
+    report = Report(console, title if parts == PARTS else f"{title} — part{'s' * (len(parts) > 1)} {', '.join(parts)}")
     python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
     argv = [python, os.path.relpath(__file__), *sys.argv[1:]]
-    report.line(f"command: {shlex.join(argv)}")
+    path_env = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
+    report.line(f"command: {path_env}{shlex.join(argv)}")
+    source = Path(hookinf.__file__).resolve().parent
+    where = "" if source == ROOT / "hookinf" else f", imported from {source} — not this checkout's"
     report.line(
         f"torch {torch.__version__} · kronfluence {KRON_VERSION or '— (' + MISSING + ')'} · hookinf "
-        f"{hookinf.__version__} ({hookinf_commit()}) · Python {platform.python_version()}"
+        f"{hookinf.__version__} ({hookinf_commit()}{where}) · Python {platform.python_version()}"
     )
     load = os.getloadavg()
     report.line(
@@ -1210,16 +1638,34 @@ def main() -> None:
         f"average at start {load[0]:.2f} · {'--quick' if cfg.quick else 'full run'} · {time.strftime('%Y-%m-%d %H:%M')}"
     )
     start = time.perf_counter()
+    results = Results()
     with tempfile.TemporaryDirectory(prefix="hookinf-bench-") as tmp:
         workdir = Path(tmp)
-        speed = part_speed(cfg, workdir, report)
-        quality = part_digits(cfg, workdir, report)
-    part_targets(cfg, speed, quality, report)
+        if "a" in parts:
+            part_speed(cfg, workdir, report, results)
+        if "a2" in parts:
+            part_fit_models(cfg, workdir, report, results)
+        if "b" in parts:
+            part_scoring(cfg, workdir, report, results)
+        if {"c", "d", "e", "f"} & set(parts):
+            log(console, "digits: training the model")
+            run = DigitsRun(cfg, workdir, console, digits_setup(cfg))
+            if "c" in parts:
+                part_agreement(run, report, results)
+            if "d" in parts:
+                part_quality(run, report, results)
+            if "e" in parts:
+                part_grid(run, report)
+            if "f" in parts:
+                held_out = DigitsRun(cfg, workdir, console, digits_setup(cfg, HELD_OUT_HIDDEN))
+                part_fisher([run, held_out], report, results)
+    part_targets(cfg, parts, results, report)
     report.line(f"total {time.perf_counter() - start:.0f} s · load average at end {os.getloadavg()[0]:.2f}")
     if not cfg.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report.markdown(), encoding="utf-8")
-        console.print(f"wrote {os.path.relpath(RESULTS)}")
+        path = results_path(parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.markdown(), encoding="utf-8")
+        console.print(f"wrote {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":
