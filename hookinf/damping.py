@@ -1,16 +1,22 @@
 """Damping ``λ_l`` added to each layer's Gauss-Newton block before it is inverted.
 
-The relative rule (the default, ``damping=0.1``) follows the DataInf paper (Kwon et al. 2023, §3, the choice
+The relative rule (the default) follows the DataInf paper (Kwon et al. 2023, §3, the choice
 ``λ_l = 0.1 × (n d_l)⁻¹ Σ_i ‖∇_{θ_l} ℓ_i‖²``) and the EK-FAC paper (Grosse et al. 2023, damping as a fraction of
 the mean eigenvalue): ``λ_l = relative × tr(G_l) / d_l``, i.e. a fraction of the block's mean eigenvalue, so one
 number suits layers whose gradients differ in scale by orders of magnitude. ``Damping(absolute=x)`` sets
 ``λ_l = x`` for every layer.
+
+Without ``damping=``, each method uses its own relative damping, :data:`DEFAULT_RELATIVE`, chosen by the LDS on
+three models (``benchmarks/defaults.py``, ``docs/methods.md#defaults-measured``): 1.0 for ``exact`` and 0.1 for the
+others.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from hookinf.errors import ConfigurationError
 
@@ -59,3 +65,14 @@ def as_damping(damping: float | Damping) -> Damping:
             f"damping={damping!r} must be a number (relative damping) or hookinf.Damping(absolute=...)."
         )
     return Damping(relative=float(damping))
+
+
+DEFAULT_RELATIVE: Mapping[str, float] = MappingProxyType(
+    {"exact": 1.0, "kfac": 0.1, "ekfac": 0.1, "datainf": 0.1, "lissa": 0.1, "identity": 0.1}
+)
+"""Method name → the relative damping it uses when ``damping=`` is not given (measured: ``benchmarks/defaults.py``)."""
+
+
+def default_damping(method: str) -> Damping:
+    """The damping rule a method uses without ``damping=``: relative :data:`DEFAULT_RELATIVE` (0.1 if not listed)."""
+    return Damping(relative=DEFAULT_RELATIVE.get(method, 0.1))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from hookinf.checkpoint_scores import Combine
 from hookinf.compress import Compressor, LoGra, require_compressor
 from hookinf.curvature import Curvature
-from hookinf.damping import Damping, as_damping
+from hookinf.damping import Damping
 from hookinf.distributed import Group, resolve_ranks
 from hookinf.distributed_log import shared_store
 from hookinf.errors import ConfigurationError, DataError
@@ -72,7 +72,7 @@ def fit(
     *,
     method: str | Method = "auto",
     modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
-    damping: float | Damping = 0.1,
+    damping: float | Damping | None = None,
     fisher: Fisher = "empirical",
     seed: int = 0,
     compress: Compressor | None = None,
@@ -94,7 +94,8 @@ def fit(
             ``hookinf.EKFAC(basis=...)``.
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping (see :mod:`hookinf.damping`), or ``hookinf.Damping(absolute=...)``; stored with
-            the curvature.
+            the curvature. ``None``: the method's default, relative 1.0 for ``exact`` and 0.1 for the others
+            (:data:`hookinf.damping.DEFAULT_RELATIVE`, measured in ``docs/methods.md``).
         fisher: ``"empirical"`` (gradients at the given labels, the default) or ``"sampled"`` (labels drawn from
             the model, the true Fisher; needs a loss with a ``sampled`` method such as :class:`hookinf.CrossEntropy`).
             Scores always use the given labels.
@@ -120,7 +121,6 @@ def fit(
     Raises:
         ConfigurationError: ``method`` has no curvature to fit, or ``fisher``/``seed`` is invalid.
     """
-    damp = as_damping(damping)
     compress = store_compressor(train, compress)
     check_reiterable(train, "train")
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner:
@@ -130,7 +130,7 @@ def fit(
                 f"method={resolved.name!r} has no curvature to fit: it streams over the training data for each set "
                 f"of queries. Pass it to hookinf.influence(...) directly, or fit 'ekfac', 'kfac' or 'exact'."
             )
-        curvature = solver(runner, resolved, train, damp, dtype, fisher, seed)
+        curvature = solver(runner, resolved, train, damping, dtype, fisher, seed)
         assert isinstance(curvature, Curvature)
         return curvature
 
@@ -172,7 +172,8 @@ def influence(
             curvatures, one per checkpoint.
         modules: which layers to track (see :func:`hookinf.watch`).
         damping: relative damping ``λ_l = damping × tr(G_l)/d_l`` or ``hookinf.Damping(absolute=...)``; ``None``
-            means 0.1, or the damping a fitted curvature was fitted with.
+            means the damping a fitted curvature was fitted with, or the method's default: relative 1.0 for
+            ``exact``, 0.1 for the others (:data:`hookinf.damping.DEFAULT_RELATIVE`).
         fisher: which labels the curvature's gradients use, see :func:`fit` (ignored for a fitted curvature).
         seed: seeds the sampled labels of ``fisher="sampled"``, see :func:`fit`.
         compress: compute influence in a compressed gradient space: ``hookinf.LoGra(r_in, r_out)`` (projected

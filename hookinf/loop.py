@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import Curvature, statistics_dtype
-from hookinf.damping import Damping, as_damping
+from hookinf.damping import Damping, as_damping, default_damping
 from hookinf.errors import ConfigurationError
 from hookinf.hooks import LossReduction, Watch
 from hookinf.logger import GradientLogger
@@ -136,6 +136,7 @@ class LoopWatch(Watch):
         selection = select(model, modules)
         bound = compress.bind(selection.shapes) if compress is not None else None
         self._accumulator = None if fit is None else _accumulator(fit, selection, bound, dtype)
+        self._fit_name = None if fit is None else resolve_method(fit).name
         self._logger: GradientLogger | None = None
         if log_to is not None and bound is not None:
             self._logger = GradientLogger(log_to, bound, selection.parameters(), flush_every, overwrite=overwrite)
@@ -174,11 +175,12 @@ class LoopWatch(Watch):
             raise ConfigurationError("this watch logs no gradients: create it with log_to=... and compress=... .")
         return self._logger.store
 
-    def curvature(self, damping: float | Damping = 0.1) -> Curvature:
+    def curvature(self, damping: float | Damping | None = None) -> Curvature:
         """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).
 
         Args:
-            damping: the damping rule stored with it (see :func:`hookinf.fit`).
+            damping: the damping rule stored with it (see :func:`hookinf.fit`); ``None``: the method's default
+                (:func:`~hookinf.damping.default_damping`: 1.0 for ``exact``, 0.1 otherwise).
         """
         if self._accumulator is None:
             raise ConfigurationError(
@@ -187,7 +189,8 @@ class LoopWatch(Watch):
             )
         self.steps  # noqa: B018 - closes the pending step, which feeds the accumulator
         self.verify()  # no curvature of non-finite captures
-        return self._accumulator.finish(as_damping(damping))
+        rule = default_damping(self._fit_name or "") if damping is None else as_damping(damping)
+        return self._accumulator.finish(rule)
 
 
 def _accumulator(

@@ -71,7 +71,7 @@ class FitOptions(TypedDict, total=False):
 
     method: str | Method
     modules: ModuleSpec | Sequence[ModuleSpec] | None
-    damping: float | Damping
+    damping: float | Damping | None
     fisher: Fisher
     seed: int
     compress: Compressor | None

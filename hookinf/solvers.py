@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hookinf.capture import Step
 from hookinf.curvature import Curvature, statistics_dtype
-from hookinf.damping import Damping, as_damping
+from hookinf.damping import Damping, as_damping, default_damping
 from hookinf.distributed import Ranks
 from hookinf.errors import ConfigurationError
 from hookinf.losses import Fisher, Sampler, check_fisher
@@ -109,7 +109,8 @@ def solver(
         runner: runs the passes (its watch is active).
         method: as :func:`hookinf.influence`'s ``method=``.
         train: the training data (or a gradient store).
-        damping: the damping rule; ``None`` keeps a fitted curvature's own, or 0.1.
+        damping: the damping rule; ``None`` keeps a fitted curvature's own, or the method's default
+            (:func:`~hookinf.damping.default_damping`).
         dtype: the dtype statistics accumulate in (``None``: from the model).
         fisher: ``"empirical"`` or ``"sampled"`` labels for the curvature's gradients.
         seed: seeds the sampled labels: pass ``k`` of the fit draws from ``Sampler.for_pass(seed, k)``.
@@ -125,7 +126,7 @@ def solver(
         return method if damping is None else method.with_damping(as_damping(damping))
     resolved = resolve_method(method, runner.shapes)
     check_basis_compressor(resolved, runner.compress, "the basis")
-    damp = as_damping(0.1 if damping is None else damping)
+    damp = default_damping(resolved.name) if damping is None else as_damping(damping)
     resolved.check(runner.shapes)
     if isinstance(train, GradientStore) and isinstance(resolved, KFAC | EKFAC):
         raise ConfigurationError(

@@ -398,7 +398,8 @@ def test_compressed_exact_and_identity_equal_brute_force_in_the_subspace(
         pg = g_train[layer].flatten(1) @ proj.T  # [n, r']
         pq = g_query[layer].flatten(1) @ proj.T
         block = pg.T @ pg / pg.shape[0]  # P G Pᵀ
-        lambdas[layer] = 0.1 * float(torch.trace(block)) / proj.shape[0]  # λ' = damping × tr(P G Pᵀ)/r'
+        # λ' = damping × tr(P G Pᵀ)/r', at exact's default damping, relative 1.0
+        lambdas[layer] = 1.0 * float(torch.trace(block)) / proj.shape[0]
         exact[layer] = explicit_scores(block, lambdas[layer], pg, pq)
         identity[layer] = -(pq @ pg.T)
     got = run(case, train, query, method="exact", compress=compressor)

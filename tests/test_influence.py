@@ -47,6 +47,7 @@ RTOL = 1e-8
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[nn.Module, Any], Tensor]
 METHODS = ("exact", "identity")
+EXACT_DEFAULT = hookinf.Damping(relative=1.0)  # exact's default damping (docs/methods.md, "Defaults, measured")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -375,7 +376,7 @@ class Reference:
     query: dict[str, Tensor]
 
     def scores(self, method: str, damping: hookinf.Damping | None = None) -> dict[str, Tensor]:
-        damping = damping or hookinf.Damping(relative=0.1)
+        damping = damping or EXACT_DEFAULT
         return oracle_scores(self.train, self.query, damping if method == "exact" else None)
 
 
@@ -424,7 +425,7 @@ def test_influence_matches_oracle(case_id: str, method: str, form: str) -> None:
         assert_close(scores.per_layer[layer], expected[layer], f"{case_id}/{method}/{form} layer {layer!r}")
     assert_close(scores.total, sum(expected.values()), f"{case_id}/{method}/{form} total")
     if method == "exact":
-        lambdas = oracle_lambdas(ref.train, hookinf.Damping(relative=0.1))
+        lambdas = oracle_lambdas(ref.train, EXACT_DEFAULT)
         assert scores.damping == pytest.approx(lambdas, rel=1e-10)
     else:
         assert scores.damping == {}
@@ -442,7 +443,7 @@ def test_self_influence_per_layer_parts_are_each_layers_damped_quadratic_form(ca
     assert result.layers == case.layers
     assert result.method == method
     assert result.ids is None
-    damping = None if method == "identity" else hookinf.Damping()
+    damping = None if method == "identity" else EXACT_DEFAULT
     lambdas = oracle_lambdas(ref.train, damping) if damping is not None else {}
     expected_total = torch.zeros(ref.train[case.layers[0]].shape[0], dtype=torch.float64)
     for layer in case.layers:
@@ -470,7 +471,7 @@ def test_self_influence_matches_oracle_and_diagonal(case_id: str, method: str, f
     ref = reference(case_id)
     loss_fn = LOSS_FORMS[form](ref.case.loss_fn)
     values = run_self_influence(ref.case, method=method, loss_fn=loss_fn)
-    expected = -sum(oracle_scores(ref.train, ref.train, None if method == "identity" else hookinf.Damping()).values())
+    expected = -sum(oracle_scores(ref.train, ref.train, None if method == "identity" else EXACT_DEFAULT).values())
     assert values.shape == (ref.train[ref.case.layers[0]].shape[0],)
     assert values.dtype == torch.float64
     assert_close(values, expected.diagonal(), f"{case_id}/{method}/{form} self-influence")
@@ -754,7 +755,7 @@ def test_passes_run_in_eval_mode(method: str) -> None:
     expected = oracle_scores(
         oracle_gradients(case.model, case.loss_fn, case.train, case.layers),
         oracle_gradients(case.model, case.loss_fn, case.query, case.layers),
-        hookinf.Damping() if method == "exact" else None,
+        EXACT_DEFAULT if method == "exact" else None,
     )
     assert_close(first.total, sum(expected.values()), "train-mode model, eval-mode oracle")
     assert case.model.training

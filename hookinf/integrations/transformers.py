@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from hookinf.autograd import in_backward
 from hookinf.compress import Compressor, require_compressor
 from hookinf.curvature import Curvature
-from hookinf.damping import Damping, as_damping
+from hookinf.damping import Damping, as_damping, default_damping
 from hookinf.errors import ConfigurationError, HookinfWarning
 from hookinf.ids import as_ids
 from hookinf.integrations.epoch_capture import EpochCapture, MicroBatch, check_trainer_arguments, correction_pass
@@ -93,7 +93,7 @@ class HookinfCallback(transformers.TrainerCallback):
             is then the sum of its items' losses).
         modules: which layers to track (see :func:`hookinf.watch`; default: every supported module with trainable
             parameters, e.g. only the LoRA adapters of a peft model).
-        damping: the damping rule stored with the curvature.
+        damping: the curvature's damping rule (``None``: the method's, :func:`hookinf.damping.default_damping`).
         flush_every: write a store shard every this many examples.
         overwrite: replace the store at ``log_to`` when logging starts, instead of resuming it (a rerun's).
         snapshot_every: keep the trainable weights every this many optimizer steps and after the last one
@@ -117,7 +117,7 @@ class HookinfCallback(transformers.TrainerCallback):
         id_column: str = "idx",
         loss_reduction: LossReduction = "mean",
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
-        damping: float | Damping = 0.1,
+        damping: float | Damping | None = None,
         flush_every: int = 4096,
         overwrite: bool = False,
         snapshot_every: int | None = None,
@@ -158,7 +158,8 @@ class HookinfCallback(transformers.TrainerCallback):
         self.compress = compress
         self.epoch = epoch
         self.modules = modules
-        self.damping = as_damping(damping)
+        default = default_damping(self.method.name if self.method is not None else "")
+        self.damping = default if damping is None else as_damping(damping)
         self.flush_every, self.overwrite = flush_every, overwrite
         self.snapshot_every, self.snapshots_to = snapshot_every, snapshots_to
         self.snapshots: Snapshots | None = None

@@ -55,16 +55,24 @@ class Eigen:
 
 
 def _eigh(matrix: Tensor, layer: str, what: str) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at zero) and eigenvectors of a symmetric factor, in ``matrix``'s dtype and device."""
+    """Eigenvalues (clamped at zero) and eigenvectors of a symmetric factor, in ``matrix``'s dtype and device.
+
+    A float32 decomposition that does not converge is redone in float64 (and cast back).
+    """
     if not bool(torch.isfinite(matrix).all()):
         raise CurvatureError(
             f"layer '{layer}': the {what} factor holds NaN or infinity (non-finite activations or gradients in the "
             f"fit pass); check the data and the loss."
         )
+    symmetric = (matrix + matrix.T) / 2
     try:
-        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        values, vectors = torch.linalg.eigh(symmetric)
     except RuntimeError as err:  # LAPACK failed to converge
-        raise CurvatureError(f"layer '{layer}': eigendecomposition of the {what} factor failed ({err}).") from err
+        if matrix.dtype == torch.float64:
+            raise CurvatureError(f"layer '{layer}': eigendecomposition of the {what} factor failed ({err}).") from err
+        # float32's syevd can fail to converge on an ill-conditioned factor where float64's does not: retry there
+        values, vectors = _eigh(matrix.to(torch.float64), layer, what)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
     return values.clamp_min(0.0), vectors
 
 
