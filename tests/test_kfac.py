@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import hookinf
 from hookinf.errors import ConfigurationError, CurvatureError, HookinfError
+from hookinf.methods.kfac import _eigh
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[Any, Batch], Tensor]
@@ -947,3 +948,35 @@ def test_lower_blocked_gram_equals_the_full_product(features: int) -> None:
     got = _mirror_lower(total)
     assert torch.equal(got, got.T)
     assert_close(got, full, rtol=1e-12, atol=1e-13 * float(full.abs().max()), what=f"{features} features")
+
+
+# ---------------------------------------------------------------------------------------------------- 8. eigh fallback
+def _dead_unit_factor() -> Tensor:
+    """A float32 activation factor of a layer whose inputs are mostly dead ReLU units (70 %), plus the bias column.
+
+    Such a factor (found in a digits CNN's head at an early checkpoint) has a block of exact zero eigenvalues, on
+    which LAPACK's float32 ``syevd`` fails to converge in the CPU build of torch used here.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.empty(0)
+    for dead, n in ((0.3, 200), (0.3, 600), (0.3, 1200), (0.5, 200), (0.5, 600), (0.5, 1200), (0.7, 200)):
+        a = torch.relu(torch.randn(n, 576, generator=gen))  # the same draws as when the case was found: the last
+        a[:, torch.rand(576, generator=gen) < dead] = 0
+    a = torch.cat([a, torch.ones(a.shape[0], 1)], dim=1)
+    return (a.T @ a / a.shape[0]).float()
+
+
+def test_a_float32_eigendecomposition_that_fails_is_redone_in_float64() -> None:
+    factor = _dead_unit_factor()
+    try:
+        torch.linalg.eigh(factor)
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("this LAPACK build decomposes the factor in float32: the fallback is not exercised here")
+    values, vectors = _eigh(factor, "head", "activation (A)")
+    assert values.dtype == vectors.dtype == torch.float32
+    rebuilt = (vectors.double() * values.double()) @ vectors.double().T
+    # float64 decomposition of a float32 matrix, cast back: rounding ~1e-7 of the largest eigenvalue
+    close(rebuilt, factor.double(), 1e-6, "V diag(λ) Vᵀ after the float64 retry")
+    assert bool((values >= 0).all())
