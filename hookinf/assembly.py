@@ -32,7 +32,7 @@ class Call:
     a: Tensor  # the activations, or the module's input when they are formed later (see received)
     dtype: torch.dtype  # the layer's weight dtype: both factors are captured in it (see hookinf.hooks)
     done: bool = False
-    size: tuple[int, ...] = ()  # the activations' shape when ``a`` is the input (checked, not formed, in forward)
+    size: tuple[int, ...] = ()  # the activations' (B, S) when ``a`` is the input (checked, not formed, in forward)
 
 
 @dataclass

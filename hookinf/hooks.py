@@ -346,8 +346,7 @@ class Watch:
         with without_autocast(x.device.type):
             x = x.to(dtype)  # under autocast a float32 layer may get a bfloat16 input: capture in the weight's dtype
             a = x if fmap is None else fmap.activations(name, adapter, x)  # a formed in backward (received)
-        # the input's shape is checked now (a meta tensor: nothing computed), its activations formed later
-        size = tuple(adapter.activations(x.to("meta")).shape) if fmap is None else ()
+        size = adapter.positions(x) if fmap is None else ()  # the input's shape checked now, its activations later
         call = Call(name, adapter, a, dtype, size=size)
         if self._outputs is not None and not in_backward():
             self._outputs.append((name, output, output._version))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import itertools
 import pickle
 import warnings
 import weakref
@@ -953,3 +954,30 @@ def test_a_reused_input_buffer_is_refused_by_a_bare_watch_and_fine_with_a_consum
         model.zero_grad(set_to_none=True)
     for key, value in fitted[0].tensors.items():
         assert torch.equal(fitted[1].tensors[key], value), key
+
+
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_adapters_count_positions_without_forming_activations(spatial: int) -> None:
+    """``positions(x)`` (what the forward hook checks) equals the activations' ``[B, S]`` and the output's size."""
+    from hookinf.layers import adapter_for
+
+    conv = nn.Conv2d if spatial == 2 else nn.Conv1d
+    x = torch.randn(2, 3, *((9, 11) if spatial == 2 else (13,)))
+    checked = 0
+    for k, stride, dilation, padding, mode in itertools.product(
+        (1, 3, 4), (1, 2), (1, 2), (0, 1, "same"), ("zeros", "reflect", "circular")
+    ):
+        if padding == "same" and stride != 1:
+            continue
+        module = conv(3, 4, k, stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+        adapter = adapter_for("c", module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # 'same' with an even kernel: torch's note on a copy
+            output = module(x)
+        assert adapter.positions(x) == tuple(adapter.activations(x).shape[:2]), (k, stride, dilation, padding, mode)
+        assert adapter.positions(x)[1] == output[0, 0].numel()
+        checked += 1
+    assert checked > 50
+    linear = adapter_for("fc", nn.Linear(5, 4))
+    for shape in ((6, 5), (6, 7, 5), (6, 2, 3, 5)):
+        assert linear.positions(torch.randn(shape)) == tuple(linear.activations(torch.randn(shape)).shape[:2])

@@ -92,6 +92,14 @@ class LayerAdapter(ABC):
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
 
+    def positions(self, x: Tensor) -> tuple[int, int]:
+        """``(B, S)`` of the activations of input ``x``, without forming them (checks the input's shape).
+
+        This default maps a meta copy of ``x`` (slow: hundreds of microseconds); the built-in adapters compute it.
+        """
+        shape = self.activations(x.detach().to("meta")).shape
+        return int(shape[0]), int(shape[1])
+
     def projected_activations(self, x: Tensor, projection: Tensor) -> Tensor:
         """``a Pᵀ`` ``[B, S, r]`` for a ``[r, I]`` projection ``P``, without forming ``a`` where the layer allows.
 

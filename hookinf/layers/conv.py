@@ -55,6 +55,20 @@ class ConvAdapter(LayerAdapter):
             x = F.pad(x, self._pad, mode=self._pad_mode)
         return x.unsqueeze(2) if self._spatial == 1 else x  # [B, C, 1, L]: a Conv1d is a Conv2d of height 1
 
+    def positions(self, x: Tensor) -> tuple[int, int]:
+        """``(B, L)``: the batch and the number of output positions (the convolution's size arithmetic)."""
+        self._require_batched(x, self._spatial + 2, f"a {self._spatial + 2}-D input [B, C, ...]")
+        sizes = (1, int(x.shape[-1])) if self._spatial == 1 else (int(x.shape[-2]), int(x.shape[-1]))
+        pads = (
+            (0, self._pad[0] + self._pad[1])
+            if self._spatial == 1
+            else (self._pad[2] + self._pad[3], self._pad[0] + self._pad[1])
+        )
+        count = 1
+        for size, pad, k, d, s in zip(sizes, pads, self._kernel, self._dilation, self._stride, strict=True):
+            count *= max(0, (size + pad - d * (k - 1) - 1) // s + 1)
+        return int(x.shape[0]), count
+
     def _activations(self, x: Tensor) -> Tensor:
         patches = F.unfold(self._padded(x), kernel_size=self._kernel, dilation=self._dilation, stride=self._stride)
         return patches.transpose(1, 2)  # [B, C·Πk, L] → [B, L, C·Πk]

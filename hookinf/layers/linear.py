@@ -6,6 +6,8 @@ axis ``S``: an input ``[B, T, I]`` gives ``a`` of shape ``[B, T, I]``; an input 
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from hookinf.layers.base import LayerAdapter
@@ -14,6 +16,11 @@ from hookinf.layers.base import LayerAdapter
 def _to_bsf(x: Tensor) -> Tensor:
     """``[B, ..., F]`` → ``[B, S, F]`` with ``S`` the product of the middle dimensions."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _bs(x: Tensor) -> tuple[int, int]:
+    """``(B, S)`` of :func:`_to_bsf`'s result."""
+    return int(x.shape[0]), math.prod(int(d) for d in x.shape[1:-1])
 
 
 class LinearAdapter(LayerAdapter):
@@ -28,6 +35,11 @@ class LinearAdapter(LayerAdapter):
     def _activations(self, x: Tensor) -> Tensor:
         self._require_batched(x, 2, "an input of shape [B, ..., in_features]")
         return _to_bsf(x)
+
+    def positions(self, x: Tensor) -> tuple[int, int]:
+        """``(B, S)``: the batch and the product of the middle dimensions."""
+        self._require_batched(x, 2, "an input of shape [B, ..., in_features]")
+        return _bs(x)
 
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """``[B, ..., O]`` → ``[B, S, O]``."""
@@ -48,6 +60,11 @@ class GPT2Conv1DAdapter(LayerAdapter):
     def _activations(self, x: Tensor) -> Tensor:
         self._require_batched(x, 2, "an input of shape [B, ..., nx]")
         return _to_bsf(x)
+
+    def positions(self, x: Tensor) -> tuple[int, int]:
+        """``(B, S)``: the batch and the product of the middle dimensions."""
+        self._require_batched(x, 2, "an input of shape [B, ..., nx]")
+        return _bs(x)
 
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """``[B, ..., O]`` → ``[B, S, O]``."""
