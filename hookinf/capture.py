@@ -56,11 +56,7 @@ class LayerCapture:
 
     def with_delta(self, delta: Tensor) -> LayerCapture:
         """This capture with other output gradients (the same activations, formed once between the two)."""
-        other = LayerCapture(self.name, self._a if self._a is not None else self._deferred(), delta, self.adapter)
-        return other
-
-    def _deferred(self) -> Callable[[], Tensor]:
-        return lambda: self.a
+        return LayerCapture(self.name, self._a if self._a is not None else lambda: self.a, delta, self.adapter)
 
     def __repr__(self) -> str:
         shown = list(self._a.shape) if self._a is not None else "not formed yet"

@@ -89,16 +89,8 @@ def combine_scores(parts: Sequence[Scores], combine: Combine) -> CheckpointScore
         ConfigurationError: an unknown rule, a wrong number of weights or a non-finite weight, or scores that do not
             line up (other layers or shapes).
     """
-    if not parts:
-        raise ConfigurationError("checkpoints= is empty: give at least one checkpoint.")
-    weights, rule = combine_weights(parts, combine)
+    weights, rule = _lined_up(parts, combine, "scores")
     first = parts[0]
-    for index, scores in enumerate(parts[1:], start=1):
-        if scores.layers != first.layers or scores.shape != first.shape:
-            raise ConfigurationError(
-                f"the scores of checkpoint {index} ({scores.shape}, layers {scores.layers}) do not line up with "
-                f"checkpoint 0's ({first.shape}, layers {first.layers})."
-            )
     per_layer = {name: _weighted([s.per_layer[name] for s in parts], weights) for name in first.layers}
     per_token = None
     if all(s.per_token is not None for s in parts):
@@ -137,20 +129,26 @@ def combine_self_scores(parts: Sequence[SelfScores], combine: Combine) -> Checkp
     Raises:
         ConfigurationError: as :func:`combine_scores`.
     """
-    if not parts:
-        raise ConfigurationError("checkpoints= is empty: give at least one checkpoint.")
-    weights, rule = combine_weights(parts, combine)
+    weights, rule = _lined_up(parts, combine, "self-influence")
     first = parts[0]
-    for index, scores in enumerate(parts[1:], start=1):
-        if scores.layers != first.layers or scores.shape != first.shape:
-            raise ConfigurationError(
-                f"the self-influence of checkpoint {index} ({list(scores.shape)}, layers {scores.layers}) does not "
-                f"line up with checkpoint 0's ({list(first.shape)}, layers {first.layers})."
-            )
     per_layer = {name: _weighted([s.per_layer[name] for s in parts], weights) for name in first.layers}
     return CheckpointSelfScores(
         per_layer, first.method, {}, first.ids, per_checkpoint=tuple(parts), weights=weights, combine=rule
     )
+
+
+def _lined_up(parts: Sequence[Scores | SelfScores], combine: Combine, what: str) -> tuple[tuple[float, ...], str]:
+    """The weights and rule of :func:`combine_weights`, after checking the parts share their layers and shape."""
+    if not parts:
+        raise ConfigurationError("checkpoints= is empty: give at least one checkpoint.")
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if part.layers != first.layers or tuple(part.shape) != tuple(first.shape):
+            raise ConfigurationError(
+                f"the {what} of checkpoint {index} ({list(part.shape)}, layers {part.layers}) does not line up with "
+                f"checkpoint 0's ({list(first.shape)}, layers {first.layers})."
+            )
+    return combine_weights(parts, combine)
 
 
 def combine_weights(parts: Sequence[Scores | SelfScores], combine: Combine) -> tuple[tuple[float, ...], str]:

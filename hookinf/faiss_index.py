@@ -22,7 +22,6 @@ from hookinf.compress import from_config
 from hookinf.errors import ConfigurationError, DataError
 from hookinf.ids import Ids, sort_order, take
 from hookinf.preconditioned import PreconditionedStore
-from hookinf.retrieval import query_gradients
 from hookinf.runner import LossFn, Runner, check_reiterable
 from hookinf.scores import TopK
 from hookinf.selection import ModuleSpec
@@ -153,7 +152,7 @@ class FaissIndex:
             original = run.compressor.original
             inner.check(compressor=inner.compressor, original=original, fingerprint=fingerprint(original))
             inner.check_weights(weights_hash(run.params))
-            raw = query_gradients(run, query)
+            raw = run.query_gradients(query)
         return self.search(torch.cat([raw[name].flatten(1) for name in inner.layers], dim=1), k)
 
     def _ids_at(self, columns: Tensor) -> Tensor | list[list[str]]:

@@ -29,7 +29,7 @@ from hookinf.curvature import Curvature
 from hookinf.damping import Damping
 from hookinf.distributed import Group, resolve_ranks
 from hookinf.distributed_log import shared_store
-from hookinf.errors import ConfigurationError, DataError
+from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.logger import GradientLogger, batch_ids
 from hookinf.losses import Fisher
@@ -211,13 +211,7 @@ def influence(
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         layers = runner.watch.layers
         solved = solver(runner, method, train, damping, None, fisher, seed)
-        raw: dict[str, list[Tensor]] = {name: [] for name in layers}
-        for step in runner.steps(query, "query gradients"):
-            for name, capture in step.layers.items():
-                raw[name].append(capture.gradients())
-        if not raw[layers[0]]:
-            raise DataError("query is empty: pass at least one batch of query examples.")
-        pre = precondition(solved, {name: torch.cat(parts) for name, parts in raw.items()}, runner)
+        pre = precondition(solved, runner.query_gradients(query), runner)
         queries: dict[str, Tensor | LowRank] = (
             {name: LowRank.of(q, query_rank) for name, q in pre.grads.items()}
             if query_rank is not None

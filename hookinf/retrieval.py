@@ -21,23 +21,21 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step, store_step
-from hookinf.compress import Compressor, from_config
+from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
-from hookinf.errors import ConfigurationError, DataError
+from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod
 from hookinf.pairwise import layer_scores
 from hookinf.preconditioned import PreconditionedStore
 from hookinf.progress import PassProgress
-from hookinf.runner import LossFn, Runner, check_reiterable
+from hookinf.runner import LossFn, Runner, check_reiterable, store_compressor
 from hookinf.selection import ModuleSpec
-from hookinf.shapes import fingerprint
 from hookinf.solvers import precondition, solver, solver_name
 from hookinf.store import GradientStore
 from hookinf.streaming import Retrieved, RunningTopK
-from hookinf.weights import weights_hash
 
 Train = Iterable[Any] | GradientStore | PreconditionedStore
 """What :func:`top_k` ranks: batches of training data, a gradient store, or a preconditioned store."""
@@ -94,20 +92,13 @@ def top_k(
         DataError: an empty ``query`` or ``train``.
     """
     store = train.gradients if isinstance(train, PreconditionedStore) else train
-    if isinstance(store, GradientStore):
-        stored = from_config(store.compressor)
-        if compress is not None and compress.config() != store.compressor:
-            raise ConfigurationError(
-                f"compress={compress.config()} differs from the store's compressor {store.compressor}; leave "
-                f"compress= out when ranking a store (its own compressor is used)."
-            )
-        compress = stored
+    compress = store_compressor(store, compress)
     check_reiterable(store, "train")
     check_reiterable(query, "query")
     n_train = len(store) if isinstance(store, GradientStore) else None
     checked = None if candidates is None else _check_candidates(candidates, n_train, k)
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
-        raw = query_gradients(runner, query)
+        raw = runner.query_gradients(query)
         if isinstance(train, PreconditionedStore):
             _check_preconditioned(train, method, damping)
             queries = {name: q.to(torch.promote_types(q.dtype, train.gradients.dtype)) for name, q in raw.items()}
@@ -130,17 +121,6 @@ def top_k(
         _ids_at(ids, harmful.columns), _ids_at(ids, helpful.columns),
         harmful.parts, helpful.parts, name, lambdas, running.seen,
     )  # fmt: skip
-
-
-def query_gradients(runner: Runner, query: Iterable[Any]) -> dict[str, Tensor]:
-    """``{layer: [n_query, O, I]}``: the (compressed) query gradients, as :func:`hookinf.influence` takes them."""
-    raw: dict[str, list[Tensor]] = {name: [] for name in runner.watch.layers}
-    for step in runner.steps(query, "query gradients"):
-        for name, capture in step.layers.items():
-            raw[name].append(capture.gradients())
-    if not raw[runner.watch.layers[0]]:
-        raise DataError("query is empty: pass at least one batch of query examples.")
-    return {name: torch.cat(parts) for name, parts in raw.items()}
 
 
 def _check_preconditioned(
@@ -176,13 +156,7 @@ def _check_candidates(candidates: Tensor, n_train: int | None, k: int) -> Tensor
 
 def _store_chunks(runner: Runner, store: GradientStore, candidates: Tensor | None) -> Iterator[tuple[Tensor, Step]]:
     """A store's shards as steps, with their columns (ranks of their ids); rows no query wants are left out."""
-    assert runner.compressor is not None
-    store.check(
-        compressor=runner.compressor.compressor.config(),
-        original=runner.compressor.original,
-        fingerprint=fingerprint(runner.compressor.original),
-    )
-    store.check_weights(weights_hash(runner.params))  # its gradients and this model's queries: the same weights
+    runner.check_store(store)
     rank = torch.empty(len(store), dtype=torch.int64)
     rank[sort_order(store.ids)] = torch.arange(len(store))
     wanted = None if candidates is None else torch.unique(candidates)

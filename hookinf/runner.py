@@ -140,6 +140,15 @@ class Runner:
                 "fisher='sampled' needs the model's predictions on the training data, which a gradient store does not "
                 "hold; fit the curvature on the data (hookinf.fit(..., compress=..., fisher='sampled')) and pass it."
             )
+        self.check_store(store)
+        with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
+            for index, (_, gradients) in enumerate(store.chunks(self.devices)):
+                step = store_step(index, gradients, store.layers)
+                yield step
+                bar.advance(step.batch_size)
+
+    def check_store(self, store: GradientStore) -> None:
+        """Refuses a store of another compressor, model or weights than this runner's (before reading a shard)."""
         assert self.compressor is not None
         store.check(
             compressor=self.compressor.compressor.config(),
@@ -147,11 +156,20 @@ class Runner:
             fingerprint=fingerprint(self.compressor.original),
         )
         store.check_weights(weights_hash(self.params))  # its gradients and this model's queries: the same weights
-        with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
-            for index, (_, gradients) in enumerate(store.chunks(self.devices)):
-                step = store_step(index, gradients, store.layers)
-                yield step
-                bar.advance(step.batch_size)
+
+    def query_gradients(self, query: Iterable[Any]) -> dict[str, Tensor]:
+        """``{layer: [n_query, O, I]}``: the (compressed) per-example gradients of every query example.
+
+        Raises:
+            DataError: ``query`` is empty.
+        """
+        raw: dict[str, list[Tensor]] = {name: [] for name in self.watch.layers}
+        for step in self.steps(query, "query gradients"):
+            for name, capture in step.layers.items():
+                raw[name].append(capture.gradients())
+        if not raw[self.watch.layers[0]]:
+            raise DataError("query is empty: pass at least one batch of query examples.")
+        return {name: torch.cat(parts) for name, parts in raw.items()}
 
     def step(self, batch: Any, description: str, sample: Sampler | None = None) -> Step:
         """Runs ``loss_fn`` on one batch, differentiates it and returns the captured (compressed) step."""
