@@ -14,6 +14,11 @@ plain epoch (forward, backward, SGD step) timed in the same rounds:
 * correction: EK-FAC's second pass replayed from the first pass's steps (``Σ (Q_Sᵀ δ aᵀ Q_A)²``);
 * the whole ``hookinf.fit(method="ekfac")`` (its first-pass cache on, as by default).
 
+Then layers that read one input: a stand-in for transformer blocks (q, k and v reading one normalised hidden state,
+gate and up another; ``o`` and ``down`` their own), whose activation factors hookinf accumulates, decomposes and
+rotates once per shared input. The same model with each projection reading its own copy of the input (``clone()``:
+the same numbers, nothing shared) is the comparison, fitted in interleaved rounds with a plain epoch.
+
 It needs only the dev environment.
 """
 
@@ -146,6 +151,75 @@ def main() -> None:
         f"interleaved rounds (median of {args.repeats}): fit ÷ plain epoch {t_fit / t_plain_fit:.2f}, float64-eigh fit "
         f"÷ plain epoch {t_fit64 / t_plain_fit:.2f}, fit ÷ float64-eigh fit {t_fit / t_fit64:.2f}"
     )
+    shared_inputs(args.quick, args.repeats)
+
+
+class Block(nn.Module):
+    """q, k, v read one normalised input and gate, up another (``separate``: each reads its own copy of it)."""
+
+    def __init__(self, hidden: int, separate: bool) -> None:
+        super().__init__()
+        self.separate = separate
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate, self.up = (nn.Linear(hidden, 2 * hidden, bias=False) for _ in range(2))
+        self.down = nn.Linear(2 * hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.layer_norm(x, x.shape[-1:])
+        read = (lambda: h.clone()) if self.separate else (lambda: h)
+        x = x + self.o(torch.tanh(self.q(read()) * self.k(read())) + self.v(read()))
+        m = F.layer_norm(x, x.shape[-1:])
+        read = (lambda: m.clone()) if self.separate else (lambda: m)
+        return x + self.down(F.silu(self.gate(read())) * self.up(read()))
+
+
+class MeanTokens(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1)
+
+
+def blocks(hidden: int, separate: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Block(hidden, separate), Block(hidden, separate), MeanTokens(), nn.Linear(hidden, 10))
+
+
+def shared_inputs(quick: bool, repeats: int) -> None:
+    """Fit time of the blocks with shared inputs and with copies, interleaved with a plain epoch."""
+    hidden, tokens, n, batch = (64, 4, 64, 16) if quick else (256, 8, 512, 64)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, tokens, hidden, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    train = [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    models = {"shared": blocks(hidden, False), "copies": blocks(hidden, True)}
+    models["copies"].load_state_dict(models["shared"].state_dict())
+    opt = torch.optim.SGD(models["shared"].parameters(), lr=0.0)
+
+    def plain_epoch() -> None:
+        for xb, yb in train:
+            opt.zero_grad()
+            F.cross_entropy(models["shared"](xb), yb).backward()
+            opt.step()
+
+    times: dict[str, list[float]] = {"plain": [], "shared": [], "copies": []}
+    plain_epoch()
+    for _ in range(repeats):
+        for label, model in models.items():
+            start = time.perf_counter()
+            hookinf.fit(model, train, LOSS, method="ekfac", progress=False)
+            times[label].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        plain_epoch()
+        times["plain"].append(time.perf_counter() - start)
+    plain, shared, copies = (statistics.median(times[k]) for k in ("plain", "shared", "copies"))
+    print(
+        f"\nlayers reading one input: 2 blocks (q, k, v ← one input; gate, up ← another), hidden {hidden}, {tokens} "
+        f"tokens, {n} examples, batch {batch}; median of {repeats} interleaved rounds"
+    )
+    print(f"{'fit':70s} {'time (s)':>9s} {'÷ plain epoch':>14s}")
+    print(f"{'plain epoch (forward, backward, SGD step)':70s} {plain:9.3f} {1.0:14.2f}")
+    print(f"{'hookinf.fit(method=ekfac), inputs shared':70s} {shared:9.3f} {shared / plain:14.2f}")
+    print(f"{'hookinf.fit(method=ekfac), each layer reading a copy':70s} {copies:9.3f} {copies / plain:14.2f}")
+    print(f"shared ÷ copies: {shared / copies:.2f}")
 
 
 def interleaved_fits(

@@ -10,7 +10,7 @@ the maps act per position and linearly on ``Î´``, so the order does not matter â
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +43,7 @@ class Pending:
     calls: list[Call] = field(default_factory=list)
     flags: list[tuple[str, str, Tensor]] = field(default_factory=list)  # finiteness of the raw factors, unread
     versions: dict[str, list[int]] = field(default_factory=dict)  # deferred: each input's version when it fired
+    formed: dict[Hashable, Tensor] = field(default_factory=dict)  # activations formed, by the adapter's sharing key
 
     def __bool__(self) -> bool:
         return bool(self.fired)
@@ -96,8 +97,7 @@ def received(
     delta = call.adapter.output_gradients(grad.detach())
     a = call.a
     if factor_map is None and not deferred:
-        with without_autocast(a.device.type):
-            a = call.adapter.activations(a)
+        a = _activations(pending, call)
     size = call.size if factor_map is None and deferred else tuple(a.shape)
     if tuple(delta.shape[:2]) != size[:2]:
         raise CaptureError(
@@ -113,6 +113,22 @@ def received(
     elif deferred:
         pending.versions.setdefault(call.name, []).append(a._version)
     return a, delta
+
+
+def _activations(pending: Pending, call: Call) -> Tensor:
+    """The call's activations, formed from its input once per step for every layer that reads it alike.
+
+    Layers whose adapters give the input the same :meth:`~hookinf.layers.LayerAdapter.sharing_key` (q, k and v
+    reading one hidden state) get the same tensor, so consumers can recognise it and do their work on it once.
+    """
+    key = call.adapter.sharing_key(call.a)
+    if key is not None and key in pending.formed:
+        return pending.formed[key]
+    with without_autocast(call.a.device.type):
+        a = call.adapter.activations(call.a)
+    if key is not None:
+        pending.formed[key] = a
+    return a
 
 
 def deferred_activations(

@@ -8,6 +8,7 @@ output gradients ``δ`` ``[B, S, O]`` of the same ``B`` examples, with ``δ`` al
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -171,6 +172,16 @@ class Step:
             for pname, grad in cap.param_gradients().items():
                 out[f"{name}.{pname}" if name else pname] = grad
         return out
+
+
+def shared_activations(step: Step) -> Counter[int]:
+    """How many of the step's layers hold each activation tensor, by identity (``id(capture.a)``).
+
+    Layers that read one input get the same ``a`` object (:meth:`~hookinf.layers.LayerAdapter.sharing_key`); a
+    consumer whose work on ``a`` does not depend on the layer (``Σ aᵀa``, a rotation by a shared eigenbasis) does it
+    once for all of them. Reads (forms) every capture's activations.
+    """
+    return Counter(id(capture.a) for capture in step.layers.values())
 
 
 def store_step(index: int, gradients: Mapping[str, Tensor], layers: Mapping[str, LayerShape]) -> Step:

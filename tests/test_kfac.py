@@ -932,11 +932,12 @@ def test_zero_damping_on_a_singular_block_is_refused(method: str, seed: int) -> 
         mlp_influence(mlp, method, damping=0.0)
 
 
-@pytest.mark.parametrize("features", [5, 255, 256, 301])
+@pytest.mark.parametrize("features", [5, 255, 256, 301, 513, 1025])
 def test_lower_blocked_gram_equals_the_full_product(features: int) -> None:
-    """The factor sums are accumulated on and below the diagonal in blocks (from 256 features) and mirrored at the
-    end; in float64 they equal Σ xᵀx up to summation order: 1e-12 relative, plus 1e-13 of the largest entry for
-    entries that are sums of cancelling products (their rounding is relative to the products, not the sum)."""
+    """The factor sums are accumulated on and below the diagonal in blocks (halved recursively from 256 features:
+    one, two and three levels here) and mirrored at the end; in float64 they equal Σ xᵀx up to summation order:
+    1e-12 relative, plus 1e-13 of the largest entry for entries that are sums of cancelling products (their rounding
+    is relative to the products, not the sum)."""
     from hookinf.methods.kfac import _add_lower_gram, _mirror_lower
 
     gen = torch.Generator().manual_seed(features)

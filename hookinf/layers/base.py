@@ -10,6 +10,7 @@ hold no state beyond the module's static configuration and never modify the modu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
@@ -99,6 +100,17 @@ class LayerAdapter(ABC):
         """
         shape = self.activations(x.detach().to("meta")).shape
         return int(shape[0]), int(shape[1])
+
+    def sharing_key(self, x: Tensor) -> Hashable | None:
+        """What identifies the activations this adapter forms from input ``x``, or ``None`` (never shared).
+
+        Layers that read one input and form their activations from it alike (the query, key and value projections
+        of an attention block, the gate and up projections of a gated MLP, the ``lora_A`` of several adapters on
+        them) return equal keys: their ``a`` is formed once, held once, and every consumer that sees the same
+        ``a`` object does its work on it once (K-FAC's ``Σ aᵀa`` and its eigendecomposition, EK-FAC's rotation
+        ``a Q_A``). The default shares nothing.
+        """
+        return None
 
     def projected_activations(self, x: Tensor, projection: Tensor) -> Tensor:
         """``a Pᵀ`` ``[B, S, r]`` for a ``[r, I]`` projection ``P``, without forming ``a`` where the layer allows.

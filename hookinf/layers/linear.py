@@ -7,6 +7,7 @@ axis ``S``: an input ``[B, T, I]`` gives ``a`` of shape ``[B, T, I]``; an input 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 from torch import Tensor, nn
 
@@ -16,6 +17,22 @@ from hookinf.layers.base import LayerAdapter
 def _to_bsf(x: Tensor) -> Tensor:
     """``[B, ..., F]`` → ``[B, S, F]`` with ``S`` the product of the middle dimensions."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def dense_sharing_key(x: Tensor, has_bias: bool) -> Hashable | None:
+    """Equal for two dense layers (``nn.Linear``, GPT-2's ``Conv1D``) whose activations from ``x`` are the same.
+
+    Both form ``a`` from the input alike (:func:`_to_bsf`, then the bias's ones column), so layers reading the same
+    memory (one storage, offset, shape and strides: the same tensor, or views of it) with equal bias flags form the
+    same ``a``. Within one step every input is held by its call, so no other tensor can reuse that memory meanwhile.
+    """
+    if x.device.type == "meta" or x.is_sparse:
+        return None
+    try:
+        pointer = x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without plain storage (a subclass): share nothing
+        return None
+    return ("dense", has_bias, pointer, x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
 
 def _bs(x: Tensor) -> tuple[int, int]:
@@ -41,6 +58,10 @@ class LinearAdapter(LayerAdapter):
         self._require_batched(x, 2, "an input of shape [B, ..., in_features]")
         return _bs(x)
 
+    def sharing_key(self, x: Tensor) -> Hashable | None:
+        """:func:`dense_sharing_key`: shared with every dense layer reading the same input."""
+        return dense_sharing_key(x, self.has_bias)
+
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """``[B, ..., O]`` → ``[B, S, O]``."""
         return _to_bsf(grad_output)
@@ -65,6 +86,10 @@ class GPT2Conv1DAdapter(LayerAdapter):
         """``(B, S)``: the batch and the product of the middle dimensions."""
         self._require_batched(x, 2, "an input of shape [B, ..., nx]")
         return _bs(x)
+
+    def sharing_key(self, x: Tensor) -> Hashable | None:
+        """:func:`dense_sharing_key`: shared with every dense layer reading the same input."""
+        return dense_sharing_key(x, self.has_bias)
 
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """``[B, ..., O]`` → ``[B, S, O]``."""

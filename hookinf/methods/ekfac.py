@@ -125,20 +125,31 @@ class _CorrectionAccumulator(Accumulator):
         self.shapes = dict(basis.layers)
         self.dtype = dtype
         self.rotations: dict[str, tuple[Tensor, Tensor]] = {}  # (Q_A, Q_S) where the basis is
+        converted: dict[int, tuple[Tensor, Tensor]] = {}  # source → copy, once per basis layers share (q, k, v)
         for name in self.shapes:
             q_a, q_s = rotations[name] if rotations is not None else _rotation(basis, name)
-            # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
-            self.rotations[name] = (q_a.to(dtype).contiguous(), q_s.to(dtype).contiguous())
+            if id(q_a) not in converted:  # the source is kept alive with its copy, so its id stays its own
+                # contiguous, as they will be when loaded from disk: the same layout gives bit-identical products
+                converted[id(q_a)] = (q_a, q_a.to(dtype).contiguous())
+            self.rotations[name] = (converted[id(q_a)][1], q_s.to(dtype).contiguous())
         self.placed: dict[str, tuple[Tensor, Tensor]] = {}  # the rotations on the device of the layer's captures
+        self._moved: dict[tuple[int, torch.device], Tensor] = {}  # a shared Q_A moved to a device once
         self.eigen: dict[str, Tensor] = {}
 
     def _update(self, step: Step) -> None:
+        rotated: dict[tuple[int, int], Tensor] = {}  # a Q_A per (activations, basis): once for layers sharing both
         for name, capture in step.layers.items():
             if name not in self.placed:  # the layer's first step: its device is known
-                q_a, q_s = self.rotations[name]
-                self.placed[name] = (q_a.to(capture.a.device), q_s.to(capture.a.device))
+                q_a, q_s = self.rotations[name]  # kept in self.rotations: their ids stay theirs
+                device = capture.a.device
+                if (id(q_a), device) not in self._moved:
+                    self._moved[(id(q_a), device)] = q_a.to(device)
+                self.placed[name] = (self._moved[(id(q_a), device)], q_s.to(device))
             q_a, q_s = self.placed[name]
-            a = capture.a.to(self.dtype) @ q_a  # [B, S, I] in A's eigenbasis
+            key = (id(capture.a), id(q_a))
+            if key not in rotated:
+                rotated[key] = capture.a.to(self.dtype) @ q_a  # [B, S, I] in A's eigenbasis
+            a = rotated[key]
             d = capture.delta.to(self.dtype) @ q_s  # [B, S, O] in S's eigenbasis
             if name not in self.eigen:
                 self.eigen[name] = a.new_zeros(d.shape[2], a.shape[2])
@@ -338,7 +349,8 @@ class _StepCache:
     def add(self, step: Step) -> None:
         if self.steps is None:
             return
-        self.used += sum(t.numel() * t.element_size() for c in step.layers.values() for t in (c.a, c.delta))
+        held = {id(t): t for c in step.layers.values() for t in (c.a, c.delta)}  # activations shared by layers once
+        self.used += sum(t.numel() * t.element_size() for t in held.values())
         if self.used > self.budget:
             self.steps = None  # over budget: free them now; the correction pass runs the model again
         else:
