@@ -21,14 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step, store_step
-from hookinf.compress import Compressor
+from hookinf.compress import Compressor, LoGra
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
 from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod
-from hookinf.pairwise import layer_scores
+from hookinf.pairwise import LowRank, check_positions, layer_scores
 from hookinf.preconditioned import PreconditionedStore
 from hookinf.progress import PassProgress
 from hookinf.runner import LossFn, Runner, check_reiterable, store_compressor
@@ -55,6 +55,8 @@ def top_k(
     seed: int = 0,
     compress: Compressor | None = None,
     candidates: Tensor | None = None,
+    per_token: bool = False,
+    query_rank: int | None = None,
     progress: bool = True,
 ) -> Retrieved:
     """The ``k`` most harmful and most helpful training examples per query, streaming over ``train``.
@@ -80,6 +82,15 @@ def top_k(
         candidates: optional ``[n_query, m]`` int64 training columns (``m ≥ k``): query ``q`` ranks only
             ``candidates[q]``. Columns are those of the dense scores (for a store, the rank of an id among the
             stored ids: example ``j`` when the ids are dataset indices).
+        per_token: also keep each chosen entry's split over the training example's positions (tokens), as
+            :func:`hookinf.influence` computes it: ``harmful_tokens``/``helpful_tokens`` ``[n_query, k, T]`` per
+            layer, equal to ``influence(..., per_token=True).per_token`` at the chosen columns. The entries are
+            chosen by their whole scores, as without it. Only with ``train`` as data (a store keeps each example's
+            gradient summed over its positions), and ``compress`` ``None`` or :class:`~hookinf.LoGra`; memory
+            ``O(n_query × (k + chunk) × T)`` per layer.
+        query_rank: approximate each layer's preconditioned query gradient by its best rank-``k`` matrix, as
+            :func:`hookinf.influence` does (Grosse et al. 2023, §3.2): the top-k of those approximate scores. Not
+            with a preconditioned store, whose queries are never preconditioned.
         progress: show rich progress bars.
 
     Returns:
@@ -87,8 +98,9 @@ def top_k(
         the per-layer parts of the chosen entries.
 
     Raises:
-        ConfigurationError: a bad ``k``, ``candidates`` or ``method`` (for a preconditioned store), or a
-            compressor other than the store's.
+        ConfigurationError: a bad ``k``, ``candidates``, ``query_rank`` or ``method`` (for a preconditioned
+            store), a compressor other than the store's, or ``per_token`` with a store or a compressor that keeps no
+            positions, or ``query_rank`` with a preconditioned store.
         DataError: an empty ``query`` or ``train``.
     """
     store = train.gradients if isinstance(train, PreconditionedStore) else train
@@ -97,6 +109,7 @@ def top_k(
     check_reiterable(query, "query")
     n_train = len(store) if isinstance(store, GradientStore) else None
     checked = None if candidates is None else _check_candidates(candidates, n_train, k)
+    _check_options(train, compress, per_token, query_rank)
     with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
         raw = runner.query_gradients(query)
         if isinstance(train, PreconditionedStore):
@@ -107,12 +120,20 @@ def top_k(
             solved = solver(runner, "auto" if method is None else method, train, damping, None, fisher, seed)
             pre = precondition(solved, raw, runner)
             queries, name, lambdas = dict(pre.grads), solver_name(solved), pre.lambdas
+        ranked: dict[str, Tensor | LowRank] = (
+            dict(queries) if query_rank is None else {n: LowRank.of(q, query_rank) for n, q in queries.items()}
+        )
         running = RunningTopK(k, checked)
         chunks = (
             _store_chunks(runner, store, checked) if isinstance(store, GradientStore) else _data_chunks(runner, store)
         )
         for columns, step in chunks:
-            running.update({layer: layer_scores(queries[layer], c) for layer, c in step.layers.items()}, columns)
+            if not per_token:
+                running.update({layer: layer_scores(ranked[layer], c) for layer, c in step.layers.items()}, columns)
+                continue
+            check_positions(step)
+            tokens = {layer: layer_scores(ranked[layer], c, per_token=True) for layer, c in step.layers.items()}
+            running.update({layer: part.sum(dim=2) for layer, part in tokens.items()}, columns, tokens)
         runner.check_count()
     harmful, helpful = running.sides()
     ids = store.ids if isinstance(store, GradientStore) else None
@@ -120,6 +141,7 @@ def top_k(
         harmful.columns, harmful.scores, helpful.columns, helpful.scores,
         _ids_at(ids, harmful.columns), _ids_at(ids, helpful.columns),
         harmful.parts, helpful.parts, name, lambdas, running.seen,
+        harmful.tokens if per_token else None, helpful.tokens if per_token else None,
     )  # fmt: skip
 
 
@@ -138,6 +160,28 @@ def _check_preconditioned(
         raise ConfigurationError(
             f"{train.path} was preconditioned with damping λ = {train.record.lambdas}; damping= cannot change it. "
             f"Precondition the store again with hookinf.precondition_store(store, curvature.with_damping(...), path)."
+        )
+
+
+def _check_options(train: Train, compress: Compressor | None, per_token: bool, query_rank: int | None) -> None:
+    """Refuses ``per_token`` where there are no positions, and ``query_rank`` with a preconditioned store."""
+    if per_token and isinstance(train, GradientStore | PreconditionedStore):
+        raise ConfigurationError(
+            "per_token=True splits each training example's score over its positions (tokens), and a gradient store "
+            "keeps each example's gradient summed over them. Pass the training batches as train (with compress= "
+            "hookinf.LoGra(...) or none) to rank with per-token parts, or leave per_token out."
+        )
+    if per_token and compress is not None and not isinstance(compress, LoGra):
+        raise ConfigurationError(
+            f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
+            f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
+        )
+    if query_rank is not None and isinstance(train, PreconditionedStore):
+        raise ConfigurationError(
+            f"query_rank={query_rank!r} approximates the preconditioned query gradients, and against a "
+            f"preconditioned store ({train.path}) the queries are never preconditioned: the curvature is on the "
+            f"training side. Rank the source gradient store with method=<the curvature> and query_rank=, or leave "
+            f"query_rank out."
         )
 
 

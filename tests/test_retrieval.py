@@ -279,8 +279,10 @@ def test_a_preconditioned_store_refuses_what_would_mix_curvatures_or_models(tmp_
         hookinf.top_k(case.model, pre, query, case.loss_fn, damping=0.5, **run)
     with pytest.raises(StoreError, match=r"hookinf\.preconditioned-store"):
         hookinf.GradientStore(tmp_path / "pre")  # never preconditioned twice by influence(...)
-    with pytest.raises(StoreError, match="already"):
-        hookinf.precondition_store(store, curvature, tmp_path / "pre", progress=False)
+    with pytest.raises(StoreError, match="another run is there already"):
+        hookinf.precondition_store(store, other, tmp_path / "pre", progress=False)
+    again = hookinf.precondition_store(store, curvature, tmp_path / "pre", progress=False)  # this run's: as it is
+    assert again.record == pre.record
     with pytest.raises(StoreError, match="another directory"):
         hookinf.precondition_store(store, curvature, tmp_path / "store", progress=False)
     plain = hookinf.fit(case.model, train, case.loss_fn, method="exact", progress=False)
