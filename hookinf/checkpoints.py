@@ -70,16 +70,36 @@ def read_checkpoint(source: CheckpointSource, model: nn.Module, what: str) -> di
         model: the architecture the names are for (needed only to map a PEFT adapter's saved names).
         what: how errors name the checkpoint (see :func:`describe`).
 
+    A checkpoint saved from a ``DistributedDataParallel`` wrapper (names ``module.…``) is read under the inner
+    model's names.
+
     Raises:
         CheckpointError: the source cannot be read or holds something other than named tensors.
     """
     check_source(source, what)
     if isinstance(source, Mapping):
-        return _tensors(source, what)
-    path = Path(source)
-    if path.is_dir():
-        return _read_directory(path, model, what)
-    return _read_file(path, what)
+        tensors = _tensors(source, what)
+    elif Path(source).is_dir():
+        tensors = _read_directory(Path(source), model, what)
+    else:
+        tensors = _read_file(Path(source), what)
+    return _without_wrapper_prefix(tensors, model)
+
+
+_WRAPPER_PREFIX = "module."  # what DistributedDataParallel / DataParallel put before the inner model's names
+
+
+def _without_wrapper_prefix(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A checkpoint saved from a ``DistributedDataParallel`` wrapper (``module.…`` names) under the inner model's.
+
+    Only when every name has the prefix and ``model`` (the inner model hookinf works on, see
+    :func:`hookinf.distributed.unwrap`) has none.
+    """
+    if not tensors or not all(name.startswith(_WRAPPER_PREFIX) for name in tensors):
+        return tensors
+    if any(name.startswith(_WRAPPER_PREFIX) for name in model.state_dict()):
+        return tensors  # the model itself names things module.… (a wrapper, or an attribute called module)
+    return {name[len(_WRAPPER_PREFIX) :]: value for name, value in tensors.items()}
 
 
 def _read_directory(path: Path, model: nn.Module, what: str) -> dict[str, Tensor]:

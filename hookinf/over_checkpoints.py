@@ -35,7 +35,7 @@ from hookinf.checkpoints import CheckpointSource, check_source, describe, read_c
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
-from hookinf.distributed import Group
+from hookinf.distributed import Group, unwrap
 from hookinf.errors import ConfigurationError, HookinfWarning
 from hookinf.loaded_checkpoint import LoadedCheckpoint, tracked_names
 from hookinf.losses import Fisher
@@ -110,7 +110,7 @@ def over_checkpoints(combination: Combination) -> Callable[[Callable[P, R]], Cal
             if combination.check is not None:
                 combination.check(arguments, len(sources))
             trains = per_checkpoint_train(arguments.get("train"), len(sources))
-            model = arguments["model"]
+            model = unwrap(arguments["model"])  # a DDP wrapper's inner model: its names have no "module." prefix
             with warnings.catch_warnings():  # what select() warns about, each checkpoint's call warns about again
                 warnings.simplefilter("ignore", HookinfWarning)
                 require = tracked_names(select(model, arguments["modules"]))

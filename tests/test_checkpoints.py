@@ -555,3 +555,26 @@ def test_one_store_per_checkpoint_scores_like_the_data_and_refuses_another_check
         hookinf.influence(model, stores[0], query, loss_fn, method="exact", checkpoints=states, progress=False)
     with pytest.raises(ConfigurationError, match="2 gradient stores for 3 checkpoints"):
         hookinf.influence(model, stores[:2], query, loss_fn, method="exact", checkpoints=states, progress=False)
+
+
+def test_a_ddp_wrapped_model_takes_checkpoints_saved_from_either_side(data: Any, tmp_path: Path) -> None:
+    """checkpoints= with a DistributedDataParallel model (one gloo process here): the hooks and names are the inner
+    model's, and a checkpoint saved from the wrapper (names ``module.…``) or from the inner model reads alike."""
+    import torch.distributed as dist
+
+    train, query = data
+    model = make_model()
+    states = trained_checkpoints(model, train, count=2)
+    want = hookinf.influence(model, train, query, loss_fn, method="exact", checkpoints=states, progress=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        before = state_bits(model)
+        from_wrapper = [{f"module.{name}": value for name, value in state.items()} for state in states]
+        for given in (states, from_wrapper):
+            got = hookinf.influence(wrapped, train, query, loss_fn, method="exact", checkpoints=given, progress=False)
+            for name in want.layers:
+                assert torch.equal(got.per_layer[name], want.per_layer[name]), name
+        assert all(torch.equal(value, before[name]) for name, value in state_bits(model).items())
+    finally:
+        dist.destroy_process_group()
