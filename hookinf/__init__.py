@@ -36,7 +36,7 @@ from hookinf.methods import EKFAC, KFAC, DataInf, Exact, Identity, LiSSA, Method
 from hookinf.preconditioned import PreconditionedStore, precondition_store
 from hookinf.retrieval import top_k
 from hookinf.scores import Scores, TopK, load_scores
-from hookinf.self_scores import SelfScores, SelfTopK
+from hookinf.self_scores import SelfScores, SelfTopK, load_self_scores
 from hookinf.shapes import LayerShape
 from hookinf.snapshots import Snapshots, saved_snapshots
 from hookinf.store import GradientStore, StoreError
@@ -52,6 +52,7 @@ __all__ = [
     "precondition_store",
     "load",
     "load_scores",
+    "load_self_scores",
     # capture
     "watch",
     "Watch",

@@ -12,14 +12,17 @@ and the reports take a :class:`SelfScores` as they take that tensor.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hookinf.errors import ConfigurationError
+from hookinf.errors import ConfigurationError, HookinfError
 from hookinf.ids import Ids, check_ids, take
+from hookinf.self_scores_file import SavedSelfScores, read_self_scores, write_self_scores
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,38 @@ class SelfScores:
         total = sum(mass.values()) or 1.0
         return {name: value / total for name, value in mass.items()}
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Saves to the directory ``path`` (created when missing), all-or-nothing; returns it.
+
+        One safetensors file named by its content and a sealed JSON manifest naming it with its size and SHA-256,
+        renamed last (:mod:`hookinf.self_scores_file`): a save killed at any point leaves the previous self-influence
+        or this one, never a mix, and :func:`load_self_scores` refuses a damaged or edited directory.
+
+        Raises:
+            HookinfError: the directory or a file in it cannot be written (names the directory; chained from the
+                ``OSError``). The directory keeps what it held before.
+        """
+        directory = Path(path)
+        write_self_scores(directory, SavedSelfScores(self.per_layer, self.method, self.damping, self.ids))
+        return directory
+
     def __repr__(self) -> str:
         lines = [f"SelfScores(method={self.method!r}, n={len(self)}, layers={len(self.layers)})"]
         width = max(len(name or "<model>") for name in self.layers)
         for name, share in self.layer_shares().items():
             lines.append(f"  {name or '<model>':<{width}}  {share:6.1%} of self-influence")
         return "\n".join(lines)
+
+
+def load_self_scores(path: str | os.PathLike[str]) -> SelfScores:
+    """Loads :class:`SelfScores` saved by :meth:`SelfScores.save`, checking the files first.
+
+    Raises:
+        HookinfError: no self-influence at ``path``, or damaged or edited files (the message names the file).
+    """
+    directory = Path(path)
+    saved = read_self_scores(directory)
+    try:
+        return SelfScores(saved.per_layer, saved.method, saved.damping, saved.ids)
+    except ConfigurationError as err:
+        raise HookinfError(f"{directory}: corrupt hookinf self-influence ({err})") from err

@@ -132,3 +132,46 @@ def test_self_influence_from_a_store_carries_its_ids(tmp_path):
     assert top.ids == [values.ids[j] for j in top.indices.tolist()]
     assert values.method == "exact"
     assert set(values.damping) == set(values.layers)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize(
+    "ids", [None, torch.arange(12) * 3, [f"doc-{j}" for j in range(12)]], ids=["none", "int", "str"]
+)
+def test_self_scores_save_and_load_bit_for_bit(tmp_path, ids):
+    scores = SelfScores(parts(), "ekfac", damping={"fc1": 0.5, "fc2": 0.25}, ids=ids)
+    assert scores.save(tmp_path / "self") == tmp_path / "self"
+    loaded = hookinf.load_self_scores(tmp_path / "self")
+    assert loaded.layers == scores.layers
+    assert loaded.method == "ekfac"
+    assert loaded.damping == scores.damping
+    for name in scores.layers:
+        assert torch.equal(loaded.per_layer[name], scores.per_layer[name])
+    assert torch.equal(loaded.total, scores.total)
+    if isinstance(ids, torch.Tensor):
+        assert torch.equal(loaded.ids, ids)
+    else:
+        assert loaded.ids == ids
+    scores.save(tmp_path / "self")  # a second save replaces the first: one tensor file
+    assert len(list((tmp_path / "self").glob("*.safetensors"))) == 1
+
+
+def test_damaged_or_edited_self_scores_are_refused(tmp_path):
+    path = SelfScores(parts(), "exact").save(tmp_path / "self")
+    manifest = path / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"exact"', '"kfac"'))
+    with pytest.raises(hookinf.HookinfError, match="checksum"):
+        hookinf.load_self_scores(path)
+    manifest.write_text(text)
+    tensors = next(path.glob("*.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 1
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(hookinf.HookinfError, match="SHA-256"):
+        hookinf.load_self_scores(path)
+    with pytest.raises(hookinf.HookinfError, match="no hookinf self-influence"):
+        hookinf.load_self_scores(tmp_path / "nothing")
+    Scores({"fc1": torch.zeros(2, 3)}, "exact").save(tmp_path / "pairwise")
+    with pytest.raises(hookinf.HookinfError, match=r"hookinf\.self-scores"):
+        hookinf.load_self_scores(tmp_path / "pairwise")  # pairwise scores are not self-influence

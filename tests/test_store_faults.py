@@ -141,6 +141,11 @@ old.save(path)
 disk_full(True)
 out["scores"] = failure(lambda: new.save(path))
 out["scores_files"] = sorted(os.listdir(path))
+path = os.path.join(root, "self-scores")
+hookinf.SelfScores({"fc1": torch.zeros(3), "fc2": torch.ones(3)}, method="old").save(path)
+disk_full(True)
+out["self-scores"] = failure(lambda: hookinf.SelfScores({"fc1": torch.full((3,), 5.0)}, method="new").save(path))
+out["self-scores_files"] = sorted(os.listdir(path))
 curvature = hookinf.fit(case.model, train[:2], case.loss_fn, method="kfac", progress=False)
 bigger = hookinf.fit(case.model, train, case.loss_fn, method="kfac", progress=False)
 path = os.path.join(root, "curvature")
@@ -205,17 +210,21 @@ def test_a_full_disk_inside_log_raises_store_error_and_a_rerun_completes(
     assert_names_the_target(out["fresh"], root / "fresh", "StoreError")
 
 
-def test_a_full_disk_fails_scores_and_curvature_saves_and_keeps_the_old_ones(
+def test_a_full_disk_fails_scores_self_scores_and_curvature_saves_and_keeps_the_old_ones(
     full_disk: tuple[Path, dict[str, Any]],
 ) -> None:
     root, out = full_disk
     assert_names_the_target(out["scores"], root / "scores", "HookinfError")
     assert_names_the_target(out["curvature"], root / "curvature", "CurvatureError")
-    for what in ("scores", "curvature"):
+    assert_names_the_target(out["self-scores"], root / "self-scores", "HookinfError")
+    for what in ("scores", "curvature", "self-scores"):
         assert not [n for n in out[f"{what}_files"] if n.endswith(".tmp")], out[f"{what}_files"]
     scores = hookinf.load_scores(root / "scores")
     assert scores.method == "old"
     assert torch.equal(scores.per_layer["fc1"], torch.zeros(2, 3))
+    own = hookinf.load_self_scores(root / "self-scores")
+    assert own.method == "old"
+    assert torch.equal(own.total, torch.ones(3, dtype=torch.float64))
     assert hookinf.load(root / "curvature").num_examples == 8
 
 
