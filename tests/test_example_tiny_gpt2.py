@@ -13,7 +13,7 @@ from conftest import load_example
 
 @pytest.mark.slow
 def test_tiny_gpt2_influence_finds_the_query_family_and_per_token_scores_sum():
-    # 8 families × 16 training sequences, 4 held-out queries per family; a few seconds on 2 idle CPU cores.
+    # 8 families × 16 training sequences, 4 held-out queries per family (marked slow: it trains for 40 epochs).
     argv = ["--per-family", "16", "--queries-per-family", "4", "--epochs", "40", "--seed", "0"]
     results = load_example("tiny_gpt2_lm").main(argv)
     chance = 1 / results["families"]  # recall of a random ranking: 1/8 of the training set is the query's family

@@ -40,8 +40,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Both sides compute in float64 from float64 models and data; the only differences are the summation order of the
 # gradient contractions (hooks: Σ_s δ aᵀ per example, then Gram matrices; oracle: autograd per example) and the
-# solver (hookinf: Cholesky; oracle: LU in torch.linalg.solve). With λ = 0.1 × mean eigenvalue the damped blocks
-# have condition number ≲ 10·d + 1, so these differences stay many orders of magnitude below 1e-8 × max|score|.
+# solver (hookinf: Cholesky; oracle: LU in torch.linalg.solve). With λ ≥ 0.1 × mean eigenvalue (identity's default
+# 0.1, exact's 1.0) the damped blocks have condition number ≲ 10·d + 1, so these differences stay many orders of
+# magnitude below 1e-8 × max|score|.
 RTOL = 1e-8
 
 Batch = tuple[Tensor, ...]
