@@ -21,9 +21,10 @@ c. Agreement of hookinf's and kronfluence's scores (EK-FAC and K-FAC, same dampi
 d. Attribution quality on the digits MLP with 10% flipped labels: LDS against models retrained on random halves of
    the training set (``hookinf.retrain.retrain_subsets``) and mislabel-detection AUC, per method.
 e. LDS against damping × Fisher for ``ekfac`` and ``exact`` (which defaults hookinf should use).
-f. The Fisher, over seeds: EK-FAC and K-FAC LDS of hookinf's empirical and sampled Fisher (``seed=0, 1, 2``) and of
-   kronfluence's empirical and true Fisher (``torch.manual_seed(0, 1, 2)``), on part d's digits MLP and on a held-out
-   64-64-32-10 MLP, with the paired per-query differences and their standard errors.
+f. The Fisher, over seeds, and checkpoints: EK-FAC and K-FAC LDS of kronfluence's empirical and true Fisher
+   (``torch.manual_seed(0, 1, 2)``) and of hookinf's empirical and sampled Fisher (``seed=0, 1, 2``), on the final
+   model and combined over 4 checkpoints of its training (``checkpoints=``, ``combine="normalized"``), on part d's
+   digits MLP and on a held-out 64-64-32-10 MLP, with the paired per-query differences and their standard errors.
 
 Parts c–f share the digits MLP and its retrained halves, made once by the first part that needs them; part b fits
 part a's EK-FAC itself when part a does not run. Without kronfluence installed every kronfluence cell reads
@@ -50,7 +51,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import hookinf
+from hookinf.checkpoints import CheckpointSource
 from hookinf.metrics import LDSResult, detection_aucs, lds, spearman
 from hookinf.retrain import retrain_subsets
 
@@ -114,15 +116,22 @@ KRON_VERSION = _dist_version("kronfluence") if kronfluence is not None else None
 
 
 def hookinf_commit() -> str:
-    """The checkout's commit, with '+changes' when hookinf/ differs from it (read-only git calls)."""
+    """The checkout's commit, with '+changes' where hookinf/ or benchmarks/ (its results aside) differ from it.
+
+    Read-only git calls; the results files are left out because a run rewrites them.
+    """
+    changed = []
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "hookinf"], cwd=ROOT, capture_output=True, text=True)
+        for folder in ("hookinf", "benchmarks"):
+            status = ["git", "status", "--porcelain", "--", folder, ":(exclude)benchmarks/results"]
+            if subprocess.run(status, cwd=ROOT, capture_output=True, text=True).stdout.strip():
+                changed.append(f"{folder}/")
     except OSError:
         return "unknown commit"
     if head.returncode != 0:
         return "unknown commit"
-    return f"commit {head.stdout.strip()}" + (" +changes in hookinf/" if dirty.stdout.strip() else "")
+    return f"commit {head.stdout.strip()}" + (f" +uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 # ---------------------------------------------------------------------------------------------------- configuration
@@ -589,8 +598,9 @@ def part_speed(cfg: Config, workdir: Path, report: Report, results: Results) -> 
         "hookinf's EK-FAC keeps the first pass's captured (a, δ) in memory while they fit its budget "
         "(EKFAC(cache_bytes=256 MiB), here ≈100 MiB) and replays them for the correction pass instead of running "
         "the model again (same numbers: the weights are fixed); the two-pass row turns that off.",
-        "Both libraries: empirical Fisher, float32 statistics, float64 eigendecomposition, damping 0.1 × mean "
-        "eigenvalue. hookinf's time includes forcing its lazy preparation (K-FAC: the eigendecomposition, which "
+        "Both libraries: empirical Fisher, float32 statistics, damping 0.1 × mean eigenvalue; eigendecompositions in "
+        "float64 (kronfluence) and in the statistics' float32 (hookinf). hookinf's time includes forcing its lazy "
+        "preparation (K-FAC: the eigendecomposition, which "
         "kronfluence's fit performs); hookinf EK-FAC's fit() already includes its eigendecomposition.",
         "kronfluence's time includes writing its factors to disk (it cannot be turned off); hookinf's does not "
         "(Curvature.save takes well under a second here).",
@@ -745,7 +755,7 @@ def part_fit_models(cfg: Config, workdir: Path, report: Report, results: Results
         f"Measured as in part a: each fit in a fresh subprocess, {cfg.repeats}× in rounds (the fastest counts, and the "
         f"largest memory), '÷ plain epoch' against the fastest of {cfg.epochs_timed} plain epochs timed in the same "
         "process right after the fit; the plain-epoch row shows the fastest of all of them. Same settings as part a "
-        "(empirical Fisher, float32 statistics, float64 eigendecomposition, damping 0.1 × mean eigenvalue), and "
+        "(empirical Fisher, float32 statistics, damping 0.1 × mean eigenvalue, eigendecompositions as there), and "
         "kronfluence's EK-FAC λ pass runs over every example (no extrapolation).",
         "Digits: the model of parts c–e (trained as there), all its training examples, batches of "
         f"{DIGITS_BATCH}; every Linear fitted. Here kronfluence's time is nearly all a fixed cost per phase (the same "
@@ -824,6 +834,12 @@ def part_scoring(cfg: Config, workdir: Path, report: Report, results: Results) -
 # ---------------------------------------------------------------------------------------------------- digits
 DIGITS_HIDDEN = (32,)  # parts a2 and c–f: the MLP 64-32-10
 HELD_OUT_HIDDEN = (64, 32)  # part f's second model, 64-64-32-10, which no default was chosen on
+CHECKPOINTS = 4  # part f: snapshots after each quarter of training, the last one the final model
+
+
+def checkpoint_epochs(epochs: int, count: int = CHECKPOINTS) -> list[int]:
+    """The epochs after which part f snapshots the model: after each ``count``-th of training, the last ``epochs``."""
+    return sorted({epochs * k // count for k in range(1, count + 1)} - {0})
 
 
 @dataclass
@@ -840,6 +856,7 @@ class Digits:
     query: list[tuple[Tensor, Tensor]]
     accuracy: float
     hidden: tuple[int, ...] = DIGITS_HIDDEN
+    snapshots: hookinf.Snapshots | None = None  # the trainable parameters at checkpoint_epochs(), for part f
 
     @property
     def label(self) -> str:
@@ -862,18 +879,28 @@ def digits_mlp(hidden: tuple[int, ...] = DIGITS_HIDDEN) -> nn.Module:
     return nn.Sequential(layers)
 
 
-def train_digits(x: Tensor, y: Tensor, epochs: int, hidden: tuple[int, ...] = DIGITS_HIDDEN) -> nn.Module:
-    """The demo's schedule (Adam 1e-2, weight decay 1e-3, batches of 64) with a fixed seed for init and order."""
+def train_digits(
+    x: Tensor, y: Tensor, epochs: int, hidden: tuple[int, ...] = DIGITS_HIDDEN, keep: Sequence[int] = ()
+) -> tuple[nn.Module, hookinf.Snapshots | None]:
+    """The demo's schedule (Adam 1e-2, weight decay 1e-3, batches of 64) with a fixed seed for init and order.
+
+    ``keep``: the epochs after which :class:`hookinf.Snapshots` copies the trainable parameters (it only reads
+    them, so the trained model is the same with or without it); returns the model and the snapshots (``None``
+    without ``keep``).
+    """
     torch.manual_seed(SEED)
     model = digits_mlp(hidden)
+    snaps = hookinf.Snapshots(model, at=keep) if keep else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(SEED)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-    return model
+        if snaps is not None:
+            snaps.take(epoch)
+    return model, snaps
 
 
 def digits_setup(cfg: Config, hidden: tuple[int, ...] = DIGITS_HIDDEN) -> Digits:
@@ -882,11 +909,14 @@ def digits_setup(cfg: Config, hidden: tuple[int, ...] = DIGITS_HIDDEN) -> Digits
     x, y, _, x_test, y_test, flipped = flipped_digits(SEED)
     x, x_test = x.float(), x_test.float()
     xq, yq = x_test[: cfg.n_query_digits], y_test[: cfg.n_query_digits]
-    model = train_digits(x, y, cfg.lds_epochs, hidden)
+    model, snaps = train_digits(x, y, cfg.lds_epochs, hidden, keep=checkpoint_epochs(cfg.lds_epochs))
+    final = snaps.checkpoints[-1] if snaps is not None else None
+    if not isinstance(final, Mapping) or any(not torch.equal(t, final[n]) for n, t in model.state_dict().items()):
+        raise RuntimeError("the last snapshot is not the trained model")  # part f's checkpoints end at the final model
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
     train, query = batches(x, y, DIGITS_BATCH), batches(xq, yq, DIGITS_BATCH)
-    return Digits(x, y, flipped, xq, yq, model, train, query, accuracy, hidden)
+    return Digits(x, y, flipped, xq, yq, model, train, query, accuracy, hidden, snaps)
 
 
 @dataclass(frozen=True)
@@ -909,7 +939,7 @@ def retrain(d: Digits, cfg: Config) -> Retrained:
     """``cfg.n_subsets`` models of ``d``'s architecture, trained as ``d.model`` was on random halves of ``d.x``."""
 
     def train_fn(mask: Tensor) -> Tensor:
-        model = train_digits(d.x[mask], d.y[mask], cfg.lds_epochs, d.hidden)
+        model, _ = train_digits(d.x[mask], d.y[mask], cfg.lds_epochs, d.hidden)
         with torch.no_grad():
             return F.cross_entropy(model(d.xq), d.yq, reduction="none")
 
@@ -933,15 +963,24 @@ def hookinf_attribution(
     lissa_depth: int = 200,
     seed: int = 0,
     self_scores: bool = True,
+    checkpoints: Sequence[CheckpointSource] | None = None,
 ) -> Attribution:
+    """hookinf's scores (and self-influence) on ``d``'s model; with ``checkpoints``, fitted and scored at each
+    checkpoint and combined with ``combine="normalized"`` (the default).
+    """
     start = time.perf_counter()
     if method == "lissa":
         method = hookinf.LiSSA(depth=lissa_depth)
-    if method in ("kfac", "ekfac", "exact", "identity"):
-        method = hookinf.fit(
-            d.model, d.train, LOSS, method=method, damping=damping, fisher=fisher, seed=seed, progress=False
-        )
-    kwargs: dict[str, Any] = {"method": method, "damping": damping, "fisher": fisher, "seed": seed, "progress": False}
+    kwargs: dict[str, Any] = {
+        "damping": damping,
+        "fisher": fisher,
+        "seed": seed,
+        "checkpoints": checkpoints,
+        "progress": False,
+    }
+    if method in ("kfac", "ekfac", "exact", "identity"):  # one curvature, or one per checkpoint
+        method = hookinf.fit(d.model, d.train, LOSS, method=method, **kwargs)
+    kwargs["method"] = method
     scores = hookinf.influence(d.model, d.train, d.query, LOSS, **kwargs).total
     selfs = hookinf.self_influence(d.model, d.train, LOSS, **kwargs).total if self_scores else None
     return Attribution(scores, selfs, time.perf_counter() - start)
@@ -1225,12 +1264,14 @@ class FisherMatch:
 class FisherRuns:
     """Part f's measurements on one model: each run's per-query LDS and seconds, by ``(run, method)``.
 
-    Runs are ``"hookinf empirical"``, ``"kronfluence empirical"``, and per seed ``s`` ``"hookinf sampled s"``,
-    ``"hookinf same draws s"`` (EK-FAC only) and ``"kronfluence true s"``.
+    Runs are ``"hookinf empirical"``, ``"kronfluence empirical"``, ``"hookinf checkpoints empirical"``, and per seed
+    ``s`` ``"hookinf sampled s"``, ``"hookinf same draws s"`` (EK-FAC only), ``"hookinf checkpoints sampled s"`` and
+    ``"kronfluence true s"``. The checkpoint runs fit and score at each of ``checkpoint_epochs`` and combine.
     """
 
     label: str
     seeds: list[int]
+    checkpoint_epochs: list[int]
     per_query: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # [n_query] LDS, NaN where skipped
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -1244,11 +1285,19 @@ class FisherRuns:
     def seed_means(self, prefix: str, method: str) -> list[float]:
         return [mean_se(self.per_query[(f"{prefix} {s}", method)])[0] for s in self.seeds]
 
+    def mean_seconds(self, prefix: str, method: str) -> float:
+        """The mean over the seeds of ``prefix``'s seconds."""
+        return sum(self.seconds[(f"{prefix} {s}", method)] for s in self.seeds) / len(self.seeds)
+
 
 def measure_fishers(run: DigitsRun, seeds: list[int]) -> FisherRuns:
-    """Every run of part f on ``run``'s model: hookinf and kronfluence, empirical and sampled, EK-FAC and K-FAC."""
+    """Every run of part f on ``run``'s model: hookinf and kronfluence, empirical and sampled, EK-FAC and K-FAC, and
+    hookinf over the model's checkpoints (last: they load each checkpoint into the model and restore it after).
+    """
     d = run.d
-    out = FisherRuns(d.label, seeds)
+    if d.snapshots is None:
+        raise RuntimeError(f"{d.label} was trained without snapshots; part f needs its checkpoints")
+    out = FisherRuns(d.label, seeds, sorted(d.snapshots.steps))
 
     def record(key: tuple[str, str], a: Attribution) -> None:
         out.per_query[key] = run.lds(a.scores).per_query
@@ -1274,12 +1323,30 @@ def measure_fishers(run: DigitsRun, seeds: list[int]) -> FisherRuns:
         curvature = hookinf.fit(d.model, d.train, LOSS, method=same_draws, fisher="sampled", seed=s, progress=False)
         scores = hookinf.influence(d.model, d.train, d.query, LOSS, method=curvature, progress=False).total
         record((f"hookinf same draws {s}", "ekfac"), Attribution(scores, None, time.perf_counter() - start))
+    checkpoints = d.snapshots.checkpoints
+    for method in KRONECKER:
+        a = hookinf_attribution(d, method, self_scores=False, checkpoints=checkpoints)
+        record(("hookinf checkpoints empirical", method), a)
+        for s in seeds:
+            a = hookinf_attribution(d, method, fisher="sampled", seed=s, self_scores=False, checkpoints=checkpoints)
+            record((f"hookinf checkpoints sampled {s}", method), a)
     return out
 
 
-def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> list[FisherMatch]:
-    """Adds one model's rows to part f's two tables; returns hookinf-sampled-against-kronfluence-true per method."""
+@dataclass
+class FisherTables:
+    """Part f's three tables: the comparison per model, every seed, and the paired differences."""
+
+    overview: Section
+    detail: Section
+    differences: Section
+
+
+def fisher_rows(m: FisherRuns, tables: FisherTables) -> list[FisherMatch]:
+    """Adds one model's rows to part f's tables; returns hookinf-sampled-against-kronfluence-true per method."""
     span = f"seeds 0–{m.seeds[-1]}" if len(m.seeds) > 1 else "seed 0"
+    ckpts = f"{len(m.checkpoint_epochs)} checkpoints combined (normalized)"
+    overview, detail, diffs = tables.overview, tables.detail, tables.differences
 
     def cell(values: Tensor | None) -> str:
         if values is None:
@@ -1293,22 +1360,60 @@ def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> l
         means = m.seed_means(prefix, method)
         return f"{cell(m.averaged(prefix, method))} [{min(means):.4f} … {max(means):.4f}]"
 
-    def lds_row(label: str, run: str, first: bool = False) -> None:
+    labelled: set[int] = set()
+
+    def label_of(section: Section) -> str:
+        """The model's label on its first row in ``section``, blank below it."""
+        if id(section) in labelled:
+            return ""
+        labelled.add(id(section))
+        return m.label
+
+    def lds_row(section: Section, label: str, run: str) -> None:
         times = " / ".join(f"{m.seconds[(run, k)]:.2f}" for k in KRONECKER if m.has(run, k))
-        cells = [cell(m.per_query.get((run, k))) for k in KRONECKER]
-        lds_section.rows.append([m.label if first else "", label, *cells, times])
+        section.rows.append([label_of(section), label, *(cell(m.per_query.get((run, k))) for k in KRONECKER), times])
+
+    def seeds_row(section: Section, label: str, prefix: str, mean_time: bool = False) -> None:
+        """Each query's LDS averaged over the seeds, with the range of the seeds' LDS (and their mean seconds)."""
+        first = f"{prefix} {m.seeds[0]}"
+        times = " / ".join(f"{m.mean_seconds(prefix, k):.2f}" for k in KRONECKER if m.has(first, k))
+        section.rows.append(
+            [label_of(section), label, *(over_seeds(prefix, k) for k in KRONECKER), times if mean_time else ""]
+        )
 
     def paired(x: Tensor, y: Tensor) -> str:
         mean, se = mean_se(x - y)  # a query skipped by either (NaN) drops out
         return f"{mean:+.4f} ± {se:.4f}"
 
-    lds_row("hookinf fisher='empirical' (the default)", "hookinf empirical", first=True)
+    def diff_row(label: str, *cells: str) -> None:
+        diffs.rows.append([label_of(diffs), label, *cells])
+
+    kron = m.has("kronfluence empirical", "ekfac")
+
+    # the comparison at a glance: kronfluence, hookinf on the final model, hookinf over the checkpoints
+    if kron:
+        lds_row(overview, "kronfluence empirical Fisher", "kronfluence empirical")
+        seeds_row(overview, f"kronfluence true Fisher, {span}: mean [range]", "kronfluence true", mean_time=True)
+    else:
+        overview.rows.append([label_of(overview), "kronfluence", MISSING, MISSING, ""])
+    lds_row(overview, "hookinf fisher='empirical' (the default)", "hookinf empirical")
+    seeds_row(overview, f"hookinf fisher='sampled', {span}: mean [range]", "hookinf sampled", mean_time=True)
+    lds_row(overview, f"hookinf fisher='empirical', {ckpts}", "hookinf checkpoints empirical")
+    seeds_row(overview, f"hookinf fisher='sampled', {ckpts}, {span}: mean [range]", "hookinf checkpoints sampled", True)
+
+    # every seed
+    if kron:
+        lds_row(detail, "kronfluence empirical Fisher", "kronfluence empirical")
+        for s in m.seeds:
+            lds_row(detail, f"kronfluence true Fisher, torch.manual_seed({s})", f"kronfluence true {s}")
+        seeds_row(detail, f"kronfluence true Fisher, {span}: mean [range]", "kronfluence true")
+    else:
+        detail.rows.append([label_of(detail), "kronfluence", MISSING, MISSING, ""])
+    lds_row(detail, "hookinf fisher='empirical' (the default)", "hookinf empirical")
     for s in m.seeds:
-        lds_row(f"hookinf fisher='sampled', seed={s}", f"hookinf sampled {s}")
-    lds_section.rows.append(
-        ["", f"hookinf 'sampled', {span}: mean [range]", *(over_seeds("hookinf sampled", k) for k in KRONECKER), ""]
-    )
-    lds_section.rows.append(
+        lds_row(detail, f"hookinf fisher='sampled', seed={s}", f"hookinf sampled {s}")
+    seeds_row(detail, f"hookinf 'sampled', {span}: mean [range]", "hookinf sampled")
+    detail.rows.append(
         [
             "",
             f"hookinf 'sampled', same draws in both EK-FAC passes (the old behaviour), {span}: mean [range]",
@@ -1317,43 +1422,50 @@ def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> l
             "",
         ]
     )
-    diff_section.rows.append(
-        [
-            m.label,
-            f"hookinf sampled − hookinf empirical (sampled averaged over {span})",
-            *(paired(m.averaged("hookinf sampled", k), m.per_query[("hookinf empirical", k)]) for k in KRONECKER),
-        ]
+    lds_row(detail, f"hookinf fisher='empirical', {ckpts}", "hookinf checkpoints empirical")
+    for s in m.seeds:
+        lds_row(detail, f"hookinf fisher='sampled', seed={s}, {ckpts}", f"hookinf checkpoints sampled {s}")
+    seeds_row(detail, f"hookinf 'sampled', {ckpts}, {span}: mean [range]", "hookinf checkpoints sampled")
+
+    # paired differences
+    diff_row(
+        f"hookinf sampled − hookinf empirical (sampled averaged over {span})",
+        *(paired(m.averaged("hookinf sampled", k), m.per_query[("hookinf empirical", k)]) for k in KRONECKER),
     )
-    diff_section.rows.append(
-        [
-            "",
-            f"hookinf same draws − hookinf fresh draws (each averaged over {span})",
-            paired(m.averaged("hookinf same draws", "ekfac"), m.averaged("hookinf sampled", "ekfac")),
-            "",
-        ]
+    diff_row(
+        f"hookinf same draws − hookinf fresh draws (each averaged over {span})",
+        paired(m.averaged("hookinf same draws", "ekfac"), m.averaged("hookinf sampled", "ekfac")),
+        "",
     )
-    if not m.has("kronfluence empirical", "ekfac"):
-        lds_section.rows.append(["", "kronfluence", MISSING, MISSING, ""])
-        diff_section.rows.append(["", "kronfluence", MISSING, MISSING])
+    diff_row(
+        f"hookinf {ckpts} − final model (both fisher='empirical')",
+        *(
+            paired(m.per_query[("hookinf checkpoints empirical", k)], m.per_query[("hookinf empirical", k)])
+            for k in KRONECKER
+        ),
+    )
+    diff_row(
+        f"hookinf {ckpts} − final model (both fisher='sampled', each averaged over {span})",
+        *(paired(m.averaged("hookinf checkpoints sampled", k), m.averaged("hookinf sampled", k)) for k in KRONECKER),
+    )
+    if not kron:
+        diff_row("kronfluence", MISSING, MISSING)
         return []
 
-    lds_row("kronfluence empirical Fisher", "kronfluence empirical")
-    for s in m.seeds:
-        lds_row(f"kronfluence true Fisher, torch.manual_seed({s})", f"kronfluence true {s}")
-    lds_section.rows.append(
-        [
-            "",
-            f"kronfluence true Fisher, {span}: mean [range]",
-            *(over_seeds("kronfluence true", k) for k in KRONECKER),
-            "",
-        ]
+    diff_row(
+        f"hookinf {ckpts}, fisher='empirical' − kronfluence true (true averaged over {span})",
+        *(
+            paired(m.per_query[("hookinf checkpoints empirical", k)], m.averaged("kronfluence true", k))
+            for k in KRONECKER
+        ),
     )
-    diff_section.rows.append(
-        [
-            "",
-            f"hookinf sampled − kronfluence true (each averaged over {span})",
-            *(paired(m.averaged("hookinf sampled", k), m.averaged("kronfluence true", k)) for k in KRONECKER),
-        ]
+    diff_row(
+        f"hookinf {ckpts}, fisher='sampled' − kronfluence true (each averaged over {span})",
+        *(paired(m.averaged("hookinf checkpoints sampled", k), m.averaged("kronfluence true", k)) for k in KRONECKER),
+    )
+    diff_row(
+        f"hookinf sampled − kronfluence true (each averaged over {span})",
+        *(paired(m.averaged("hookinf sampled", k), m.averaged("kronfluence true", k)) for k in KRONECKER),
     )
     per_seed = []
     for k in KRONECKER:
@@ -1362,25 +1474,14 @@ def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> l
             for s in m.seeds
         ]
         per_seed.append(" / ".join(f"{mean:+.4f}" for mean, _ in pairs) + f" (s.e. ≤ {max(se for _, se in pairs):.4f})")
-    diff_section.rows.append(
-        ["", f"hookinf sampled seed s − kronfluence true seed s, s = {', '.join(map(str, m.seeds))}", *per_seed]
+    diff_row(f"hookinf sampled seed s − kronfluence true seed s, s = {', '.join(map(str, m.seeds))}", *per_seed)
+    diff_row(
+        f"kronfluence true − kronfluence empirical (true averaged over {span})",
+        *(paired(m.averaged("kronfluence true", k), m.per_query[("kronfluence empirical", k)]) for k in KRONECKER),
     )
-    diff_section.rows.append(
-        [
-            "",
-            f"kronfluence true − kronfluence empirical (true averaged over {span})",
-            *(paired(m.averaged("kronfluence true", k), m.per_query[("kronfluence empirical", k)]) for k in KRONECKER),
-        ]
-    )
-    diff_section.rows.append(
-        [
-            "",
-            "hookinf empirical − kronfluence empirical",
-            *(
-                paired(m.per_query[("hookinf empirical", k)], m.per_query[("kronfluence empirical", k)])
-                for k in KRONECKER
-            ),
-        ]
+    diff_row(
+        "hookinf empirical − kronfluence empirical",
+        *(paired(m.per_query[("hookinf empirical", k)], m.per_query[("kronfluence empirical", k)]) for k in KRONECKER),
     )
     matches = []
     for k in KRONECKER:
@@ -1390,54 +1491,99 @@ def fisher_rows(m: FisherRuns, lds_section: Section, diff_section: Section) -> l
     return matches
 
 
-def part_fisher(runs: Sequence[DigitsRun], report: Report, results: Results) -> None:
-    """f. LDS of hookinf's empirical and sampled Fisher against kronfluence's, over several label-drawing seeds.
+def checkpoint_summary(m: FisherRuns) -> str:
+    """One model's line: what its checkpoints gain over its final model and over kronfluence's true Fisher."""
+    span = f"seeds 0–{m.seeds[-1]}" if len(m.seeds) > 1 else "seed 0"
+    ours = "hookinf checkpoints empirical"
 
-    One table of LDS values and one of paired per-query differences, each for every model in ``runs`` (the same
-    queries and retrained halves for every row of a model).
+    def gains(against: Callable[[str], Tensor]) -> str:
+        cells = []
+        for k, name in zip(KRONECKER, ("EK-FAC", "K-FAC"), strict=True):
+            mean, se = mean_se(m.per_query[(ours, k)] - against(k))
+            cells.append(f"{name} {mean:+.4f} ± {se:.4f}")
+        return ", ".join(cells)
+
+    epochs = ", ".join(map(str, m.checkpoint_epochs))
+    text = (
+        f"{m.label}: {len(m.checkpoint_epochs)} checkpoints (epochs {epochs}; fisher='empirical') − the final model "
+        f"(fisher='empirical'): {gains(lambda k: m.per_query[('hookinf empirical', k)])}"
+    )
+    if m.has("kronfluence empirical", "ekfac"):
+        theirs = gains(lambda k: m.averaged("kronfluence true", k))
+        text += f"; − kronfluence's true Fisher (averaged over {span}): {theirs}"
+    return text + " (paired per query, mean ± s.e.)."
+
+
+def part_fisher(runs: Sequence[DigitsRun], report: Report, results: Results) -> None:
+    """f. LDS of kronfluence's empirical and true Fisher against hookinf's empirical and sampled Fisher, on the final
+    model and combined over checkpoints of its training, over several label-drawing seeds.
+
+    Three tables, each for every model in ``runs`` (the same queries and retrained halves for every row of a model):
+    the comparison, every seed, and the paired per-query differences.
     """
     cfg = runs[0].cfg
     seeds = list(range(cfg.fisher_seeds))
-    lds_section = Section(
-        f"f. Fisher: LDS of hookinf's empirical and sampled Fisher against kronfluence's ({cfg.n_subsets} retrained "
-        f"halves, {cfg.n_query_digits} held-out queries; damping 0.1 × mean eigenvalue)",
-        ["model", "run", "EK-FAC LDS (± s.e.)", "K-FAC LDS (± s.e.)", "time (s)"],
+    columns = ["model", "run", "EK-FAC LDS (± s.e.)", "K-FAC LDS (± s.e.)", "time (s)"]
+    tables = FisherTables(
+        Section(
+            f"f. Fisher and checkpoints: LDS of kronfluence's EK-FAC / K-FAC (empirical and true Fisher) and hookinf's "
+            f"(empirical, sampled, {CHECKPOINTS} checkpoints) on the same models ({cfg.n_subsets} retrained halves, "
+            f"{cfg.n_query_digits} held-out queries; damping 0.1 × mean eigenvalue)",
+            columns,
+        ),
+        Section("f1. Fisher and checkpoints, every seed (the runs of table f)", columns),
+        Section(
+            "f2. Fisher and checkpoints: paired per-query LDS differences (mean ± s.e. over queries; same queries, "
+            "same retrained halves)",
+            ["model", "difference", "EK-FAC", "K-FAC"],
+        ),
     )
-    diff_section = Section(
-        "f2. Fisher: paired per-query LDS differences (mean ± s.e. over queries; same queries, same retrained halves)",
-        ["model", "difference", "EK-FAC", "K-FAC"],
-    )
+    summaries = []
     for run in runs:
-        log(report.console, f"digits {run.d.label}: Fisher comparison")
-        results.fisher += fisher_rows(measure_fishers(run, seeds), lds_section, diff_section)
+        log(report.console, f"digits {run.d.label}: Fisher and checkpoint comparison")
+        measured = measure_fishers(run, seeds)
+        results.fisher += fisher_rows(measured, tables)
+        summaries.append(checkpoint_summary(measured))
     retrain_times = ", ".join(f"{run.d.label} {run.retrained.seconds:.0f} s" for run in runs)
     accuracies = ", ".join(f"{run.d.label} {run.d.accuracy:.1%}" for run in runs)
-    lds_section.notes += [
+    epochs = ", ".join(map(str, checkpoint_epochs(cfg.lds_epochs)))
+    tables.overview.notes += [
         f"Models: the digits MLP of parts c–e and a held-out {runs[-1].d.label} on which no default was chosen, both "
         f"trained as in part d (test accuracy {accuracies}); each model's LDS uses {cfg.n_subsets} models of its own "
         f"architecture retrained on the same random halves ({retrain_times}).",
         "Every row: damping 0.1 × mean eigenvalue per layer (hookinf damping=0.1, kronfluence damping_factor=None), "
-        "float32 statistics, float64 eigendecomposition; scores at the given labels. 'sampled' / 'true Fisher': the "
+        "float32 statistics, eigendecompositions in float64 (kronfluence) and float32 (hookinf); scores at the given "
+        "labels. 'sampled' / 'true Fisher': the "
         "curvature's gradients are taken at labels drawn from the model's softmax, afresh in every pass over the "
         "data — hookinf from generators seeded by (seed, pass) (hookinf.fit(..., fisher='sampled', seed=s)), "
         "kronfluence from torch's global generator (torch.manual_seed(s) before its fit).",
-        "The 'same draws' row fits hookinf.EKFAC(basis=kfac) with seed=s on the K-FAC basis fitted with seed=s: its "
-        "one correction pass draws the labels that the basis's pass drew (the behaviour before issue 13). K-FAC has "
-        "a single pass, so it has no such variant.",
+        f"Checkpoints: hookinf.Snapshots kept each model's parameters after epochs {epochs} of its {cfg.lds_epochs} "
+        "(the last is the final model that every other row scores); hookinf.fit and hookinf.influence(..., "
+        f"checkpoints=..., combine='normalized') fit and score at each of the {CHECKPOINTS} and sum the scores, each "
+        "checkpoint's scaled to unit standard deviation. The retrained halves are the same as for every other row "
+        "(trained from scratch; no checkpoints of theirs are used).",
         "LDS ± s.e.: the mean over queries of each query's Spearman correlation, and its standard error over "
         "queries (the retrained halves are fixed, so the s.e. leaves out their noise). mean [range]: each query's "
         "LDS averaged over the seeds, ± its s.e.; in brackets the lowest and highest single-seed LDS. time: seconds "
-        "of fit + pairwise scores, EK-FAC / K-FAC.",
+        f"of fit + pairwise scores, EK-FAC / K-FAC (of all {CHECKPOINTS} checkpoints; the mean over the seeds on the "
+        "mean rows).",
+        *(f"Checkpoint gain, {summary}" for summary in summaries),
     ]
-    diff_section.notes += [
+    tables.detail.notes += [
+        "As table f, with every seed. The 'same draws' row fits hookinf.EKFAC(basis=kfac) with seed=s on the K-FAC "
+        "basis fitted with seed=s: its one correction pass draws the labels that the basis's pass drew (the "
+        "behaviour before issue 13). K-FAC has a single pass, so it has no such variant.",
+    ]
+    tables.differences.notes += [
         "Each difference is taken query by query (same queries, same retrained halves), so the noise the runs share "
         "cancels; ± is the standard error of the mean difference over queries. A difference within about two "
         "standard errors of 0 is no measurable difference.",
         "The two libraries' seeds draw unrelated labels, so the 'seed s − seed s' pairs are arbitrary: that row shows "
         "the spread of single-seed comparisons; the averaged row is the comparison.",
     ]
-    report.add(lds_section)
-    report.add(diff_section)
+    report.add(tables.overview)
+    report.add(tables.detail)
+    report.add(tables.differences)
 
 
 # ---------------------------------------------------------------------------------------------------- targets
