@@ -1,13 +1,14 @@
 """Distributed benchmark: hookinf.fit and hookinf.log on one process vs two gloo processes, on the same data.
 
-    .venv/bin/python benchmarks/distributed.py [--quick] [--repeats N]
+    .venv/bin/python benchmarks/distributed.py [--quick] [--repeats N]   (writes benchmarks/results/distributed.md)
 
 The data (an MLP 256-512-512-10, float32, N examples in batches of 128) is fitted (EK-FAC: two passes, the
 correction replayed from the cached first pass) and logged (LoGra(16, 16)) once by one process over all of it, and
 once by two processes (torch.multiprocessing spawn, gloo on CPU), each over half of it, with the all-reduces and the
 merge of the store included. Each process uses ``torch.get_num_threads() // world`` threads, so both runs use the
 same cores. Times are the medians of ``--repeats`` runs, measured inside the processes from a barrier before the
-call to its end (process start-up, imports and one warm-up fit excluded). On a machine with 2 cores, two processes
+call to its end (process start-up, imports and one warm-up fit excluded). A third run, one process with one thread,
+is the baseline for the parallel speed-up of two ranks with a core each. On a machine with 2 cores, two processes
 cannot be much faster than one process with 2 threads at the same matrix products: the ratio shows what the
 collectives, the per-rank store parts and the merge cost against what splitting the Python-side work of the passes
 (hooks, autograd, the store's writes) gains, not a parallel speed-up; with one core per rank and more cores than
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
+import shlex
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +34,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _report import Report, Section
+from rich.console import Console
 from torch import Tensor, nn
 
 import hookinf
+
+RESULTS = Path(__file__).resolve().parent / "results" / "distributed.md"
 
 
 def batches(n: int, rank: int, world: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -83,33 +91,68 @@ def run(rank: int, world: int, port: int, n: int, repeats: int, threads: int, ou
         dist.destroy_process_group()
 
 
-def measure(world: int, n: int, repeats: int, out: Path) -> tuple[float, float]:
-    """Median (fit, log) seconds of ``world`` processes splitting the machine's threads."""
-    threads = max(1, torch.get_num_threads() // world)
+def measure(world: int, n: int, repeats: int, out: Path, threads: int) -> tuple[float, float]:
+    """Median (fit, log) seconds of ``world`` processes with ``threads`` torch threads each."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     mp.start_processes(run, args=(world, port, n, repeats, threads, out), nprocs=world, start_method="spawn")
     fit, log = (float(v) for v in (out / f"times-{world}.txt").read_text().split())
+    (out / f"times-{world}.txt").unlink()
     return fit, log
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Runs both configurations and prints the table (fit and log seconds, and the 2-process ÷ 1-process ratio)."""
+    """Runs the three configurations, prints the table and (unless ``--quick``) writes the results file.
+
+    Returns the 2-process time ÷ each 1-process time, per call (``fit``, ``log``; ``*_one_thread`` against the
+    1-thread process).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2,048 examples, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="2,048 examples, 1 repeat, no results file")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     n, repeats = (2048, 1) if args.quick else (8192, args.repeats)
+    threads = torch.get_num_threads()
+    console = Console(width=max(150, Console().width))
+    report = Report(console, "Distributed: one process against two gloo processes")
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
+    report.line(f"command: {shlex.join([python, os.path.relpath(__file__), *(argv or sys.argv[1:])])}")
+    report.line(
+        f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
+        f"{os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        one = measure(1, n, repeats, Path(tmp))
-        two = measure(2, n, repeats, Path(tmp))
-    print(f"{n} examples, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (split between the ranks)")
-    print(f"{'':6} {'1 process':>10} {'2 gloo':>10} {'2 ÷ 1':>7}")
+        one = measure(1, n, repeats, Path(tmp), threads)
+        single = measure(1, n, repeats, Path(tmp), 1)
+        two = measure(2, n, repeats, Path(tmp), max(1, threads // 2))
+    section = Section(
+        f"hookinf.fit (EK-FAC) and hookinf.log (LoGra(16, 16)): MLP 256-512-512-10, {n:,} examples in batches of "
+        f"128, median of {repeats}",
+        ["call", f"1 process, {threads} threads", "1 process, 1 thread", f"2 gloo processes, {max(1, threads // 2)} "
+         "thread each", f"2 ÷ 1 ({threads} threads)", "2 ÷ 1 (1 thread)"],
+    )  # fmt: skip
     results = {}
-    for label, a, b in (("fit", one[0], two[0]), ("log", one[1], two[1])):
-        print(f"{label:6} {a:9.2f}s {b:9.2f}s {b / a:7.2f}")
-        results[label] = b / a
+    for k, label in enumerate(("fit", "log")):
+        section.rows.append(
+            [label, f"{one[k]:.2f} s", f"{single[k]:.2f} s", f"{two[k]:.2f} s", f"{two[k] / one[k]:.2f}",
+             f"{two[k] / single[k]:.2f}"]
+        )  # fmt: skip
+        results[label], results[f"{label}_one_thread"] = two[k] / one[k], two[k] / single[k]
+    section.notes += [
+        "Times inside the processes, from a barrier before the call to a barrier after it (start-up, imports and a "
+        "warm-up fit excluded); the 2-process times include the all-reduces of the statistics, the shared "
+        "eigenbases and the merge of the store's parts.",
+        f"This machine has {os.cpu_count()} cores: 2 ÷ 1 against the 1-thread process is the parallel speed-up of "
+        "splitting the data over 2 ranks with a core each (ideal 0.5); against the process that uses every core "
+        "for its matrix products it is what the ranks' collectives and store parts cost or gain beside that.",
+    ]
+    report.add(section)
+    report.line(f"total {time.perf_counter() - begin:.0f} s · load average at end {os.getloadavg()[0]:.2f}")
+    if not args.quick:
+        RESULTS.write_text(report.markdown(), encoding="utf-8")
+        console.print(f"wrote {os.path.relpath(RESULTS)}")
     return results
 
 
