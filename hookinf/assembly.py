@@ -20,6 +20,7 @@ from hookinf.autograd import without_autocast
 from hookinf.capture import FiniteCheck, LayerCapture, all_finite
 from hookinf.errors import CaptureError
 from hookinf.layers import LayerAdapter
+from hookinf.layers.base import memory_key
 from hookinf.pipeline import FactorMap
 
 
@@ -44,9 +45,19 @@ class Pending:
     flags: list[tuple[str, str, Tensor]] = field(default_factory=list)  # finiteness of the raw factors, unread
     versions: dict[str, list[int]] = field(default_factory=dict)  # deferred: each input's version when it fired
     formed: dict[Hashable, Tensor] = field(default_factory=dict)  # activations formed, by the adapter's sharing key
+    checked: dict[Hashable, Tensor] = field(default_factory=dict)  # finiteness flags of inputs, by their memory
 
     def __bool__(self) -> bool:
         return bool(self.fired)
+
+    def input_finite(self, x: Tensor) -> Tensor:
+        """:func:`~hookinf.capture.all_finite` of a layer's input, reduced once for layers that read the same one."""
+        key = memory_key(x)
+        if key is None:
+            return all_finite(x)
+        if key not in self.checked:
+            self.checked[key] = all_finite(x)
+        return self.checked[key]
 
     def is_whole(self, layers: Sequence[str]) -> bool:
         """Whether a backward reached every one of ``layers`` and every forward call made."""

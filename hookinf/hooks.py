@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check, received
 from hookinf.autograd import in_backward, in_functorch, without_autocast
-from hookinf.capture import FiniteCheck, Step, all_finite
+from hookinf.capture import FiniteCheck, Step
 from hookinf.errors import CaptureError, ConfigurationError, HookinfError, NestedWatchError
 from hookinf.ids import Ids, as_ids
 from hookinf.layers import LayerAdapter
@@ -341,7 +341,7 @@ class Watch:
         adapter, weight = self._adapters[name], self._modules[name].weight
         x = adapter.input_tensor(args, kwargs).detach()
         dtype = weight.dtype if isinstance(weight, Tensor) else x.dtype
-        self._pending.flags.append((name, "input activations", all_finite(x)))
+        self._pending.flags.append((name, "input activations", self._pending.input_finite(x)))
         fmap = self.factor_map
         with without_autocast(x.device.type):
             x = x.to(dtype)  # under autocast a float32 layer may get a bfloat16 input: capture in the weight's dtype

@@ -196,3 +196,33 @@ def test_lora_adapters_on_two_projections_of_one_input_share_their_activations()
     assert layers["q.lora_A"].a is layers["v.lora_A"].a  # both adapters' A matrices read the block's input
     assert layers["q.lora_B"].a is not layers["v.lora_B"].a  # their B matrices read each A's output
     assert torch.equal(layers["q.lora_A"].a, x.reshape(4, 5, IN))
+
+
+class CountAminmax(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += func.overloadpacket.__name__ == "aminmax"
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_shared_input_is_checked_for_finiteness_once_and_named_by_its_first_reader() -> None:
+    shared, separate = pair()
+    x, y = batches(1)[0]
+    counts = {}
+    for label, model in (("shared", shared), ("separate", separate)):
+        with CountAminmax() as ops:
+            watched_step(model, (x, y))
+        counts[label] = ops.calls
+    # inputs: x once (not 4 times: q, k, v, qb) and o's; output gradients: one per layer (5)
+    assert counts["shared"] == 2 + 5
+    assert counts["separate"] == 5 + 5
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    collect = Collect()
+    error = pytest.raises(hookinf.NonFiniteGradientError, match="layer 'q': captured input activations")
+    with error, hookinf.Watch(shared, consumers=[collect]) as watch:
+        F.cross_entropy(shared(bad), y).backward()
+        watch.verify()

@@ -20,6 +20,22 @@ from torch import Tensor, nn
 from hookinf.errors import UnsupportedModuleError
 
 
+def memory_key(x: Tensor) -> Hashable | None:
+    """What identifies the values ``x`` reads: its storage, offset, shape, strides, dtype and device.
+
+    Equal for the same tensor and for views of it that read the same elements alike (the ``detach()`` each hook takes
+    of one input). Within one step every input is held by its call, so no other tensor can reuse that memory
+    meanwhile. ``None`` (never equal) for a tensor without plain storage: meta, sparse, or a subclass.
+    """
+    if x.device.type == "meta" or x.is_sparse:
+        return None
+    try:
+        pointer = x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (pointer, x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+
+
 class LayerAdapter(ABC):
     """Maps one module's input / output gradient to the canonical factors and back to parameter gradients.
 

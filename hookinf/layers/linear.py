@@ -11,7 +11,7 @@ from collections.abc import Hashable
 
 from torch import Tensor, nn
 
-from hookinf.layers.base import LayerAdapter
+from hookinf.layers.base import LayerAdapter, memory_key
 
 
 def _to_bsf(x: Tensor) -> Tensor:
@@ -23,16 +23,10 @@ def dense_sharing_key(x: Tensor, has_bias: bool) -> Hashable | None:
     """Equal for two dense layers (``nn.Linear``, GPT-2's ``Conv1D``) whose activations from ``x`` are the same.
 
     Both form ``a`` from the input alike (:func:`_to_bsf`, then the bias's ones column), so layers reading the same
-    memory (one storage, offset, shape and strides: the same tensor, or views of it) with equal bias flags form the
-    same ``a``. Within one step every input is held by its call, so no other tensor can reuse that memory meanwhile.
+    memory (:func:`~hookinf.layers.base.memory_key`) with equal bias flags form the same ``a``.
     """
-    if x.device.type == "meta" or x.is_sparse:
-        return None
-    try:
-        pointer = x.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without plain storage (a subclass): share nothing
-        return None
-    return ("dense", has_bias, pointer, x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    memory = memory_key(x)
+    return None if memory is None else ("dense", has_bias, memory)
 
 
 def _bs(x: Tensor) -> tuple[int, int]:
