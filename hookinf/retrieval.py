@@ -24,6 +24,8 @@ from hookinf.capture import Step, store_step
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
+from hookinf.distributed import Group, announcing, resolve_ranks
+from hookinf.distributed_scores import check_candidates, check_shared, merged_top_k, store_rows
 from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.losses import Fisher
@@ -56,6 +58,7 @@ def top_k(
     compress: Compressor | None = None,
     candidates: Tensor | None = None,
     progress: bool = True,
+    group: Group = "auto",
 ) -> Retrieved:
     """The ``k`` most harmful and most helpful training examples per query, streaming over ``train``.
 
@@ -81,6 +84,9 @@ def top_k(
             ``candidates[q]``. Columns are those of the dense scores (for a store, the rank of an id among the
             stored ids: example ``j`` when the ids are dataset indices).
         progress: show rich progress bars.
+        group: as for :func:`hookinf.influence`: with several ranks, each ranks its own shard of ``train`` (or its
+            block of a store's rows), and every rank returns the merged top-k of all of them, columns numbered as
+            the dense scores' (:mod:`hookinf.distributed_scores`); ``candidates`` then needs a store.
 
     Returns:
         :class:`~hookinf.streaming.Retrieved`: a :class:`~hookinf.TopK` (columns, scores and ids, best first) with
@@ -97,7 +103,13 @@ def top_k(
     check_reiterable(query, "query")
     n_train = len(store) if isinstance(store, GradientStore) else None
     checked = None if candidates is None else _check_candidates(candidates, n_train, k)
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+    ranks = resolve_ranks(group)
+    if checked is not None and n_train is None:
+        check_candidates(ranks)
+    with (
+        announcing(ranks, "the end of the top-k pass"),
+        Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner,
+    ):
         raw = runner.query_gradients(query)
         if isinstance(train, PreconditionedStore):
             _check_preconditioned(train, method, damping)
@@ -107,6 +119,7 @@ def top_k(
             solved = solver(runner, "auto" if method is None else method, train, damping, None, fisher, seed)
             pre = precondition(solved, raw, runner)
             queries, name, lambdas = dict(pre.grads), solver_name(solved), pre.lambdas
+            check_shared(isinstance(solved, Curvature), name, ranks)
         running = RunningTopK(k, checked)
         chunks = (
             _store_chunks(runner, store, checked) if isinstance(store, GradientStore) else _data_chunks(runner, store)
@@ -114,12 +127,13 @@ def top_k(
         for columns, step in chunks:
             running.update({layer: layer_scores(queries[layer], c) for layer, c in step.layers.items()}, columns)
         runner.check_count()
-    harmful, helpful = running.sides()
+    ranked = merged_top_k(running, ranks, runner.watch.layers, positions=n_train is None)
+    harmful, helpful = ranked.harmful, ranked.helpful
     ids = store.ids if isinstance(store, GradientStore) else None
     return Retrieved(
         harmful.columns, harmful.scores, helpful.columns, helpful.scores,
         _ids_at(ids, harmful.columns), _ids_at(ids, helpful.columns),
-        harmful.parts, helpful.parts, name, lambdas, running.seen,
+        harmful.parts, helpful.parts, name, lambdas, ranked.seen,
     )  # fmt: skip
 
 
@@ -160,11 +174,9 @@ def _store_chunks(runner: Runner, store: GradientStore, candidates: Tensor | Non
     rank = torch.empty(len(store), dtype=torch.int64)
     rank[sort_order(store.ids)] = torch.arange(len(store))
     wanted = None if candidates is None else torch.unique(candidates)
-    start = 0
     with PassProgress("top-k", len(store.shards), enabled=runner.progress) as bar:
-        for index, (ids, gradients) in enumerate(store.chunks(runner.devices)):
+        for index, (start, ids, gradients) in enumerate(store_rows(store, runner.devices, runner.ranks)):
             columns = rank[start : start + id_count(ids)]
-            start += id_count(ids)
             if wanted is not None:
                 keep = torch.isin(columns, wanted).nonzero().squeeze(1)
                 if not keep.numel():
