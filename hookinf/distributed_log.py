@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hookinf.distributed import Ranks
-from hookinf.errors import DistributedError
+from hookinf.distributed import Ranks, announcing
 from hookinf.store_parts import clear_store, merge_parts, part_path
 
 
@@ -52,23 +51,11 @@ def shared_store(path: str | os.PathLike[str], ranks: Ranks | None, overwrite: b
         yield LogTarget(Path(path), overwrite, None, None)
         return
     run = ranks.broadcast(uuid.uuid4().hex[:16], "sharing the run's token")
-    with _announcing(ranks, "clearing the store"):
+    with announcing(ranks, "clearing the store"):
         if overwrite and ranks.rank == 0:
             clear_store(Path(path))
-    with _announcing(ranks, "the end of logging"):
+    with announcing(ranks, "the end of logging"):
         yield LogTarget(part_path(path, ranks.rank), False, run, Path(path))
-    with _announcing(ranks, "merging the store's parts"):
+    with announcing(ranks, "merging the store's parts"):
         if ranks.rank == 0:
             merge_parts(Path(path))
-
-
-@contextlib.contextmanager
-def _announcing(ranks: Ranks, what: str) -> Iterator[None]:
-    """Runs the block, then meets the other ranks, telling them whether it raised (and raising if one did)."""
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(DistributedError):
-            ranks.agree(failed=True, what=what)
-        raise
-    ranks.agree(failed=False, what=what)

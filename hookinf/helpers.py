@@ -24,16 +24,17 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.checkpoint_scores import Combine
-from hookinf.compress import Compressor, LoGra, require_compressor
+from hookinf.compress import Compressor, require_compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
-from hookinf.distributed import Group, resolve_ranks
+from hookinf.distributed import Group, announcing, resolve_ranks
 from hookinf.distributed_log import shared_store
+from hookinf.distributed_scores import cat1, check_shared, gather_columns, id_order
 from hookinf.errors import ConfigurationError
-from hookinf.ids import Ids, id_count, sort_order, take
+from hookinf.ids import id_count
 from hookinf.logger import GradientLogger, batch_ids
 from hookinf.losses import Fisher
-from hookinf.methods import Method, QueryMethod, empty_train, resolve_method
+from hookinf.methods import Method, QueryMethod, resolve_method
 from hookinf.over_checkpoints import (
     CURVATURES,
     SCORES,
@@ -43,7 +44,7 @@ from hookinf.over_checkpoints import (
     FitOptions,
     over_checkpoints,
 )
-from hookinf.pairwise import LowRank, check_positions, layer_scores, pad_cat
+from hookinf.pairwise import LowRank, check_per_token, check_positions, layer_scores, pad_cat
 from hookinf.progress import PassProgress
 from hookinf.runner import LossFn, Runner, check_reiterable, gradient_chunks, store_compressor
 from hookinf.scores import Scores
@@ -109,9 +110,9 @@ def fit(
         checkpoints: fit at each of these checkpoints of the same run instead of the model's own weights (state
             dicts, files or Hugging Face checkpoint directories; see ``docs/checkpoints.md``).
         group: with ``"auto"`` and an initialised process group of several ranks (or a given ``ProcessGroup``),
-            every rank calls ``fit`` with its own shard of ``train`` (used as given) and every rank returns the
-            same curvature, that of one process over all shards (see ``docs/distributed.md``); ``None``: this
-            process alone.
+            every rank calls ``fit`` with its own shard of ``train`` (used as given; a gradient store, the same on
+            every rank, is split by rows) and every rank returns the same curvature, that of one process over all
+            shards (see ``docs/distributed.md``); ``None``: this process alone.
 
     Returns:
         The fitted :class:`hookinf.Curvature`; pass it as ``method=`` to :func:`influence` /
@@ -153,6 +154,7 @@ def influence(
     progress: bool = True,
     checkpoints: Checkpoints | None = None,
     combine: Combine = "normalized",
+    group: Group = "auto",
 ) -> Scores:
     """Influence of every training example on every query, per layer.
 
@@ -191,6 +193,12 @@ def influence(
             checkpoint directories, loaded into ``model`` in turn; ``model`` is restored afterwards) and combine.
         combine: with ``checkpoints``: ``"normalized"`` (each checkpoint's scores scaled to unit standard deviation),
             ``"sum"``, or one weight per checkpoint (e.g. learning rates); see ``docs/checkpoints.md``.
+        group: with ``"auto"`` and an initialised process group of several ranks (or a given ``ProcessGroup``),
+            every rank calls ``influence`` with the same ``query`` and its own shard of ``train`` (or the same
+            store, whose rows the ranks split), the curvature is fitted over every rank's rows as :func:`fit` fits
+            it, and every rank returns the whole scores: column ``j`` is the ``j``-th example of the ranks' shards
+            concatenated in rank order (from a store: sorted by id, as in one process). See
+            :mod:`hookinf.distributed_scores`; ``None``: this process alone.
 
     Returns:
         :class:`Scores` with ``total`` and ``per_layer`` of shape ``[n_query, n_train]`` (float64; float32 for
@@ -203,14 +211,16 @@ def influence(
     compress = store_compressor(train, compress)
     check_reiterable(train, "train")
     check_reiterable(query, "query")
-    if per_token and compress is not None and not isinstance(compress, LoGra):
-        raise ConfigurationError(
-            f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
-            f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
-        )
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+    if per_token:
+        check_per_token(isinstance(train, GradientStore), compress)
+    ranks = resolve_ranks(group)
+    with (
+        announcing(ranks, "the end of scoring"),
+        Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner,
+    ):
         layers = runner.watch.layers
         solved = solver(runner, method, train, damping, None, fisher, seed)
+        check_shared(isinstance(solved, Curvature), solver_name(solved), ranks)
         pre = precondition(solved, runner.query_gradients(query), runner)
         queries: dict[str, Tensor | LowRank] = (
             {name: LowRank.of(q, query_rank) for name, q in pre.grads.items()}
@@ -224,14 +234,13 @@ def influence(
             for name, capture in step.layers.items():
                 columns[name].append(layer_scores(queries[name], capture, per_token=per_token))
         runner.check_count()
-        if not columns[layers[0]]:
-            raise empty_train()
-    ids, order = _id_order(train)
+    ids, order = id_order(train)
+    joined = gather_columns(columns, ranks, dim=1, ndim=3 if per_token else 2, join=pad_cat if per_token else cat1)
     if per_token:
-        tokens = {name: pad_cat(parts)[:, order] for name, parts in columns.items()}  # [n_query, n_train, T]
+        tokens = {name: part[:, order] for name, part in joined.items()}  # [n_query, n_train, T]
         per_layer = {name: part.sum(dim=2) for name, part in tokens.items()}
         return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, per_token=tokens, ids=ids)
-    per_layer = {name: torch.cat(parts, dim=1)[:, order] for name, parts in columns.items()}
+    per_layer = {name: part[:, order] for name, part in joined.items()}
     return Scores(per_layer=per_layer, method=solver_name(solved), damping=pre.lambdas, ids=ids)
 
 
@@ -250,13 +259,15 @@ def self_influence(
     checkpoints: Checkpoints | None = None,
     combine: Combine = "normalized",
     progress: bool = True,
+    group: Group = "auto",
 ) -> SelfScores:
     """Self-influence ``Σ_l g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)`` of every training example (the mislabel signal).
 
     It is the diagonal of ``influence(model, train, train, ...)`` with the opposite sign: large values mark
     examples the model finds hard to fit, often mislabeled ones. Arguments are those of :func:`influence`; with
     ``checkpoints``, ``train`` may also be one gradient store per checkpoint, and the result is a
-    :class:`~hookinf.checkpoint_scores.CheckpointSelfScores` combined by ``combine``.
+    :class:`~hookinf.checkpoint_scores.CheckpointSelfScores` combined by ``combine``. With several ranks
+    (``group``, as for :func:`influence`), every rank returns every rank's entries, in the same order.
 
     Returns:
         :class:`~hookinf.SelfScores`: ``per_layer`` ``{layer: [n_train]}`` (``g_l(z)ᵀ (G_l + λ_l I)⁻¹ g_l(z)``),
@@ -268,8 +279,13 @@ def self_influence(
     assert isinstance(method, str | Method | QueryMethod | Curvature)  # @over_checkpoints split a list per checkpoint
     compress = store_compressor(train, compress)
     check_reiterable(train, "train")
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+    ranks = resolve_ranks(group)
+    with (
+        announcing(ranks, "the end of the self-influence pass"),
+        Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner,
+    ):
         solved = solver(runner, method, train, damping, None, fisher, seed)
+        check_shared(isinstance(solved, Curvature), solver_name(solved), ranks)
         values: dict[str, list[Tensor]] = {name: [] for name in runner.watch.layers}  # layer → [B] parts
         lambdas: dict[str, float] = {}
         if isinstance(solved, Curvature):
@@ -286,10 +302,9 @@ def self_influence(
                 for n in chunk:
                     values[n].append((pre.grads[n] * chunk[n].to(pre.grads[n].dtype)).flatten(1).sum(dim=1).double())
         runner.check_count()
-        if not any(values.values()):
-            raise empty_train()
-    ids, order = _id_order(train)
-    per_layer = {name: torch.cat(parts)[order] for name, parts in values.items()}
+    ids, order = id_order(train)
+    joined = gather_columns(values, ranks, dim=0, ndim=1, join=torch.cat)
+    per_layer = {name: part[order] for name, part in joined.items()}
     return SelfScores(per_layer=per_layer, method=solver_name(solved), damping=lambdas, ids=ids)
 
 
@@ -374,19 +389,6 @@ def log(
         finally:
             logger.close()  # completed steps are durable even when the loop raised
     return logger.store if target.whole is None else GradientStore(target.whole)
-
-
-def _id_order(train: Iterable[Any] | GradientStore) -> tuple[Ids | None, slice | Tensor]:
-    """A store's ids sorted, and the permutation that sorts its examples by id (stable); ``slice(None)`` for data.
-
-    A store is written in the order of the user's (often shuffled) loop; sorting by id makes column ``j`` the
-    example with the ``j``-th smallest id, so with dataset indices as ids, column ``j`` is example ``j``.
-    """
-    if not isinstance(train, GradientStore):
-        return None, slice(None)
-    ids = train.ids
-    order = sort_order(ids)  # strings sort by code point
-    return take(ids, order), order
 
 
 _SELF_CHUNK = 256  # training examples preconditioned together when a query method computes self-influence

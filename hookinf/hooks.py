@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from hookinf.assembly import MISSING_HINT, Call, Pending, assemble, check_received, finite_check, received
 from hookinf.autograd import in_backward, in_functorch, without_autocast
 from hookinf.capture import FiniteCheck, Step
+from hookinf.distributed import unwrap
 from hookinf.errors import CaptureError, ConfigurationError, HookinfError, NestedWatchError
 from hookinf.ids import Ids, as_ids
 from hookinf.layers import LayerAdapter
@@ -57,7 +58,9 @@ class Watch:
     helpers and the Trainer callback build theirs from the same parts.
 
     Args:
-        model: the model; it is never modified (no module replaced, no attribute added).
+        model: the model; it is never modified (no module replaced, no attribute added). A
+            ``DistributedDataParallel`` (or ``DataParallel``) wrapper is looked through: the layers are its inner
+            module's, named without the ``module.`` prefix, as the one-call helpers name them.
         modules: what to track (see :func:`hookinf.watch`), or an already resolved
             :class:`~hookinf.selection.Selection`.
         loss_reduction: ``"mean"`` or ``"sum"`` (see :func:`hookinf.watch`).
@@ -85,6 +88,7 @@ class Watch:
             raise ConfigurationError(
                 f"loss_reduction={loss_reduction!r} is not valid; use one of {list(get_args(LossReduction))}."
             )
+        model = unwrap(model)
         self.model = model
         self.loss_reduction: LossReduction = loss_reduction
         self.selection = select(model, modules)

@@ -8,6 +8,8 @@ given those, plus the accessors for what the consumers built (:meth:`LoopWatch.c
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from collections.abc import Sequence
 from types import TracebackType
@@ -18,7 +20,8 @@ from torch import Tensor, nn
 from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping, as_damping, default_damping
-from hookinf.errors import ConfigurationError
+from hookinf.distributed import Group, Ranks, resolve_ranks, unwrap
+from hookinf.errors import ConfigurationError, DistributedError
 from hookinf.hooks import LossReduction, Watch
 from hookinf.logger import GradientLogger
 from hookinf.methods import Method, check_basis_compressor, resolve_method
@@ -40,6 +43,7 @@ def watch(
     compress: Compressor | None = None,
     flush_every: int = 4096,
     overwrite: bool = False,
+    group: Group = "auto",
 ) -> LoopWatch:
     """Captures per-example, per-layer gradient factors while the user's own code runs.
 
@@ -82,6 +86,15 @@ def watch(
             ``w.per_example_gradients()``) are then the compressed ones.
         flush_every: see ``log_to``.
         overwrite: replace the store at ``log_to`` when the block is first entered, instead of resuming it.
+        group: for ``fit``, as :func:`hookinf.fit`: with ``"auto"`` and an initialised process group of several
+            ranks (or a given ``ProcessGroup``), the loop runs on every rank over its own shard and
+            :meth:`LoopWatch.curvature` — called on every rank, as a collective — sums the statistics over the ranks
+            (one all-reduce per call), so that every rank returns the curvature of one process over every rank's
+            steps. ``None``: this process's steps alone. (``log_to`` is local: give each rank its own directory.)
+
+    A ``DistributedDataParallel`` model is watched through its wrapper: the layers are the inner module's, named
+    without the ``module.`` prefix (as :func:`hookinf.fit` and :func:`hookinf.influence` name them), and the loop
+    keeps calling the wrapper (its gradient reducer is untouched: the watch never reads or writes ``.grad``).
 
     Returns:
         A :class:`LoopWatch` (a :class:`~hookinf.Watch`) to enter with ``with``.
@@ -103,6 +116,7 @@ def watch(
         compress=compress,
         flush_every=flush_every,
         overwrite=overwrite,
+        group=group,
     )
 
 
@@ -121,8 +135,11 @@ class LoopWatch(Watch):
         compress: Compressor | None = None,
         flush_every: int = 4096,
         overwrite: bool = False,
+        group: Group = "auto",
     ) -> None:
         require_compressor(compress)
+        resolve_ranks(group)  # refuses an invalid group= now; resolved again when the curvature is summed
+        self._group = group
         if compress is not None and log_to is None and fit is None:
             raise ConfigurationError(
                 "watch(compress=...) compresses what log_to= stores or what fit= accumulates; give one of them "
@@ -133,6 +150,7 @@ class LoopWatch(Watch):
                 "watch(log_to=...) needs compress=...: a store holds compressed gradients (e.g. "
                 "compress=hookinf.LoGra(16, 16))."
             )
+        model = unwrap(model)
         selection = select(model, modules)
         bound = compress.bind(selection.shapes) if compress is not None else None
         self._accumulator = None if fit is None else _accumulator(fit, selection, bound, dtype)
@@ -178,19 +196,47 @@ class LoopWatch(Watch):
     def curvature(self, damping: float | Damping | None = None) -> Curvature:
         """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).
 
+        With several ranks (``watch(group=...)``), a collective: every rank calls it (the same number of times),
+        and each call sums a copy of every rank's statistics so far — the watch keeps its own rank's, so the loop
+        may go on and a later call counts each step once. A rank whose captures fail the finiteness check tells the
+        others, which raise :class:`~hookinf.errors.DistributedError`.
+
         Args:
             damping: the damping rule stored with it (see :func:`hookinf.fit`); ``None``: the method's default
                 (:func:`~hookinf.damping.default_damping`: 1.0 for ``exact``, 0.1 otherwise).
+
+        Raises:
+            DistributedError: another rank failed, died or did not call ``curvature`` within the process group's
+                timeout.
         """
         if self._accumulator is None:
             raise ConfigurationError(
                 "this watch accumulates no statistics: create it with hookinf.watch(model, fit='kfac') (or 'exact', "
                 "or hookinf.EKFAC(basis=...))."
             )
-        self.steps  # noqa: B018 - closes the pending step, which feeds the accumulator
-        self.verify()  # no curvature of non-finite captures
+        ranks = resolve_ranks(self._group)
+        try:
+            self.steps  # noqa: B018 - closes the pending step, which feeds the accumulator
+            self.verify()  # no curvature of non-finite captures
+        except BaseException:
+            if ranks is not None:  # the others are summing: join them with the failure flag
+                _summed(self._accumulator, ranks, self._fit_name, failed=True)
+            raise
+        accumulator = self._accumulator if ranks is None else _summed(self._accumulator, ranks, self._fit_name)
         rule = default_damping(self._fit_name or "") if damping is None else as_damping(damping)
-        return self._accumulator.finish(rule)
+        return accumulator.finish(rule)
+
+
+def _summed(accumulator: Accumulator, ranks: Ranks, name: str | None, *, failed: bool = False) -> Accumulator:
+    """A copy of ``accumulator`` summed over ``ranks`` (the watch keeps its own); ``failed``: only tells the others."""
+    total = copy.deepcopy(accumulator)
+    what = f"the {name} statistics of the watched loop"
+    if not failed:
+        total.all_reduce(ranks, what=what)
+    else:
+        with contextlib.suppress(DistributedError):
+            total.all_reduce(ranks, failed=True, what=what)
+    return total
 
 
 def _accumulator(

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hookinf.capture import LayerCapture, Step
+from hookinf.compress import Compressor, LoGra
 from hookinf.errors import ConfigurationError
 from hookinf.linalg import einsum
 
@@ -62,6 +63,30 @@ def layer_scores(queries: Tensor | LowRank, capture: LayerCapture, *, per_token:
     if isinstance(queries, LowRank):
         return -einsum(f"bso,qok,bsi,qik->{out}", delta, queries.left, a, queries.right)
     return -einsum(f"qoi,bso,bsi->{out}", queries, delta, a)
+
+
+def check_per_token(from_store: bool, compress: Compressor | None) -> None:
+    """Refuses ``per_token=True`` where the training gradients have no positions left.
+
+    Args:
+        from_store: the training gradients come from a store, which keeps each example's gradient summed over its
+            positions.
+        compress: the compressor (``None``, a :class:`~hookinf.LoGra`, which keeps positions, or another).
+
+    Raises:
+        ConfigurationError: says why and what to pass instead.
+    """
+    if from_store:
+        raise ConfigurationError(
+            "per_token=True splits each training example's score over its positions (tokens), and a gradient store "
+            "keeps each example's gradient summed over them. Pass the training batches as train (with compress= "
+            "hookinf.LoGra(...) or none) to score with per-token parts, or leave per_token out."
+        )
+    if compress is not None and not isinstance(compress, LoGra):
+        raise ConfigurationError(
+            f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
+            f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
+        )
 
 
 def check_positions(step: Step) -> None:

@@ -21,14 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from hookinf.capture import Step, store_step
-from hookinf.compress import Compressor, LoGra
+from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping
+from hookinf.distributed import Group, announcing, resolve_ranks
+from hookinf.distributed_scores import check_candidates, check_shared, merged_top_k, store_rows
 from hookinf.errors import ConfigurationError
 from hookinf.ids import Ids, id_count, sort_order, take
 from hookinf.losses import Fisher
 from hookinf.methods import Method, QueryMethod
-from hookinf.pairwise import LowRank, check_positions, layer_scores
+from hookinf.pairwise import LowRank, check_per_token, check_positions, layer_scores
 from hookinf.preconditioned import PreconditionedStore
 from hookinf.progress import PassProgress
 from hookinf.runner import LossFn, Runner, check_reiterable, store_compressor
@@ -58,6 +60,7 @@ def top_k(
     per_token: bool = False,
     query_rank: int | None = None,
     progress: bool = True,
+    group: Group = "auto",
 ) -> Retrieved:
     """The ``k`` most harmful and most helpful training examples per query, streaming over ``train``.
 
@@ -92,6 +95,9 @@ def top_k(
             :func:`hookinf.influence` does (Grosse et al. 2023, §3.2): the top-k of those approximate scores. Not
             with a preconditioned store, whose queries are never preconditioned.
         progress: show rich progress bars.
+        group: as for :func:`hookinf.influence`: with several ranks, each ranks its own shard of ``train`` (or its
+            block of a store's rows), and every rank returns the merged top-k of all of them, columns numbered as
+            the dense scores' (:mod:`hookinf.distributed_scores`); ``candidates`` then needs a store.
 
     Returns:
         :class:`~hookinf.streaming.Retrieved`: a :class:`~hookinf.TopK` (columns, scores and ids, best first) with
@@ -110,7 +116,19 @@ def top_k(
     n_train = len(store) if isinstance(store, GradientStore) else None
     checked = None if candidates is None else _check_candidates(candidates, n_train, k)
     _check_options(train, compress, per_token, query_rank)
-    with Runner(model, loss_fn, modules=modules, compress=compress, progress=progress) as runner:
+    ranks = resolve_ranks(group)
+    if checked is not None and n_train is None:
+        check_candidates(ranks)
+    if per_token and ranks is not None:
+        raise ConfigurationError(
+            "top_k(per_token=True) keeps each chosen entry's per-token parts on the rank that scored it, and gathering "
+            "them across ranks is not supported: call influence(..., per_token=True) (which gathers them) or pass "
+            "group=None."
+        )
+    with (
+        announcing(ranks, "the end of the top-k pass"),
+        Runner(model, loss_fn, modules=modules, compress=compress, progress=progress, group=group) as runner,
+    ):
         raw = runner.query_gradients(query)
         if isinstance(train, PreconditionedStore):
             _check_preconditioned(train, method, damping)
@@ -120,7 +138,8 @@ def top_k(
             solved = solver(runner, "auto" if method is None else method, train, damping, None, fisher, seed)
             pre = precondition(solved, raw, runner)
             queries, name, lambdas = dict(pre.grads), solver_name(solved), pre.lambdas
-        ranked: dict[str, Tensor | LowRank] = (
+            check_shared(isinstance(solved, Curvature), name, ranks)
+        approximated: dict[str, Tensor | LowRank] = (
             dict(queries) if query_rank is None else {n: LowRank.of(q, query_rank) for n, q in queries.items()}
         )
         running = RunningTopK(k, checked)
@@ -129,18 +148,20 @@ def top_k(
         )
         for columns, step in chunks:
             if not per_token:
-                running.update({layer: layer_scores(ranked[layer], c) for layer, c in step.layers.items()}, columns)
+                parts = {layer: layer_scores(approximated[layer], c) for layer, c in step.layers.items()}
+                running.update(parts, columns)
                 continue
             check_positions(step)
-            tokens = {layer: layer_scores(ranked[layer], c, per_token=True) for layer, c in step.layers.items()}
+            tokens = {layer: layer_scores(approximated[layer], c, per_token=True) for layer, c in step.layers.items()}
             running.update({layer: part.sum(dim=2) for layer, part in tokens.items()}, columns, tokens)
         runner.check_count()
-    harmful, helpful = running.sides()
+    ranked = merged_top_k(running, ranks, runner.watch.layers, positions=n_train is None)
+    harmful, helpful = ranked.harmful, ranked.helpful
     ids = store.ids if isinstance(store, GradientStore) else None
     return Retrieved(
         harmful.columns, harmful.scores, helpful.columns, helpful.scores,
         _ids_at(ids, harmful.columns), _ids_at(ids, helpful.columns),
-        harmful.parts, helpful.parts, name, lambdas, running.seen,
+        harmful.parts, helpful.parts, name, lambdas, ranked.seen,
         harmful.tokens if per_token else None, helpful.tokens if per_token else None,
     )  # fmt: skip
 
@@ -165,17 +186,8 @@ def _check_preconditioned(
 
 def _check_options(train: Train, compress: Compressor | None, per_token: bool, query_rank: int | None) -> None:
     """Refuses ``per_token`` where there are no positions, and ``query_rank`` with a preconditioned store."""
-    if per_token and isinstance(train, GradientStore | PreconditionedStore):
-        raise ConfigurationError(
-            "per_token=True splits each training example's score over its positions (tokens), and a gradient store "
-            "keeps each example's gradient summed over them. Pass the training batches as train (with compress= "
-            "hookinf.LoGra(...) or none) to rank with per-token parts, or leave per_token out."
-        )
-    if per_token and compress is not None and not isinstance(compress, LoGra):
-        raise ConfigurationError(
-            f"per_token=True needs positions in the compressed gradients; {type(compress).__name__} compresses whole "
-            f"per-example gradients. Use hookinf.LoGra, which keeps them, or no compression."
-        )
+    if per_token:
+        check_per_token(isinstance(train, GradientStore | PreconditionedStore), compress)
     if query_rank is not None and isinstance(train, PreconditionedStore):
         raise ConfigurationError(
             f"query_rank={query_rank!r} approximates the preconditioned query gradients, and against a "
@@ -204,11 +216,9 @@ def _store_chunks(runner: Runner, store: GradientStore, candidates: Tensor | Non
     rank = torch.empty(len(store), dtype=torch.int64)
     rank[sort_order(store.ids)] = torch.arange(len(store))
     wanted = None if candidates is None else torch.unique(candidates)
-    start = 0
     with PassProgress("top-k", len(store.shards), enabled=runner.progress) as bar:
-        for index, (ids, gradients) in enumerate(store.chunks(runner.devices)):
+        for index, (start, ids, gradients) in enumerate(store_rows(store, runner.devices, runner.ranks)):
             columns = rank[start : start + id_count(ids)]
-            start += id_count(ids)
             if wanted is not None:
                 keep = torch.isin(columns, wanted).nonzero().squeeze(1)
                 if not keep.numel():

@@ -26,6 +26,7 @@ from hookinf.autograd import differentiate
 from hookinf.capture import Step, store_step
 from hookinf.compress import Compressor, from_config, require_compressor
 from hookinf.distributed import Group, resolve_ranks, unwrap
+from hookinf.distributed_scores import store_rows
 from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
 from hookinf.losses import SampledLoss, Sampler, sums_examples
@@ -119,7 +120,9 @@ class Runner:
         ``sample`` is the pass's random source (one generator per device, see :class:`hookinf.losses.Sampler`): its
         generators advance over the pass's batches, so the pass's draws are one reproducible stream.
 
-        A :class:`GradientStore` yields its stored (already compressed) gradients chunk by chunk.
+        A :class:`GradientStore` yields its stored (already compressed) gradients chunk by chunk; with :attr:`ranks`,
+        only this rank's block of its rows (:func:`hookinf.distributed_scores.store_rows`), so that a pass over one
+        store on every rank visits each row once.
         """
         if isinstance(data, GradientStore):
             yield from self._store_steps(data, description, sample)
@@ -142,7 +145,7 @@ class Runner:
             )
         self.check_store(store)
         with PassProgress(description, len(store.shards), enabled=self.progress) as bar:
-            for index, (_, gradients) in enumerate(store.chunks(self.devices)):
+            for index, (_, _, gradients) in enumerate(store_rows(store, self.devices, self.ranks)):
                 step = store_step(index, gradients, store.layers)
                 yield step
                 bar.advance(step.batch_size)

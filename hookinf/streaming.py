@@ -157,6 +157,16 @@ class RunningTopK:
             else:
                 self._helpful = side
 
+    def kept(self) -> tuple[_Side, _Side] | None:
+        """The harmful and helpful entries kept so far, unchecked (``None`` before the first chunk).
+
+        What one rank contributes to the merge of :func:`hookinf.distributed_scores.merged_top_k`, which checks the
+        merged entries as :meth:`sides` checks these.
+        """
+        if self._harmful is None or self._helpful is None:
+            return None
+        return self._harmful, self._helpful
+
     def sides(self) -> tuple[_Side, _Side]:
         """The kept harmful and helpful entries (per-token parts padded to the longest ``T`` seen).
 

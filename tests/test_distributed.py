@@ -8,101 +8,33 @@ the store, every id once). A rank's results are saved under the test's directory
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
-import socket
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from conftest import assert_close
+from distributed_harness import SHARDS
+from distributed_harness import batches as _batches
+from distributed_harness import error as _error
+from distributed_harness import ids as _ids
+from distributed_harness import loss as _loss
+from distributed_harness import model as _model
+from distributed_harness import spawn as _spawn
 from torch import Tensor, nn
 
 import hookinf
 from hookinf.losses import pass_seed
 from hookinf.store_parts import part_path
 
-WORLD = 2
-TIMEOUT_S = 120  # a spawned run that takes longer is killed and fails the test
-SHARDS = {0: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12]], 1: [[13, 14, 15, 16], [17, 18, 19, 0]]}
 METHODS = ("kfac", "ekfac", "exact", "identity")
 COMPRESS = hookinf.LoGra(2, 2)
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def _examples() -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(20, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (20,), generator=generator)
-
-
-def _batches(shard: list[list[int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    x, y = _examples()
-    return [(x[idx], y[idx], idx) for idx in (torch.tensor(b) for b in shard)]
-
-
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
 def _sampled_loss() -> hookinf.CrossEntropy:
     return hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
-
-
-def _ids(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    return batch[2]
-
-
-# ---------------------------------------------------------------------------------------------- spawning
-def _entry(worker: Callable[[int, Path], None], rank: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        worker(rank, out)
-    except BaseException as err:
-        (out / f"error-{rank}.txt").write_text(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(worker: Callable[[int, Path], None], out: Path) -> dict[int, int | None]:
-    """Runs ``worker(rank, out)`` on two gloo ranks; returns their exit codes (killed after ``TIMEOUT_S``)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    procs = [context.Process(target=_entry, args=(worker, rank, port, out)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if time.monotonic() > deadline:
-        pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s")
-    return {rank: proc.exitcode for rank, proc in enumerate(procs)}
-
-
-def _error(out: Path, rank: int) -> str:
-    path = out / f"error-{rank}.txt"
-    return path.read_text() if path.is_file() else ""
 
 
 # ---------------------------------------------------------------------------------------------- workers

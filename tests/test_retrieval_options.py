@@ -115,6 +115,9 @@ def test_per_token_and_query_rank_are_refused_where_they_have_no_meaning(tmp_pat
     for source in (store, pre):
         with pytest.raises(ConfigurationError, match="a gradient store keeps each example's gradient summed"):
             hookinf.top_k(case.model, source, query, case.loss_fn, per_token=True, **run)
+    # influence too: it used to split a stored gradient over its compressed columns as if they were tokens
+    with pytest.raises(ConfigurationError, match="a gradient store keeps each example's gradient summed"):
+        hookinf.influence(case.model, store, query, case.loss_fn, method=curvature, per_token=True, **run)
     with pytest.raises(ConfigurationError, match=r"per_token.*Gaussian.*LoGra"):
         hookinf.top_k(case.model, train, query, case.loss_fn, per_token=True, compress=hookinf.Gaussian(4), **run)
     with pytest.raises(ConfigurationError, match="the queries are never preconditioned"):
