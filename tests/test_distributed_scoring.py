@@ -104,6 +104,7 @@ def _score_everything(rank: int, out: Path) -> None:
 
     _watch_a_ddp_loop(rank, out)
     _gather_uneven(rank, out)
+    _over_checkpoints(rank, out)
 
     def failing(net: nn.Module, batch: Batch) -> Tensor:
         if rank == 1 and 17 in batch[2].tolist():
@@ -135,6 +136,18 @@ def _watch_a_ddp_loop(rank: int, out: Path) -> None:
     torch.save([list(watch.layers), first.tensors, again.tensors], out / f"watch-{rank}.pt")
     if rank == 0:
         first.save(out / "watch")
+
+
+def checkpoint_states() -> list[dict[str, Tensor]]:
+    """Two checkpoints of the harness's model: its weights halved, and as they are."""
+    return [{name: scale * value for name, value in model().state_dict().items()} for scale in (0.5, 1.0)]
+
+
+def _over_checkpoints(rank: int, out: Path) -> None:
+    net, train, query = model(), batches(SHARDS[rank]), batches(QUERY)
+    fits = hookinf.fit(net, train, loss, method="ekfac", checkpoints=checkpoint_states(), progress=False)
+    scores = hookinf.influence(net, train, query, loss, method="ekfac", checkpoints=checkpoint_states(), progress=False)
+    torch.save([[fit.tensors for fit in fits], scores.per_layer], out / f"checkpoints-{rank}.pt")
 
 
 def _gather_uneven(rank: int, out: Path) -> None:
@@ -268,6 +281,19 @@ def test_watch_fit_in_a_ddp_loop_on_two_ranks_equals_one_fit_over_all_the_data(r
     for name in want.layers:
         for key in ("A", "S"):
             assert_close(got.stat(name, key), want.stat(name, key), rtol=1e-6, atol=1e-12, what=f"{name}/{key}")
+
+
+def test_checkpoints_are_fitted_and_scored_across_ranks(run: Path) -> None:
+    """fit/influence(checkpoints=) on two ranks: each checkpoint's EK-FAC fitted over both shards, as one process."""
+    fits, per_layer = _both(run, "checkpoints")
+    options: dict[str, Any] = {"progress": False, "group": None}
+    want_fits = hookinf.fit(model(), _all(), loss, method="ekfac", checkpoints=checkpoint_states(), **options)
+    for k, (got, want) in enumerate(zip(fits, want_fits, strict=True)):
+        _close(got, want.tensors, f"checkpoint {k}'s curvature")
+    want = hookinf.influence(
+        model(), _all(), batches(QUERY), loss, method="ekfac", checkpoints=checkpoint_states(), **options
+    )
+    _close(per_layer, want.per_layer, "scores over checkpoints")
 
 
 def test_gather_concatenates_in_rank_order_and_pads_the_later_dimensions(run: Path) -> None:
