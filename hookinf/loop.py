@@ -4,6 +4,8 @@
 each step is compressed once and only its compressed factors are held) and builds the consumers — the method's
 accumulator and the gradient logger — and returns a :class:`LoopWatch`: the hook-owning :class:`~hookinf.Watch`
 given those, plus the accessors for what the consumers built (:meth:`LoopWatch.curvature`, :attr:`LoopWatch.store`).
+On several ranks, the logger writes this rank's part of one shared store (:mod:`hookinf.distributed_log`): the watch
+joins the store when built, and meets the other ranks when its block is entered and when it exits.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import Tensor, nn
 from hookinf.compress import BoundCompressor, Compressor, require_compressor
 from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping, as_damping, default_damping
-from hookinf.distributed import Group, Ranks, resolve_ranks, unwrap
+from hookinf.distributed import Group, Ranks, announcing, resolve_ranks, unwrap
+from hookinf.distributed_log import LogTarget, join_store, leave_store
 from hookinf.errors import ConfigurationError, DistributedError
 from hookinf.hooks import LossReduction, Watch
 from hookinf.logger import GradientLogger
@@ -77,7 +80,9 @@ def watch(
             the one line a loop gains: ``w.tag(ids)``. Shards are flushed every ``flush_every`` examples and when
             the block ends (also on an exception: completed steps are kept). The store records the weights each
             entry of the block starts and ends at: another run's store at other weights is refused (a rerun in
-            the same folder), and so is scoring it with a model at other weights than logging ended at.
+            the same folder), and so is scoring it with a model at other weights than logging ended at. With several
+            ranks (``group``), every rank logs into the same ``log_to``: each into its own part of one store, which
+            rank 0 merges at every exit (see ``group``).
         compress: the compressor (``hookinf.LoGra``, ``hookinf.Dropout``, ``hookinf.Gaussian``) for ``log_to``, and
             for ``fit``: the statistics are then accumulated in the compressed space (as
             ``hookinf.fit(..., compress=...)`` does), so a curvature and a store from the same loop score together —
@@ -85,12 +90,21 @@ def watch(
             The projections run inside the hooks, so the watch never holds the full-width factors; its steps (and
             ``w.per_example_gradients()``) are then the compressed ones.
         flush_every: see ``log_to``.
-        overwrite: replace the store at ``log_to`` when the block is first entered, instead of resuming it.
-        group: for ``fit``, as :func:`hookinf.fit`: with ``"auto"`` and an initialised process group of several
-            ranks (or a given ``ProcessGroup``), the loop runs on every rank over its own shard and
-            :meth:`LoopWatch.curvature` — called on every rank, as a collective — sums the statistics over the ranks
-            (one all-reduce per call), so that every rank returns the curvature of one process over every rank's
-            steps. ``None``: this process's steps alone. (``log_to`` is local: give each rank its own directory.)
+        overwrite: replace the store at ``log_to`` when the block is first entered (with several ranks: when the
+            watch is built, by rank 0, before any rank opens its part), instead of resuming it.
+        group: with ``"auto"`` and an initialised process group of several ranks (or a given ``ProcessGroup``), the
+            loop runs on every rank over its own shard, and the watch combines the ranks' steps. ``fit``, as
+            :func:`hookinf.fit`: :meth:`LoopWatch.curvature` — called on every rank, as a collective — sums the
+            statistics over the ranks (one all-reduce per call), so that every rank returns the curvature of one
+            process over every rank's steps. ``log_to``, as :func:`hookinf.log` across ranks: building the watch is
+            a collective (the ranks share rank 0's run token, recorded with the weights), and each rank logs into
+            its own part ``log_to/rank-NNNNN`` of one store, skipping the ids stored anywhere in it. Entering the
+            block is a collective (every rank opens its part, or none logs); so is every exit: when every rank
+            closed its part, rank 0 merges the parts atomically (every id once) and the others wait, so the store
+            at ``log_to`` is whole after each exit and the next entry resumes it; when a rank's block raised, the
+            others raise :class:`~hookinf.errors.DistributedError` there, nothing is merged and every flushed shard
+            is kept, so entering again (or logging again into ``log_to``) resumes the store. ``None``: this
+            process alone (its own store at ``log_to``).
 
     A ``DistributedDataParallel`` model is watched through its wrapper: the layers are the inner module's, named
     without the ``module.`` prefix (as :func:`hookinf.fit` and :func:`hookinf.influence` name them), and the loop
@@ -105,6 +119,8 @@ def watch(
         NoTrackableModuleError: the model has no supported module with trainable parameters.
         PatternMatchError: an entry of ``modules`` matches no trackable module.
         UnsupportedModuleError: a module named in ``modules`` cannot be tracked.
+        DistributedError: with several ranks and ``log_to``, another rank failed or died while the ranks joined the
+            store (and, from ``with``: while entering the block, in its block, or while merging the store).
     """
     return LoopWatch(
         model,
@@ -138,7 +154,7 @@ class LoopWatch(Watch):
         group: Group = "auto",
     ) -> None:
         require_compressor(compress)
-        resolve_ranks(group)  # refuses an invalid group= now; resolved again when the curvature is summed
+        ranks = resolve_ranks(group)  # refuses an invalid group= now; resolved again when the curvature is summed
         self._group = group
         if compress is not None and log_to is None and fit is None:
             raise ConfigurationError(
@@ -156,16 +172,35 @@ class LoopWatch(Watch):
         self._accumulator = None if fit is None else _accumulator(fit, selection, bound, dtype)
         self._fit_name = None if fit is None else resolve_method(fit).name
         self._logger: GradientLogger | None = None
+        self._target: LogTarget | None = None  # where this rank logs: the store, or its part of a shared one
+        self._log_ranks = ranks if log_to is not None else None  # the ranks sharing the store (fixed once joined)
         if log_to is not None and bound is not None:
-            self._logger = GradientLogger(log_to, bound, selection.parameters(), flush_every, overwrite=overwrite)
+            self._target = join_store(log_to, self._log_ranks, overwrite)  # with several ranks: a collective
+            self._logger = GradientLogger(
+                self._target.path,
+                bound,
+                selection.parameters(),
+                flush_every,
+                overwrite=self._target.overwrite,
+                run=self._target.run,
+                whole=self._target.whole,
+            )
         consumers: list[Consumer] = [c for c in (self._accumulator, self._logger) if c is not None]
         super().__init__(model, modules=selection, loss_reduction=loss_reduction, consumers=consumers, factor_map=bound)
         self._probe = ReductionProbe(loss_reduction, self._pending_batch_size, selection.parameters())
 
     def __enter__(self) -> LoopWatch:
-        if self._logger is not None and self._logger.closed:  # entered again after an exit: resume the store
-            self._logger.reopen()
-        super().__enter__()
+        opened = False
+        try:
+            with announcing(self._log_ranks, "opening the store's parts"):  # no rank logs unless every rank can
+                if self._logger is not None and self._logger.closed:  # entered again after an exit: resume it
+                    self._logger.reopen()
+                super().__enter__()
+                opened = True
+        except BaseException:
+            if opened:  # another rank could not enter: this one leaves the block unentered too
+                self._close()
+            raise
         self._probe.start()  # until the first backward: is the loss reduced as loss_reduction says?
         return self
 
@@ -173,7 +208,19 @@ class LoopWatch(Watch):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._probe.stop()
-        super().__exit__(exc_type, exc, tb)
+        try:
+            super().__exit__(exc_type, exc, tb)  # closes the logger: this rank's part, or the store
+        except BaseException:
+            self._leave(failed=True)
+            raise
+        self._leave(failed=exc_type is not None)
+
+    def _leave(self, *, failed: bool) -> None:
+        """Meets the ranks sharing the store once this rank's part is closed; rank 0 merges when none failed."""
+        if self._target is None or self._logger is None or self._log_ranks is None:
+            return
+        weights = None if failed else self._logger.store.manifest.weights  # the weights this rank's logging ended at
+        leave_store(self._target, self._log_ranks, failed=failed, weights=weights)
 
     def _pending_batch_size(self) -> int | None:
         """The batch size of the watched forward awaiting its backward (``None``: none awaits one)."""
@@ -188,10 +235,18 @@ class LoopWatch(Watch):
 
     @property
     def store(self) -> GradientStore:
-        """The gradient store being logged (``log_to``)."""
-        if self._logger is None:
+        """The gradient store being logged (``log_to``).
+
+        With several ranks sharing it: inside the block, this rank's part (``log_to/rank-NNNNN``, what this rank has
+        written); outside it, the whole store at ``log_to`` — merged after an exit in which every rank closed its
+        part, else the parts as they were left (which open all the same).
+        """
+        if self._logger is None or self._target is None:
             raise ConfigurationError("this watch logs no gradients: create it with log_to=... and compress=... .")
-        return self._logger.store
+        part = self._logger.store
+        if self._target.whole is None or not self._logger.closed:
+            return part
+        return GradientStore(self._target.whole)
 
     def curvature(self, damping: float | Damping | None = None) -> Curvature:
         """The curvature accumulated from every step so far (needs ``watch(model, fit=...)``).

@@ -11,7 +11,9 @@ Each rank writes only its own part, under that part's own writer lock, with the 
 durable before its part's manifest lists it). The store opens as the *view* :func:`load_view` builds: the shards the
 top manifest lists, then, part by part in rank order, every shard of a part that the top manifest has not merged yet
 (listed as ``rank-NNNNN/shard-NNNNNN.safetensors``). So a store whose merge never ran — a rank died, the job was
-killed — opens, resumes and scores from its parts as they are.
+killed — opens, resumes and scores from its parts as they are. The view records the weights the parts with unmerged
+shards record (they were logged after the top manifest was last merged): these must agree with each other, and with
+the top's unless they come from the run that wrote it (a watch whose loop trains between two entries).
 
 :func:`merge_parts` (rank 0, after every rank closed its part) writes that view as the top manifest in one atomic
 rename, recording the merged part shards under ``merged`` so they are never counted twice. It keeps every id once:
@@ -47,6 +49,7 @@ from hookinf.store_format import (
     read_tensors,
     unlisted_shards,
 )
+from hookinf.weights import WeightsRecord
 
 _PART = re.compile(r"rank-\d{5}")
 _IN_PART = re.compile(r"rank-\d{5}/")
@@ -101,8 +104,9 @@ def load_view(directory: Path) -> StoreManifest:
         check_shard(directory, top, shard)
     done = {shard.file for shard in top.shards} | set(top.merged)
     extra: list[Shard] = []
-    kind, weights = top.ids, top.weights
-    hashes = {top.weights.hash} if top.weights is not None and top.shards else set()
+    kind = top.ids
+    records: list[WeightsRecord] = []  # the records of the parts with unmerged shards: newer than the top's
+    fallback = top.weights
     for name in names:
         part = read_manifest(directory / name)
         _check_same(directory, top, part, name)
@@ -113,14 +117,18 @@ def load_view(directory: Path) -> StoreManifest:
         if fresh and kind not in (None, part.ids):
             raise StoreError(f"{directory / name}: the part holds {part.ids} ids and the store {kind} ids.")
         kind = kind if not fresh else part.ids
-        weights = weights or part.weights
+        fallback = fallback or part.weights
         if fresh and part.weights is not None:
-            hashes.add(part.weights.hash)
+            records.append(part.weights)
+    hashes = {record.hash for record in records}
+    if top.weights is not None and top.shards and not any(record.run == top.weights.run for record in records):
+        hashes.add(top.weights.hash)  # the same run may have moved its weights since the top was merged
     if len(hashes) > 1:
         raise StoreError(
             f"{directory}: its parts hold gradients taken at different weights ({sorted(hashes)}); the ranks must log "
             f"the same model. Log again with overwrite=True."
         )
+    weights = records[0] if records else fallback
     return replace(top, shards=(*top.shards, *extra), ids=kind, weights=weights)
 
 
@@ -133,10 +141,15 @@ def _check_same(directory: Path, top: StoreManifest, part: StoreManifest, name: 
         )
 
 
-def merge_parts(directory: Path) -> StoreManifest:
+def merge_parts(directory: Path, weights: WeightsRecord | None = None) -> StoreManifest:
     """Lists every part's shards in the top manifest (one atomic rename), keeping every id once; under the lock.
 
-    Run it on one rank once every rank has closed its part (:func:`hookinf.log` does, on rank 0).
+    Run it on one rank once every rank has closed its part (:func:`hookinf.log` and a watch's exit do, on rank 0).
+
+    Args:
+        directory: the store.
+        weights: the weights the merged store records (those the merging rank's logging ended at, which a watch
+            that trained records even when it logged no new shard); ``None``: the view's (:func:`load_view`).
 
     Returns:
         The merged manifest.
@@ -161,7 +174,8 @@ def merge_parts(directory: Path) -> StoreManifest:
                 shards.append(shard)
             elif any(keep):
                 shards.append(_without_repeats(directory, view, shards, shard, keep))
-        manifest = replace(view, shards=tuple(shards), merged=tuple(dict.fromkeys(merged)))
+        merged_parts = tuple(dict.fromkeys(merged))
+        manifest = replace(view, shards=tuple(shards), merged=merged_parts, weights=weights or view.weights)
         try:
             write_json(directory / MANIFEST, manifest.to_json())
         except OSError as err:

@@ -1,13 +1,16 @@
-"""hookinf.fit and hookinf.log on two gloo processes (spawned from here, bounded in time) against one process.
+"""hookinf.fit, hookinf.log and hookinf.watch on two gloo processes (spawned from here, bounded in time) against one
+process.
 
 Each spawned run starts two ranks on CPU, each with its own shard of the same 21 examples: rank 0 three batches
 (5, 5, 3 examples), rank 1 two (4, 4) whose last repeats example 0 — the padding ``DistributedSampler`` adds. The
 oracle is one process over the concatenated shards (for fit, the repeat included: fit uses the shards as given; for
-the store, every id once). A rank's results are saved under the test's directory and compared here.
+the store, every id once). A rank's results are saved under the test's directory and compared here. The user's own
+loop inside ``hookinf.watch(log_to=...)`` runs in a third spawned run (:func:`_watch_job`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 from distributed_harness import SHARDS
 from distributed_harness import batches as _batches
@@ -28,9 +32,11 @@ from torch import Tensor, nn
 import hookinf
 from hookinf.losses import pass_seed
 from hookinf.store_parts import part_path
+from hookinf.weights import weights_hash
 
 METHODS = ("kfac", "ekfac", "exact", "identity")
 COMPRESS = hookinf.LoGra(2, 2)
+WATCH_COMPRESS = hookinf.LoGra(4, 4)
 
 
 def _sampled_loss() -> hookinf.CrossEntropy:
@@ -87,6 +93,59 @@ def _resume_then_raise(rank: int, out: Path) -> None:
 def _everything(rank: int, out: Path) -> None:
     _fit_and_log(rank, out)
     _resume_then_raise(rank, out)
+
+
+def _loop(w: hookinf.LoopWatch, model: nn.Module, shard: list[list[int]], fail_at: int | None = None) -> None:
+    """The user's loop: tags each batch, then a mean loss's backward (``fail_at``: raise before that batch)."""
+    for index, (x, y, idx) in enumerate(_batches(shard)):
+        if index == fail_at:
+            raise ValueError("rank 1's loop fails")
+        w.tag(idx)
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+
+
+def _watch_job(rank: int, out: Path) -> None:
+    """Every ``watch(log_to=..., group="auto")`` check, in one spawned run; what each rank saw goes to a JSON file."""
+    seen: dict[str, object] = {}
+    shard = SHARDS[rank]
+    model = _model()
+    w = hookinf.watch(model, log_to=out / "watched", compress=WATCH_COMPRESS, flush_every=2, group="auto")
+    with w:  # epoch 1: the first batch of each shard
+        seen["inside"] = str(w.store.path)
+        _loop(w, model, shard[:1])
+    seen["after_first"] = sorted(w.store.ids.tolist())  # merged at the exit: both ranks' first batches
+    with w:  # epoch 2: the whole shard; the ids stored anywhere (rank 1's repeat of id 0 too) are skipped
+        _loop(w, model, shard)
+    seen["after"] = str(w.store.path)
+
+    trained = _model()  # its weights move between the two entries (a training loop), the same on both ranks
+    w = hookinf.watch(trained, log_to=out / "trained", compress=WATCH_COMPRESS, group="auto")
+    with w:
+        _loop(w, trained, shard[:1])
+    for _ in range(2):  # entry 2 logs the rest at new weights; entry 3 nothing new, at newer ones
+        with torch.no_grad():
+            for param in trained.parameters():
+                param.mul_(1.5)
+        with w:
+            _loop(w, trained, shard)
+    seen["trained_hash"] = weights_hash(list(trained.parameters()))
+
+    w = hookinf.watch(model, log_to=out / "failed", compress=WATCH_COMPRESS, flush_every=1, group="auto")
+    start = time.monotonic()
+    try:
+        with w:
+            _loop(w, model, shard, fail_at=1 if rank == 1 else None)
+    except (ValueError, hookinf.DistributedError) as err:
+        seen["error"] = f"{type(err).__name__}: {err}"
+    seen["seconds"] = time.monotonic() - start
+    left = hookinf.GradientStore(out / "failed")  # both parts are closed once the ranks met
+    seen["left_ids"] = sorted(left.ids.tolist())
+    seen["left_merged"] = (out / "failed" / "manifest.json").exists()
+    w = hookinf.watch(model, log_to=out / "failed", compress=WATCH_COMPRESS, group="auto")  # a second run resumes
+    with w:
+        _loop(w, model, shard)
+    (out / f"watch-{rank}.json").write_text(json.dumps(seen))
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -207,6 +266,68 @@ def test_a_rank_that_raises_makes_the_other_fail_at_once(runs: Path) -> None:
     assert error.startswith("DistributedError"), error
     assert "rank 1 of 2 failed" in error, error
     assert float((runs / "seconds-0.txt").read_text()) < 10
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One spawned run of :func:`_watch_job` (both ranks finish: the failure is caught inside)."""
+    out = tmp_path_factory.mktemp("watch")
+    codes = _spawn(_watch_job, out)
+    assert codes == {0: 0, 1: 0}, (codes, _error(out, 0), _error(out, 1))
+    return out
+
+
+def _seen(out: Path, rank: int) -> dict[str, object]:
+    return dict(json.loads((out / f"watch-{rank}.json").read_text()))
+
+
+def _single_store(path: Path) -> hookinf.GradientStore:
+    """One process's hookinf.log over every id once (rank 1's repeat of id 0 left out)."""
+    data = _batches(SHARDS[0] + SHARDS[1][:1] + [[17, 18, 19]])
+    return hookinf.log(_model(), data, _loss, compress=WATCH_COMPRESS, path=path, ids=_ids, progress=False)
+
+
+def _assert_whole(store: hookinf.GradientStore, single: hookinf.GradientStore, what: str) -> None:
+    assert store.verify().examples == len(store) == 20, what
+    assert sorted(store.ids.tolist()) == list(range(20)), what
+    got, want = _by_id(store), _by_id(single)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-6, atol=1e-12, what=f"{what}: stored gradients of {name}")
+
+
+def test_watch_on_two_ranks_logs_one_store_equal_to_one_process(watched: Path, tmp_path: Path) -> None:
+    for rank in (0, 1):
+        seen = _seen(watched, rank)
+        assert seen["inside"] == str(part_path(watched / "watched", rank))  # inside the block: this rank's part
+        assert seen["after"] == str(watched / "watched")  # after it: the merged store
+        assert seen["after_first"] == [0, 1, 2, 3, 4, 13, 14, 15, 16]
+    store = hookinf.GradientStore(watched / "watched")
+    assert store.manifest.merged
+    assert all(s.file.startswith("rank-") for s in store.shards)
+    _assert_whole(store, _single_store(tmp_path / "single"), "two entries on two ranks")
+
+
+def test_watch_on_two_ranks_records_the_weights_its_loop_ended_at(watched: Path) -> None:
+    store = hookinf.GradientStore(watched / "trained")
+    assert sorted(store.ids.tolist()) == list(range(20))
+    assert store.manifest.weights is not None
+    final = _seen(watched, 0)["trained_hash"]
+    assert final == _seen(watched, 1)["trained_hash"] == store.manifest.weights.hash
+    store.check_weights(str(final))  # scoring with the model the loop ended at is accepted
+    with pytest.raises(hookinf.StoreError, match="other weights"):
+        store.check_weights(weights_hash(list(_model().parameters())))
+
+
+def test_a_rank_raising_inside_watch_stops_the_other_and_the_store_resumes(watched: Path, tmp_path: Path) -> None:
+    mine, theirs = _seen(watched, 0), _seen(watched, 1)
+    assert str(theirs["error"]).startswith("ValueError: rank 1's loop fails"), theirs
+    assert str(mine["error"]).startswith("DistributedError"), mine
+    assert "rank 1 of 2 failed before the end of logging" in str(mine["error"]), mine
+    assert float(str(mine["seconds"])) < 10
+    for seen in (mine, theirs):  # nothing merged; every flushed shard kept: rank 0's shard and rank 1's first batch
+        assert seen["left_merged"] is False
+        assert seen["left_ids"] == list(range(17))
+    _assert_whole(hookinf.GradientStore(watched / "failed"), _single_store(tmp_path / "single"), "resumed")
 
 
 def test_an_uninitialised_group_and_group_none_stay_local() -> None:
