@@ -17,10 +17,18 @@ in the backward pass. Only the model's own reduction over its examples (``loss_r
 micro-batch, a sum, or a sum divided by ``num_items_in_batch``) has to be declared. Every micro-batch's output
 gradients are then multiplied by ``normaliser / w``, which makes them gradients of each example's own loss —
 what hookinf's own passes capture.
+
+**Several ranks** (a DDP Trainer under ``torchrun``, the callback's ``group``): the ranks meet only where every rank
+is in the callback together — at the epoch's beginning (:func:`~hookinf.distributed_log.join_store`, then opening the
+parts) and at its end (:meth:`EpochCapture.finish`: rank 0 merges the parts, then the statistics are summed, as
+``hookinf.watch``'s ``curvature()`` sums them; or :meth:`EpochCapture.fail` tells the others). A rank that fails in
+the middle of the epoch does not meet them: they wait in the Trainer's own collectives (DDP's gradient all-reduce)
+until it exits or the process group's timeout passes, and its part keeps every flushed shard, to resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +43,9 @@ from hookinf.capture import Step
 from hookinf.compress import Compressor
 from hookinf.curvature import Curvature, statistics_dtype
 from hookinf.damping import Damping
-from hookinf.errors import CaptureError, ConfigurationError, DataError
+from hookinf.distributed import Ranks, announcing
+from hookinf.distributed_log import LogTarget, join_store, leave_store
+from hookinf.errors import CaptureError, ConfigurationError, DataError, DistributedError
 from hookinf.helpers import fit
 from hookinf.hooks import Watch
 from hookinf.ids import Ids
@@ -45,6 +55,7 @@ from hookinf.methods import EKFAC, Method
 from hookinf.methods.base import Accumulator
 from hookinf.pipeline import Consumer, Pipeline, Rescale, Transform
 from hookinf.selection import ModuleSpec, select
+from hookinf.store import GradientStore
 
 
 @dataclass(eq=False)
@@ -73,6 +84,12 @@ class EpochCapture:
         loss: the model's loss convention (its reduction and id column).
         flush_every: write a store shard every this many examples.
         overwrite: replace the store at ``log_to`` instead of resuming it.
+        ranks: the ranks training together (``None``: this process alone): each logs its part of the store at
+            ``log_to`` and the statistics are summed over them (see the module docstring). Building it is then a
+            collective.
+
+    Raises:
+        DistributedError: with ``ranks``, another rank failed or died while the store was joined or opened.
     """
 
     def __init__(
@@ -86,8 +103,10 @@ class EpochCapture:
         loss: ModelLoss,
         flush_every: int,
         overwrite: bool = False,
+        ranks: Ranks | None = None,
     ) -> None:
         self.loss = loss
+        self.ranks = ranks
         selection = select(model, modules)
         bound = compress.bind(selection.shapes) if compress is not None else None
         consumers: list[Consumer] = []
@@ -98,9 +117,16 @@ class EpochCapture:
             self.accumulator = method.accumulator(fitted, statistics_dtype(selection.parameters()), compress)
             consumers.append(self.accumulator)
         self.logger: GradientLogger | None = None
+        self._target: LogTarget | None = None  # where this rank logs: the store, or its part of a shared one
+        self._merged = False  # with several ranks: the epoch ended and rank 0 merged the store
         if log_to is not None:
             assert bound is not None
-            self.logger = GradientLogger(log_to, bound, selection.parameters(), flush_every, overwrite=overwrite)
+            self._target = join_store(log_to, ranks, overwrite)  # with several ranks: a collective
+            target = self._target
+            self.logger = GradientLogger(
+                target.path, bound, selection.parameters(), flush_every, overwrite=target.overwrite, run=target.run,
+                whole=target.whole,
+            )  # fmt: skip
             consumers.append(self.logger)
         transforms: list[Transform] = [Rescale(self._per_example_scale)]  # linear in δ: applies to δ' alike
         self.batches: list[MicroBatch] = []  # forwards whose steps are not consumed yet
@@ -112,7 +138,29 @@ class EpochCapture:
             consumers=[Pipeline(consumers, transforms)],
             factor_map=bound,
         )
-        self.watch.__enter__()
+        opened = False
+        try:
+            with announcing(self._log_ranks, "opening the store's parts"):  # no rank logs unless every rank can
+                self.watch.__enter__()
+                opened = True
+        except BaseException:
+            if opened:  # another rank could not open its part: this one closes its watch too
+                self.watch.__exit__(_Interrupted, _Interrupted(), None)
+            raise
+
+    @property
+    def _log_ranks(self) -> Ranks | None:
+        """The ranks sharing the store (``None``: no store, or this process alone)."""
+        return self.ranks if self._target is not None else None
+
+    @property
+    def store(self) -> GradientStore | None:
+        """The store (``None``: none): with several ranks, this rank's part until rank 0 merged the whole store."""
+        if self.logger is None or self._target is None:
+            return None
+        if self._target.whole is None or not self._merged:
+            return self.logger.store
+        return GradientStore(self._target.whole)
 
     def forward_started(self, ids: Ids | None, num_items: Any) -> MicroBatch:
         """A micro-batch's forward begins (outside backward, with grad): its step will carry ``ids``."""
@@ -143,8 +191,59 @@ class EpochCapture:
         if record.handle is not None:
             record.handle.remove()
 
+    def end(self, damping: Damping) -> Curvature | None:
+        """The epoch's end: consumes its last micro-batch, then :meth:`finish` (or, when that raised, :meth:`fail`)."""
+        try:
+            self.consume()
+        except BaseException:
+            self.fail()
+            raise
+        return self.finish(damping)
+
+    def finish(self, damping: Damping) -> Curvature | None:
+        """Ends the epoch normally: closes the watch and the store, and finishes the statistics (``None``: none).
+
+        With several ranks, a collective every rank reaches at the epoch's end: rank 0 merges the store's parts, then
+        the statistics are summed over the ranks (every rank returns the curvature of every rank's micro-batches).
+
+        Raises:
+            DistributedError: another rank failed or died at the epoch's end (this rank's error is raised as is).
+        """
+        try:
+            self.close(interrupted=False)  # closes the pipeline: the store's last shard is written
+        except BaseException:
+            self._meet_failed()
+            raise
+        if self._target is not None and self.logger is not None:  # the weights this rank's logging ended at
+            leave_store(self._target, self._log_ranks, failed=False, weights=self.logger.store.manifest.weights)
+            self._merged = True
+        if self.accumulator is None:
+            return None
+        if self.ranks is not None:
+            self.accumulator.all_reduce(self.ranks, what="the statistics of the captured epoch")
+        return self.accumulator.finish(damping)
+
+    def fail(self) -> None:
+        """Ends the epoch after this rank failed at its end (a point every rank reaches): the others raise there."""
+        try:
+            self.close(interrupted=True)
+        finally:
+            self._meet_failed()
+
+    def _meet_failed(self) -> None:
+        """Joins the other ranks' first meeting at the epoch's end with the failure flag (they raise there)."""
+        if self.ranks is None:
+            return
+        if self._target is not None:
+            leave_store(self._target, self.ranks, failed=True)
+        elif self.accumulator is not None:
+            with contextlib.suppress(DistributedError):
+                self.accumulator.all_reduce(self.ranks, failed=True, what="the statistics of the captured epoch")
+
     def close(self, interrupted: bool) -> None:
         """Ends the epoch's watch (which closes the logger: completed steps are kept) and drops pending records.
+
+        Meets no other rank: :meth:`finish` and :meth:`fail` do, at the epoch's end.
 
         Args:
             interrupted: the epoch did not end normally; a step in flight may be partial and is not finished.
@@ -198,12 +297,23 @@ class _Interrupted(Exception):
     """Passed to ``Watch.__exit__`` when a capture is closed early: never finish a possibly partial step."""
 
 
-def check_trainer_arguments(args: Any, *, logs: bool, id_column: str) -> None:
+def check_trainer_arguments(args: Any, *, logs: bool, id_column: str, ranks: Ranks | None, loader: Any) -> None:
     """Refuses Trainer configurations the callback cannot capture correctly, before any training happens."""
-    if int(getattr(args, "world_size", 1)) > 1 or int(getattr(args, "n_gpu", 1)) > 1:
+    if logs and ranks is not None:
+        _check_no_repeats(args, ranks, loader)
+    if int(getattr(args, "n_gpu", 1)) > 1:
         raise ConfigurationError(
-            "HookinfCallback captures a single process on one device; distributed or DataParallel training would "
-            "capture one replica's share (and write one store from several processes)."
+            "HookinfCallback captures one device per process; DataParallel training (several GPUs in one process) "
+            "would capture one replica's share. Launch one process per GPU (torchrun: DistributedDataParallel)."
+        )
+    world = int(getattr(args, "world_size", 1))
+    size = 1 if ranks is None else ranks.size
+    if world != size:
+        raise ConfigurationError(
+            f"HookinfCallback: the Trainer trains on {world} process(es), but the callback's group= has {size} "
+            f"rank(s). Under torchrun keep group='auto' (the default process group the Trainer trains on), so that "
+            f"every rank captures its share and logs its part of one store; group=None captures a single process "
+            f"and is refused under distributed training (it would capture one rank's share)."
         )
     if getattr(args, "fp16", False):
         raise ConfigurationError(
@@ -218,6 +328,22 @@ def check_trainer_arguments(args: Any, *, logs: bool, id_column: str) -> None:
         )
 
 
+def _check_no_repeats(args: Any, ranks: Ranks, loader: Any) -> None:
+    """Refuses a store from ranks whose batches the Trainer pads with repeated examples (accelerate's even_batches)."""
+    try:
+        examples = len(loader.dataset)
+    except (AttributeError, TypeError):
+        return  # an iterable dataset: a repeat, if any, is refused by the store when it comes
+    batch = int(args.per_device_train_batch_size)
+    if examples % (ranks.size * batch) and not args.dataloader_drop_last:
+        raise ConfigurationError(
+            f"HookinfCallback(log_to=...) on {ranks.size} ranks: {examples} training examples are not a multiple of "
+            f"{ranks.size} ranks × per_device_train_batch_size={batch}, so the Trainer (accelerate's even_batches) "
+            f"fills the last batches with repeated examples, which a rank would log twice. Use a multiple of "
+            f"{ranks.size * batch} examples, or TrainingArguments(dataloader_drop_last=True)."
+        )
+
+
 def correction_pass(
     model: nn.Module,
     basis: Curvature,
@@ -228,7 +354,11 @@ def correction_pass(
     damping: Damping,
     compress: Compressor | None,
 ) -> Curvature:
-    """EK-FAC's second pass over the Trainer's training set, in order, at the current weights (eval mode)."""
+    """EK-FAC's second pass over the Trainer's training set, in order, at the current weights (eval mode).
+
+    With several ranks, every rank runs the whole pass over the whole training set (no collective): each ends with
+    the same curvature, given the summed K-FAC ``basis``.
+    """
     if not isinstance(loader, DataLoader):
         raise ConfigurationError(
             "fit='ekfac' runs its correction pass over the Trainer's training data, but the Trainer passed no "
@@ -246,4 +376,5 @@ def correction_pass(
             damping=damping,
             compress=compress,
             progress=not args.disable_tqdm,
+            group=None,  # every rank runs the whole pass in order (summing over the ranks would count each twice)
         )

@@ -36,14 +36,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hookinf.autograd import in_backward
-from hookinf.compress import Compressor, require_compressor
+from hookinf.compress import Compressor
 from hookinf.curvature import Curvature
 from hookinf.damping import Damping, as_damping, default_damping
+from hookinf.distributed import Group, Ranks, announcing, resolve_ranks
 from hookinf.errors import ConfigurationError, HookinfWarning
 from hookinf.ids import as_ids
+from hookinf.integrations.callback_arguments import callback_method
 from hookinf.integrations.epoch_capture import EpochCapture, MicroBatch, check_trainer_arguments, correction_pass
 from hookinf.integrations.model_loss import LossReduction, ModelLoss, returned_loss
-from hookinf.methods import EKFAC, KFAC, Method, check_basis_compressor, resolve_method
+from hookinf.methods import KFAC, Method
 from hookinf.selection import ModuleSpec
 from hookinf.snapshots import Snapshots
 from hookinf.store import GradientStore
@@ -99,6 +101,14 @@ class HookinfCallback(transformers.TrainerCallback):
         snapshot_every: keep the trainable weights every this many optimizer steps and after the last one
             (:class:`hookinf.Snapshots`), for ``hookinf.influence(..., checkpoints=callback.snapshots.checkpoints)``.
         snapshots_to: a directory for those snapshots (safetensors files; default: kept in host memory).
+        group: with ``"auto"`` and an initialised process group of several ranks (a DDP Trainer under ``torchrun``;
+            or a given ``ProcessGroup``), every rank captures its own share of the epoch, as ``hookinf.watch`` does:
+            each logs into its part ``log_to/rank-NNNNN`` of one store, which rank 0 merges at the epoch's end (every
+            id once; :attr:`store` is then the whole store on every rank), and the curvature sums every rank's
+            statistics (every rank holds it; rank 0 saves it). The epoch's beginning and end are collectives; a rank
+            that fails at the end makes the others raise :class:`~hookinf.errors.DistributedError` there, and the
+            store keeps every flushed shard, to resume. ``None``: this process alone (refused under distributed
+            training). See ``docs/distributed.md``.
 
     Attributes:
         curvature: the fitted curvature (after the epoch), or ``None``.
@@ -122,36 +132,13 @@ class HookinfCallback(transformers.TrainerCallback):
         overwrite: bool = False,
         snapshot_every: int | None = None,
         snapshots_to: str | os.PathLike[str] | None = None,
+        group: Group = "auto",
     ) -> None:
-        if fit is None and log_to is None and snapshot_every is None:
-            raise ConfigurationError(
-                "HookinfCallback does nothing without fit=... (a curvature), log_to=... (a store) or snapshot_every=."
-            )
-        if snapshots_to is not None and snapshot_every is None:
-            raise ConfigurationError("snapshots_to= saves snapshots: give snapshot_every= (optimizer steps) too.")
-        if save_to is not None and fit is None:
-            raise ConfigurationError("save_to= saves the fitted curvature: give fit= too (e.g. fit='kfac').")
-        if log_to is not None and compress is None:
-            raise ConfigurationError(
-                "log_to= needs compress= (the store's compressor, e.g. hookinf.LoGra(16, 16); "
-                "hookinf.LoGra(10**6, 10**6, init='orthogonal') keeps the full gradients)."
-            )
-        require_compressor(compress)
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            raise ConfigurationError(f"epoch={epoch!r} must be an int (0-based; -1 is the last epoch).")
-        self.method: Method | None = None
-        self.two_pass = False
-        if fit is not None:
-            method = resolve_method(fit)
-            if not isinstance(method, Method):
-                raise ConfigurationError(
-                    f"fit={method.name!r} has no statistics to fit in advance (it streams over the training data for "
-                    f"each set of queries); use 'kfac', 'ekfac', 'exact' or 'identity', or score with "
-                    f"hookinf.influence(..., method={method.name!r}) after training."
-                )
-            check_basis_compressor(method, compress, "the basis")
-            self.method = method
-            self.two_pass = isinstance(method, EKFAC) and method.basis is None
+        self.method, self.two_pass = callback_method(
+            fit=fit, save_to=save_to, log_to=log_to, compress=compress, epoch=epoch, snapshot_every=snapshot_every,
+            snapshots_to=snapshots_to, group=group,
+        )  # fmt: skip
+        self.group = group
         self.loss = ModelLoss(reduction=loss_reduction, id_column=id_column)
         self.save_to = save_to
         self.log_to = log_to
@@ -167,6 +154,7 @@ class HookinfCallback(transformers.TrainerCallback):
         self.store: GradientStore | None = None
         self._model: nn.Module | None = None
         self._target: int | None = None  # the epoch to capture, resolved at on_train_begin
+        self._ranks: Ranks | None = None  # the ranks training together, resolved at on_train_begin
         self._done = False  # the target epoch has been captured
         self._hooks: list[RemovableHandle] = []
         self._capture: EpochCapture | None = None  # the chosen epoch's watch and pipeline, while it runs
@@ -207,8 +195,7 @@ class HookinfCallback(transformers.TrainerCallback):
             try:
                 capture.close(interrupted=True)  # a step in flight may be partial; completed ones are stored
             finally:
-                if capture.logger is not None:
-                    self.store = capture.logger.store
+                self.store = capture.store
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -239,7 +226,11 @@ class HookinfCallback(transformers.TrainerCallback):
                 self.snapshots = Snapshots(model, every=self.snapshot_every, to=self.snapshots_to)
             if self.method is None and self.log_to is None:
                 return  # snapshots only: nothing to capture
-            check_trainer_arguments(args, logs=self.log_to is not None, id_column=self.id_column)
+            self._ranks = resolve_ranks(self.group)
+            check_trainer_arguments(
+                args, logs=self.log_to is not None, id_column=self.id_column, ranks=self._ranks,
+                loader=kwargs.get("train_dataloader"),
+            )  # fmt: skip
             epochs = int(state.num_train_epochs)
             target = self.epoch if self.epoch >= 0 else epochs + self.epoch
             if not 0 <= target < epochs:
@@ -280,6 +271,7 @@ class HookinfCallback(transformers.TrainerCallback):
                 loss=self.loss,
                 flush_every=self.flush_every,
                 overwrite=self.overwrite,
+                ranks=self._ranks,
             )
 
     def on_substep_end(
@@ -316,12 +308,17 @@ class HookinfCallback(transformers.TrainerCallback):
         control: transformers.TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Closes the watch, finishes (and saves) the curvature and closes the store."""
-        if self._capture is None:
+        """Closes the watch, finishes (and saves) the curvature and closes the store (with several ranks: merges it)."""
+        capture, self._capture = self._capture, None
+        if capture is None:
             return
         with self._guard():
-            self._capture.consume()
-            self._finish(args, kwargs.get("train_dataloader"))
+            try:  # with several ranks, a collective: a failure here makes the others raise DistributedError
+                curvature = capture.end(self.damping)
+            finally:
+                self.store = capture.store
+            self._done = True
+            self._finish(curvature, args, kwargs.get("train_dataloader"))
 
     def on_train_end(
         self,
@@ -371,25 +368,19 @@ class HookinfCallback(transformers.TrainerCallback):
         self._capture.forward_ended(record, loss)
 
     # ------------------------------------------------------------------ end of the epoch
-    def _finish(self, args: transformers.TrainingArguments, train_dataloader: Any) -> None:
-        """Ends the captured epoch: closes the watch, finishes the curvature (EK-FAC: its correction pass)."""
-        capture, self._capture = self._capture, None
-        assert capture is not None
-        capture.close(interrupted=False)  # closes the pipeline: the store's last shard is written
-        self._done = True
-        accumulator, logger = capture.accumulator, capture.logger
-        if accumulator is not None:
-            curvature = accumulator.finish(self.damping)
+    def _finish(self, curvature: Curvature | None, args: transformers.TrainingArguments, train_dataloader: Any) -> None:
+        """Finishes the epoch's curvature: EK-FAC's correction pass, and saves it (with several ranks: rank 0 does)."""
+        if curvature is not None:
             if self.two_pass:
                 assert self._model is not None
                 curvature = correction_pass(
                     self._model, curvature, train_dataloader, args, self.loss, self.modules, self.damping, self.compress
                 )
             if self.save_to is not None:
-                curvature.save(self.save_to)
+                with announcing(self._ranks, "saving the curvature"):
+                    if self._ranks is None or self._ranks.rank == 0:
+                        curvature.save(self.save_to)
             self.curvature = curvature
-        if logger is not None:
-            self.store = logger.store
 
     def __repr__(self) -> str:
         state = "capturing" if self._capture is not None else ("done" if self._done else "waiting")
