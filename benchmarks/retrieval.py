@@ -193,7 +193,6 @@ def faiss_section(
         report.line("FAISS: not installed (pip install 'hookinf[faiss]'); section 2 skipped")
         return
     from hookinf.faiss_index import FaissIndex
-    from hookinf.retrieval import query_gradients
     from hookinf.runner import Runner
 
     faiss.omp_set_num_threads(threads)
@@ -203,7 +202,7 @@ def faiss_section(
     precondition_s = time.perf_counter() - start
     exact_s, exact = best(lambda: hookinf.top_k(net, pre, query, loss_fn, k=K, **common), 2)
     with Runner(net, loss_fn, modules="0", compress=hookinf.LoGra(16, 16), progress=False) as runner:
-        raw = query_gradients(runner, query)
+        raw = runner.query_gradients(query)
     vectors = torch.cat([raw[name].flatten(1) for name in pre.layers], dim=1)
     section = Section(
         f"2. FAISS on the {n:,}-row store preconditioned once ({precondition_s:.1f} s): recall@{K} vs exact "
