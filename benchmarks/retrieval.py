@@ -215,7 +215,7 @@ def faiss_section(
     flat_s, found = best(lambda: flat.search(vectors, K), 3)
     section.rows.append(
         ["flat (exact)", f"{build_flat:.1f}", f"{flat_s:.4f}", f"{recall(found.harmful, exact.harmful):.3f}",
-         f"{recall(found.helpful, exact.helpful):.3f}", f"{exact_s / flat_s:.0f}×"]
+         f"{recall(found.helpful, exact.helpful):.3f}", f"{exact_s / flat_s:.2g}×"]
     )  # fmt: skip
     start = time.perf_counter()
     ivf = FaissIndex.build(pre, kind="ivf")
@@ -226,7 +226,7 @@ def faiss_section(
         section.rows.append(
             [f"ivf nlist={ivf.index.nlist} nprobe={nprobe}", f"{build_ivf:.1f}", f"{search_s:.4f}",
              f"{recall(found.harmful, exact.harmful):.3f}", f"{recall(found.helpful, exact.helpful):.3f}",
-             f"{exact_s / search_s:.0f}×"]
+             f"{exact_s / search_s:.2g}×"]
         )  # fmt: skip
         report.console.print(section.rows[-1])
     section.notes.append(
