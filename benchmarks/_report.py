@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,6 +50,21 @@ class Report:
         self.title = title
         self.header: list[str] = []
         self.sections: list[Section] = []
+
+    def run_header(self, script: str, argv: Sequence[str], threads: int | None) -> None:
+        """The header every results file starts with: the command, the versions, threads, CPUs, load and date."""
+        import torch
+
+        import hookinf
+
+        python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
+        self.line(f"command: {shlex.join([python, os.path.relpath(script), *argv])}")
+        shown = "" if threads is None else f"{threads} torch thread(s) · "
+        self.line(
+            f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
+            f"{shown}{os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · "
+            f"{time.strftime('%Y-%m-%d %H:%M')}"
+        )
 
     def line(self, text: str) -> None:
         self.header.append(text)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import shlex
 import sys
 import time
 from collections import OrderedDict
@@ -256,13 +254,7 @@ def main() -> None:
     n_subsets, repeats = (10, 1) if args.quick else (args.subsets, 3)
     console = Console(width=max(150, Console().width))
     report = Report(console, "Checkpoint ensembles: LDS of combined EK-FAC scores, and cost")
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
-    report.line(f"command: {shlex.join([python, os.path.relpath(__file__), *sys.argv[1:]])}")
-    report.line(
-        f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
-        f"{args.threads} torch thread(s) · {os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    )
+    report.run_header(__file__, sys.argv[1:], args.threads)
     start = time.perf_counter()
     for case in CASES:
         run_case(case, n_subsets, report)

@@ -39,9 +39,7 @@ import argparse
 import importlib.util
 import math
 import os
-import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -537,13 +535,7 @@ def main() -> None:
             RESULTS.write_text(report.markdown(), encoding="utf-8")
             console.print(f"wrote {os.path.relpath(RESULTS)}")
         return
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
-    report.line(f"command: {shlex.join([python, os.path.relpath(__file__), *sys.argv[1:]])}")
-    report.line(
-        f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
-        f"{args.threads} torch thread(s) · {os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    )
+    report.run_header(__file__, sys.argv[1:], args.threads)
     start = time.perf_counter()
     makers: dict[str, Callable[[], Trained]] = {
         "A": lambda: digits_case(0, 8 if args.quick else 40, 20 if args.quick else N_QUERY),

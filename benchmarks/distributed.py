@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import shlex
 import socket
 import statistics
 import sys
@@ -116,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     threads = torch.get_num_threads()
     console = Console(width=max(150, Console().width))
     report = Report(console, "Distributed: one process against two gloo processes")
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
-    report.line(f"command: {shlex.join([python, os.path.relpath(__file__), *(argv or sys.argv[1:])])}")
-    report.line(
-        f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
-        f"{os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · {time.strftime('%Y-%m-%d %H:%M')}"
-    )
+    report.run_header(__file__, argv or sys.argv[1:], None)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         one = measure(1, n, repeats, Path(tmp), threads)

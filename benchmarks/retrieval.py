@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -123,13 +121,7 @@ def main() -> None:
     sizes = [10_000, 20_000] if args.quick else [10_000, 30_000, 100_000]
     console = Console(width=max(150, Console().width))
     report = Report(console, "Retrieval at scale: streaming top-k and FAISS recall")
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
-    report.line(f"command: {shlex.join([python, os.path.relpath(__file__), *sys.argv[1:]])}")
-    report.line(
-        f"torch {torch.__version__} · hookinf {hookinf.__version__} · Python {platform.python_version()} · "
-        f"{args.threads} torch thread(s) · {os.cpu_count()} CPUs · load average at start {os.getloadavg()[0]:.2f} · "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    )
+    report.run_header(__file__, sys.argv[1:], args.threads)
     begin = time.perf_counter()
     net, compress = model(), hookinf.LoGra(16, 16)
     common: dict[str, Any] = {"modules": "0", "progress": False}

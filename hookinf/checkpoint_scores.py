@@ -73,9 +73,13 @@ class CheckpointScores(Scores):
         return Scores(per_layer, scores.method, dict(scores.damping), per_token, scores.ids)
 
     def __repr__(self) -> str:
-        weights = ", ".join(f"{w:.3g}" for w in self.weights)
-        rule = f"{len(self.per_checkpoint)} checkpoints combined by {self.combine!r} (weights {weights})"
-        return f"{super().__repr__()}\n  {rule}"
+        return f"{super().__repr__()}\n  {_rule_line(len(self.per_checkpoint), self.combine, self.weights)}"
+
+
+def _rule_line(count: int, combine: str, weights: Sequence[float]) -> str:
+    """How a combination's repr ends: the number of checkpoints, the rule and the weights."""
+    shown = ", ".join(f"{w:.3g}" for w in weights)
+    return f"{count} checkpoints combined by {combine!r} (weights {shown})"
 
 
 def combine_scores(parts: Sequence[Scores], combine: Combine) -> CheckpointScores:
@@ -118,9 +122,7 @@ class CheckpointSelfScores(SelfScores):
     combine: str = "sum"
 
     def __repr__(self) -> str:
-        weights = ", ".join(f"{w:.3g}" for w in self.weights)
-        rule = f"{len(self.per_checkpoint)} checkpoints combined by {self.combine!r} (weights {weights})"
-        return f"{super().__repr__()}\n  {rule}"
+        return f"{super().__repr__()}\n  {_rule_line(len(self.per_checkpoint), self.combine, self.weights)}"
 
 
 def combine_self_scores(parts: Sequence[SelfScores], combine: Combine) -> CheckpointSelfScores:

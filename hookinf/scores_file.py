@@ -43,6 +43,28 @@ class SavedScores:
     descriptions: Descriptions | None = None
 
 
+def id_tensors(ids: Ids | None) -> dict[str, Tensor]:
+    """The tensors a saved file holds its ids in: ``ids`` (int64), ``ids_utf8`` (strings as UTF-8 JSON), or none."""
+    if isinstance(ids, Tensor):
+        return {"ids": ids}
+    return {} if ids is None else {_STR_IDS: strings_to_tensor(ids)}
+
+
+def pop_ids(kind: object, tensors: dict[str, Tensor]) -> Ids | None:
+    """The ids of the manifest's ``ids`` kind (``"int"``, ``"str"`` or null), taken out of ``tensors``.
+
+    Raises:
+        ValueError: another kind.
+    """
+    if kind == "int":
+        return tensors.pop("ids")
+    if kind == "str":
+        return strings_from_tensor(tensors.pop(_STR_IDS))
+    if kind is not None:
+        raise ValueError(f"ids is {kind!r}, not 'int', 'str' or null")
+    return None
+
+
 def write_scores(directory: Path, scores: SavedScores) -> None:
     """Saves scores into ``directory`` (created when missing), all-or-nothing.
 
@@ -53,10 +75,7 @@ def write_scores(directory: Path, scores: SavedScores) -> None:
     tensors = {f"layer/{name}": part for name, part in scores.per_layer.items()}
     if scores.per_token is not None:
         tensors.update({f"token/{name}": part for name, part in scores.per_token.items()})
-    if isinstance(scores.ids, Tensor):
-        tensors["ids"] = scores.ids
-    elif scores.ids is not None:
-        tensors[_STR_IDS] = strings_to_tensor(scores.ids)
+    tensors.update(id_tensors(scores.ids))
     described = scores.descriptions.present() if scores.descriptions is not None else {}
     for name, value in described.items():
         tensors[_DESCRIBE + name] = strings_to_tensor(value) if isinstance(value, list) else value
@@ -99,14 +118,7 @@ def read_scores(directory: Path) -> SavedScores:
         layers = [str(name) for name in manifest["layers"]]
         per_layer = {name: tensors.pop(f"layer/{name}") for name in layers}
         per_token = {name: tensors.pop(f"token/{name}") for name in layers} if manifest["per_token"] else None
-        kind = {True: "int", False: None}.get(manifest["ids"], manifest["ids"])  # version 1 has a bool
-        ids: Ids | None = None
-        if kind == "int":
-            ids = tensors.pop("ids")
-        elif kind == "str":
-            ids = strings_from_tensor(tensors.pop(_STR_IDS))
-        elif kind is not None:
-            raise ValueError(f"ids is {kind!r}, not 'int', 'str' or null")
+        ids = pop_ids({True: "int", False: None}.get(manifest["ids"], manifest["ids"]), tensors)  # version 1: a bool
         descriptions = _read_descriptions(manifest.get("descriptions", []), tensors)
         if tensors:
             raise ValueError(f"the tensor file holds tensors the manifest does not list: {sorted(tensors)[:3]}")

@@ -4,8 +4,8 @@ Version 1 (written and checked by :mod:`hookinf.bundle`, as scores and curvature
 file named by its content and renamed before the manifest, which records its size and SHA-256 and is sealed by its
 own checksum): ``manifest.json`` (``format`` ``"hookinf.self-scores"``, ``method``, ``layers`` in model order,
 ``damping`` ``λ_l`` per layer, ``n``, ``ids``: ``"int"``, ``"str"`` or null) and ``self-scores-{digest}.safetensors``
-holding ``layer/<name>`` ``[n]`` float64 and the ids (``ids`` ``int64 [n]``, or ``ids_utf8``: the UTF-8 JSON list of
-string ids). This module knows the format, not the class.
+holding ``layer/<name>`` ``[n]`` float64 and the ids as scores hold them (:func:`~hookinf.scores_file.id_tensors`).
+This module knows the format, not the class.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from torch import Tensor
 
 from hookinf.bundle import MANIFEST, load_bundle, save_bundle
 from hookinf.errors import ConfigurationError, HookinfError
-from hookinf.ids import Ids, id_kind, strings_from_tensor, strings_to_tensor
+from hookinf.ids import Ids, id_kind
+from hookinf.scores_file import id_tensors, pop_ids
 
 FORMAT = "hookinf.self-scores"
 _STEM = "self-scores"
-_STR_IDS = "ids_utf8"
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,7 @@ def write_self_scores(directory: Path, saved: SavedSelfScores) -> None:
         HookinfError: a write failed (names the directory; chained from the ``OSError``); the directory keeps what
             it held before.
     """
-    tensors = {f"layer/{name}": part for name, part in saved.per_layer.items()}
-    if isinstance(saved.ids, Tensor):
-        tensors["ids"] = saved.ids
-    elif saved.ids is not None:
-        tensors[_STR_IDS] = strings_to_tensor(saved.ids)
+    tensors = {f"layer/{name}": part for name, part in saved.per_layer.items()} | id_tensors(saved.ids)
     fields = {
         "format": FORMAT,
         "version": 1,
@@ -80,13 +76,7 @@ def read_self_scores(directory: Path) -> SavedSelfScores:
         if manifest.get("version") != 1:
             raise ValueError(f"version {manifest.get('version')!r} is not one this hookinf reads: upgrade hookinf")
         per_layer = {str(name): tensors.pop(f"layer/{name}") for name in manifest["layers"]}
-        ids: Ids | None = None
-        if manifest["ids"] == "int":
-            ids = tensors.pop("ids")
-        elif manifest["ids"] == "str":
-            ids = strings_from_tensor(tensors.pop(_STR_IDS))
-        elif manifest["ids"] is not None:
-            raise ValueError(f"ids is {manifest['ids']!r}, not 'int', 'str' or null")
+        ids = pop_ids(manifest["ids"], tensors)
         if tensors:
             raise ValueError(f"the tensor file holds tensors the manifest does not list: {sorted(tensors)[:3]}")
         n = int(manifest["n"])

@@ -24,13 +24,15 @@ import torch
 from conftest import ModelCase
 from test_retrieval import LOGRA, mlp
 from test_retrieval import log as retrieval_log
+from test_store_faults import KILLED_AT
 
 import hookinf
 from hookinf import HookinfWarning, StoreError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX faults (SIGKILL, fork)")
 
-KILLS = """
+KILLS = (
+    """
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
@@ -39,31 +41,9 @@ import hookinf
 root = sys.argv[1]
 store = hookinf.GradientStore(os.path.join(root, "store"))
 curvature = hookinf.load(os.path.join(root, "curvature"))
-REAL = {"replace": os.replace, "unlink": os.unlink}
-
-def killed_at(name, k, job):
-    # forks; the child runs job with os.<name> killing it (SIGKILL) at the k-th call; True when it was killed
-    pid = os.fork()
-    if pid == 0:
-        calls = [0]
-        def wrapper(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return REAL[name](*args, **kwargs)
-        setattr(os, name, wrapper)
-        try:
-            job()
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
-        raise RuntimeError(f"the child failed with status {os.WEXITSTATUS(status)}")
-    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
+"""
+    + KILLED_AT
+    + """
 out = {"precondition": [], "faiss": None}
 for call in ("replace", "unlink"):
     for k in range(1, 60):
@@ -88,6 +68,7 @@ if faiss is not None:
 print(json.dumps(out), flush=True)
 os._exit(0)  # skips the interpreter's teardown (seconds of torch's on a loaded machine): nothing is left to flush
 """
+)
 
 
 def log(case: ModelCase, train: list[Any], path: Path, **kwargs: Any) -> hookinf.GradientStore:

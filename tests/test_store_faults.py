@@ -364,8 +364,9 @@ def test_a_resume_after_a_removed_shard_entry_never_overwrites_a_listed_shard(tm
 
 
 # ---------------------------------------------------------------------------------------------- 4. kills at renames
-KILLS = """
-root = sys.argv[1]
+# A script fragment (needs os and signal): killed_at(name, k, job) runs job in a forked child whose k-th call of
+# os.<name> kills it with SIGKILL, and says whether it was killed. test_retrieval_persistence.py's scripts use it too.
+KILLED_AT = """
 REAL = {"replace": os.replace, "unlink": os.unlink}
 
 def killed_at(name, k, job):
@@ -390,7 +391,14 @@ def killed_at(name, k, job):
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
         raise RuntimeError(f"the child failed with status {os.WEXITSTATUS(status)}")
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+"""
 
+KILLS = (
+    """
+root = sys.argv[1]
+"""
+    + KILLED_AT
+    + """
 old_scores = hookinf.Scores({"fc1": torch.zeros(2, 3), "fc2": torch.ones(2, 3)}, method="old", ids=torch.arange(3))
 new_scores = hookinf.Scores({"fc1": torch.full((2, 3), 5.0), "fc2": torch.ones(2, 3)}, method="new",
                             ids=torch.tensor([7, 8, 9]))
@@ -420,6 +428,7 @@ for k in range(1, 40):
         break
 print(json.dumps(out))
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -143,17 +144,15 @@ class KFACCurvature(KroneckerCurvature):
     method = "kfac"
     statistics_type = KFACFactors
 
-    def __init__(
-        self,
-        layers: Mapping[str, LayerShape],
-        damping: Damping,
-        num_examples: int,
-        state: Mapping[str, LayerStatistics],
-        compressor: Compressor | None = None,
-    ) -> None:
-        super().__init__(layers, damping, num_examples, state, compressor)
-        self._decomposed: dict[str, tuple[Tensor, Tensor]] = {}  # λ_A, Q_A of each layer decomposed so far
-        self._fingerprints: dict[tuple[object, ...], list[str]] = {}  # see _activation_twin
+    @cached_property
+    def _decomposed(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(λ_A, Q_A)`` of each layer decomposed so far (see :meth:`eigenbasis`)."""
+        return {}
+
+    @cached_property
+    def _fingerprints(self) -> dict[tuple[object, ...], list[str]]:
+        """The decomposed layers by their activation factor's fingerprint (see :meth:`_activation_twin`)."""
+        return {}
 
     def factors(self, layer: str) -> tuple[Tensor, Tensor]:
         """``(A_l, S_l)`` as defined in the module docstring, float64."""
