@@ -27,10 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
+from _memory import HostReads, LiveBytes
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
 from hookinf.logger import GradientLogger
@@ -157,33 +155,6 @@ def measure(name: str, build: Builder, repeats: int) -> None:
     print(f"{name:10s} plain {plain * 1e3:8.2f} ms   ÷ plain: {cells}")
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages allocated inside the block and alive at once (a CPU stand-in for
-    ``torch.cuda.max_memory_allocated``: the tensors an accelerator would hold, without the allocator's caching).
-
-    Every op output that does not alias an input is a new storage; it counts until it is freed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-        results = out if isinstance(out, tuple | list) else (out,)
-        for ret, result in zip(func._schema.returns, results, strict=False):
-            if ret.alias_info is not None:
-                continue  # a view or an in-place result: no new storage
-            for tensor in pytree.tree_leaves(result):
-                if isinstance(tensor, torch.Tensor):
-                    storage = tensor.untyped_storage()
-                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
-
-
 def peak_memory(name: str, build: Builder) -> None:
     """Peak live tensor memory of one training step per variant (after warm-up steps), and its excess over plain."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,20 +173,6 @@ def peak_memory(name: str, build: Builder) -> None:
     plain = peaks["plain"]
     cells = "   ".join(f"{label} +{peak - plain:7.2f}" for label, peak in peaks.items() if label != "plain")
     print(f"{name:10s} peak MiB: plain {plain:8.2f}   extra: {cells}")
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the aten calls that read a tensor's value on the host."""
-
-    NAMES = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += func.overloadpacket.__name__ in self.NAMES
-        return func(*args, **(kwargs or {}))
 
 
 def host_reads(name: str, build: Builder, steps: int = 8) -> None:

@@ -1,6 +1,6 @@
 """Where an EK-FAC fit spends its time: each phase of ``hookinf.fit(method="ekfac")`` ÷ one plain training epoch.
 
-    .venv/bin/python benchmarks/ekfac_breakdown.py [--quick] [--threads 2]
+    .venv/bin/python benchmarks/ekfac_breakdown.py [--quick] [--threads 2] [--device cuda]
 
 The model and data are those of ``curvature.py``'s part a (an MLP 784-1024-1024-10 in float32, 5,000 synthetic
 examples, batches of 256). Each phase is timed on its own, the fastest of ``--repeats`` runs, in one process, with a
@@ -19,7 +19,8 @@ gate and up another; ``o`` and ``down`` their own), whose activation factors hoo
 rotates once per shared input. The same model with each projection reading its own copy of the input (``clone()``:
 the same numbers, nothing shared) is the comparison, fitted in interleaved rounds with a plain epoch.
 
-It needs only the dev environment.
+It needs only the dev environment. With ``--device cuda`` the model, the data and therefore every statistic and
+eigendecomposition are on the GPU (``torch.cuda.synchronize`` closes every timed block).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from hookinf.runner import Runner
 LOSS = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
 
 
-def setup(n: int, hidden: int, batch: int) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
+def setup(n: int, hidden: int, batch: int, device: torch.device) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -57,16 +59,28 @@ def setup(n: int, hidden: int, batch: int) -> tuple[nn.Module, list[tuple[Tensor
     )  # fmt: skip
     x = torch.randn(n, 784, generator=gen)
     y = (x @ torch.randn(784, 10, generator=gen)).argmax(dim=1)
-    return model, [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    x, y = x.to(device), y.to(device)
+    return model.to(device), [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (timed blocks end here); nothing on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(run: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds ``run`` takes, its queued GPU work included, and what it returned."""
+    synchronize()
+    start = time.perf_counter()
+    out = run()
+    synchronize()
+    return time.perf_counter() - start, out
 
 
 def best(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+    runs = [timed(run) for _ in range(repeats)]
+    return min(seconds for seconds, _ in runs), runs[-1][1]
 
 
 def main() -> None:
@@ -74,10 +88,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the model and data live (e.g. cuda)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     n, hidden = (512, 128) if args.quick else (5000, 1024)
-    model, train = setup(n, hidden, 256)
+    model, train = setup(n, hidden, 256, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 
     def plain_epoch() -> None:
@@ -124,10 +140,12 @@ def main() -> None:
 
         def correction() -> float:
             accumulator = EKFAC(basis=basis).accumulator(runner.shapes, dtype)  # its eigendecompositions: not timed
-            start = time.perf_counter()
-            for step in steps:
-                accumulator.update(step)
-            return time.perf_counter() - start
+
+            def replay() -> None:
+                for step in steps:
+                    accumulator.update(step)
+
+            return timed(replay)[0]
 
         t_correction = min(correction() for _ in range(args.repeats))
     t_fit, t_fit64, t_plain_fit = interleaved_fits(model, train, plain_epoch, args.repeats)
@@ -143,7 +161,10 @@ def main() -> None:
         ("hookinf.fit(method='ekfac')", t_fit),
         ("hookinf.fit(method='ekfac'), float64 eigendecompositions (before)", t_fit64),
     ]
-    print(f"EK-FAC fit breakdown: MLP 784-{hidden}-{hidden}-10, {n} examples, batch 256, {args.threads} threads")
+    print(
+        f"EK-FAC fit breakdown: MLP 784-{hidden}-{hidden}-10, {n} examples, batch 256, {args.threads} threads, "
+        f"on {device}"
+    )
     print(f"{'phase':70s} {'time (s)':>9s} {'÷ plain epoch':>14s}")
     for label, seconds in rows:
         print(f"{label:70s} {seconds:9.3f} {seconds / t_plain:14.2f}")
@@ -151,7 +172,7 @@ def main() -> None:
         f"interleaved rounds (median of {args.repeats}): fit ÷ plain epoch {t_fit / t_plain_fit:.2f}, float64-eigh fit "
         f"÷ plain epoch {t_fit64 / t_plain_fit:.2f}, fit ÷ float64-eigh fit {t_fit / t_fit64:.2f}"
     )
-    shared_inputs(args.quick, args.repeats)
+    shared_inputs(args.quick, args.repeats, device)
 
 
 class Block(nn.Module):
@@ -183,14 +204,14 @@ def blocks(hidden: int, separate: bool) -> nn.Module:
     return nn.Sequential(Block(hidden, separate), Block(hidden, separate), MeanTokens(), nn.Linear(hidden, 10))
 
 
-def shared_inputs(quick: bool, repeats: int) -> None:
+def shared_inputs(quick: bool, repeats: int, device: torch.device) -> None:
     """Fit time of the blocks with shared inputs and with copies, interleaved with a plain epoch."""
     hidden, tokens, n, batch = (64, 4, 64, 16) if quick else (256, 8, 512, 64)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, tokens, hidden, generator=gen)
-    y = torch.randint(0, 10, (n,), generator=gen)
+    x = torch.randn(n, tokens, hidden, generator=gen).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
     train = [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
-    models = {"shared": blocks(hidden, False), "copies": blocks(hidden, True)}
+    models = {"shared": blocks(hidden, False).to(device), "copies": blocks(hidden, True).to(device)}
     models["copies"].load_state_dict(models["shared"].state_dict())
     opt = torch.optim.SGD(models["shared"].parameters(), lr=0.0)
 
@@ -204,12 +225,8 @@ def shared_inputs(quick: bool, repeats: int) -> None:
     plain_epoch()
     for _ in range(repeats):
         for label, model in models.items():
-            start = time.perf_counter()
-            hookinf.fit(model, train, LOSS, method="ekfac", progress=False)
-            times[label].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        plain_epoch()
-        times["plain"].append(time.perf_counter() - start)
+            times[label].append(timed(partial(hookinf.fit, model, train, LOSS, method="ekfac", progress=False))[0])
+        times["plain"].append(timed(plain_epoch)[0])
     plain, shared, copies = (statistics.median(times[k]) for k in ("plain", "shared", "copies"))
     print(
         f"\nlayers reading one input: 2 blocks (q, k, v ← one input; gate, up ← another), hidden {hidden}, {tokens} "
@@ -233,20 +250,18 @@ def interleaved_fits(
     """
     fit, fit64, plain = [], [], []
     original = KroneckerCurvature.compute_dtype
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def fit_once() -> None:
         hookinf.fit(model, train, LOSS, method="ekfac", progress=False)
-        fit.append(time.perf_counter() - start)
+
+    for _ in range(repeats):
+        fit.append(timed(fit_once)[0])
         KroneckerCurvature.compute_dtype = lambda self, layer: torch.float64  # type: ignore[method-assign]
         try:
-            start = time.perf_counter()
-            hookinf.fit(model, train, LOSS, method="ekfac", progress=False)
-            fit64.append(time.perf_counter() - start)
+            fit64.append(timed(fit_once)[0])
         finally:
             KroneckerCurvature.compute_dtype = original  # type: ignore[method-assign]
-        start = time.perf_counter()
-        plain_epoch()
-        plain.append(time.perf_counter() - start)
+        plain.append(timed(plain_epoch)[0])
     return statistics.median(fit), statistics.median(fit64), statistics.median(plain)
 
 

@@ -33,12 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
+from _memory import LiveBytes
 from _report import Report, Section
 from rich.console import Console
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
 
@@ -47,31 +45,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "retrieval.md"
 K = 10
 N_QUERY = 100
 CLUSTERS = 64
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages allocated inside the block and alive at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if len(self.live) > 64:
-            self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-        results = out if isinstance(out, tuple | list) else (out,)
-        for ret, result in zip(func._schema.returns, results, strict=False):
-            if ret.alias_info is not None:
-                continue
-            for tensor in pytree.tree_leaves(result):
-                if isinstance(tensor, torch.Tensor):
-                    storage = tensor.untyped_storage()
-                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.peak = max(self.peak, sum(n for ref, n in self.live.values() if not ref.expired()))
-        return out
 
 
 def model() -> nn.Module:

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ["benchmarks/retrieval.py", "--quick"],
         ["benchmarks/ekfac_breakdown.py", "--quick", "--repeats", "1"],
         ["benchmarks/distributed.py", "--quick"],
+        ["benchmarks/lora_gpt2.py", "--quick"],
     ],
-    ids=["retrieval", "ekfac_breakdown", "distributed"],
+    ids=["retrieval", "ekfac_breakdown", "distributed", "lora_gpt2"],
 )
 def test_benchmark_quick_mode_runs(argv: list[str]) -> None:
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
