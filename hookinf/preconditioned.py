@@ -25,7 +25,6 @@ unless ``overwrite=True`` (as :func:`hookinf.log` refuses another run's store), 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -39,9 +38,10 @@ from torch import Tensor
 
 from hookinf.compress import from_config
 from hookinf.curvature import Curvature
+from hookinf.distributed import Group, announcing, resolve_ranks
 from hookinf.errors import HookinfWarning, StoreError
 from hookinf.ids import Ids, same_ids, take
-from hookinf.io import fsync_directory, remove_temporaries, tensor_bytes, write_json
+from hookinf.io import fsync_directory, remove_temporaries, write_json
 from hookinf.lock import WriterLock
 from hookinf.preconditioned_format import (
     FORMAT,
@@ -51,6 +51,7 @@ from hookinf.preconditioned_format import (
     PreconditionedRecord,
     RunRecord,
     StoreIdentity,
+    curvature_hash,
 )
 from hookinf.progress import PassProgress
 from hookinf.shapes import LayerShape
@@ -58,24 +59,6 @@ from hookinf.store import GradientStore
 from hookinf.store_format import read_ids, read_tensors
 
 __all__ = ["PreconditionedRecord", "PreconditionedStore", "curvature_hash", "precondition_store"]
-
-
-def curvature_hash(curvature: Curvature) -> str:
-    """A 16-hex-digit SHA-256 of a curvature's method, damping, compressor, layers and every statistic's bytes."""
-    digest = hashlib.sha256()
-    head = {
-        "method": curvature.method,
-        "damping": [curvature.damping.relative, curvature.damping.absolute],
-        "num_examples": curvature.num_examples,
-        "compressor": None if curvature.compressor is None else curvature.compressor.config(),
-        "layers": {name: shape.to_json() for name, shape in curvature.layers.items()},
-    }
-    digest.update(json.dumps(head, sort_keys=True).encode())
-    for key, tensor in sorted(curvature.tensors.items()):
-        host = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}:{host.dtype}:{list(host.shape)}".encode())
-        digest.update(tensor_bytes(host))
-    return digest.hexdigest()[:16]
 
 
 class PreconditionedStore:
@@ -171,6 +154,7 @@ def precondition_store(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    group: Group = "auto",
 ) -> PreconditionedStore:
     """Writes ``(G_l + λ_l I)⁻¹ g_l(z)`` of every example of ``store`` to a :class:`PreconditionedStore`, resumably.
 
@@ -193,6 +177,9 @@ def precondition_store(
             curvatures of float32 models).
         overwrite: replace what ``path`` holds (finished or not) with a new store, written from the start.
         progress: show a progress bar.
+        group: called on every rank of a process group (``"auto"``: the default one, when initialised with more
+            than one rank), rank 0 writes the store while the others wait for it in a collective (the process
+            group's timeout must cover the write; or precondition once in one process), then every rank opens it.
 
     Returns:
         The :class:`PreconditionedStore`; pass it as ``train`` to :func:`hookinf.top_k`.
@@ -202,8 +189,20 @@ def precondition_store(
             the source store, is being written by another process, or cannot be written.
         CompressorMismatchError: the curvature was fitted in another compressed space.
         CurvatureError: the curvature was fitted on other layers.
+        DistributedError: across ranks, rank 0 failed (its own error is raised there) or a rank died.
     """
-    directory = Path(path)
+    ranks = resolve_ranks(group)
+    with announcing(ranks, "writing the preconditioned store"):
+        if ranks is None or ranks.rank == 0:
+            _write(store, curvature, Path(path), dtype, overwrite, progress)
+    return PreconditionedStore(path)
+
+
+def _write(
+    store: GradientStore, curvature: Curvature, directory: Path, dtype: torch.dtype | None, overwrite: bool,
+    progress: bool,
+) -> None:  # fmt: skip
+    """:func:`precondition_store` in this process."""
     if directory.resolve() == store.path.resolve():
         raise StoreError(f"{directory}: write the preconditioned store to another directory than its source store.")
     curvature.check_compressor(from_config(store.compressor), "the curvature")
@@ -224,7 +223,7 @@ def precondition_store(
             remove_temporaries(directory, (MANIFEST, RUN))
         finished = None if overwrite else _finished(directory, run)
         if finished is not None:
-            return finished
+            return
         resume = not overwrite and _resumable(directory, run)
         if not resume:  # gradients/ is emptied before run.json names the new run: run.json never names old rows
             _remove(directory, MANIFEST, RUN)
@@ -247,7 +246,6 @@ def precondition_store(
         _remove(directory, RUN)
     finally:
         lock.release()
-    return PreconditionedStore(directory)
 
 
 def _check_not_foreign(directory: Path) -> None:
@@ -353,7 +351,7 @@ def _written_shards(inner: GradientStore, store: GradientStore, directory: Path)
             f"{directory}: resuming an unfinished preconditioned store: {rows} of {len(store)} rows were written "
             f"already and are kept (pass overwrite=True to write them again).",
             HookinfWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return first
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hookinf.curvature import Curvature
 from hookinf.ids import Ids
 from hookinf.io import seal, tensor_bytes
 from hookinf.store import GradientStore
@@ -40,6 +41,24 @@ RUN_FORMAT = "hookinf.preconditioned-run"
 MANIFEST = "manifest.json"
 RUN = "run.json"
 GRADIENTS = "gradients"
+
+
+def curvature_hash(curvature: Curvature) -> str:
+    """A 16-hex-digit SHA-256 of a curvature's method, damping, compressor, layers and every statistic's bytes."""
+    digest = hashlib.sha256()
+    head = {
+        "method": curvature.method,
+        "damping": [curvature.damping.relative, curvature.damping.absolute],
+        "num_examples": curvature.num_examples,
+        "compressor": None if curvature.compressor is None else curvature.compressor.config(),
+        "layers": {name: shape.to_json() for name, shape in curvature.layers.items()},
+    }
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    for key, tensor in sorted(curvature.tensors.items()):
+        host = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{host.dtype}:{list(host.shape)}".encode())
+        digest.update(tensor_bytes(host))
+    return digest.hexdigest()[:16]
 
 
 def ids_digest(ids: Ids) -> str:
@@ -130,7 +149,7 @@ class PreconditionedRecord:
 
     Attributes:
         method: the curvature's method (``"exact"``, ``"ekfac"``, ...).
-        curvature: :func:`~hookinf.preconditioned.curvature_hash` of the curvature applied.
+        curvature: :func:`curvature_hash` of the curvature applied.
         damping: the damping rule, ``{"relative": ..., "absolute": ...}``.
         lambdas: ``λ_l`` per layer, as applied.
         examples: how many examples the store holds.

@@ -90,6 +90,13 @@ def _score_everything(rank: int, out: Path) -> None:
     save("self-merged", hookinf.self_influence(net, merged, loss, method="exact", **options).per_layer)
     top = hookinf.top_k(net, merged, query, loss, k=K, method=compressed, candidates=CANDIDATES, **options)
     save("top-candidates", _top(top))
+    pre = hookinf.precondition_store(merged, compressed, out / "preconditioned", progress=False)  # rank 0 writes it
+    save("preconditioned-ids", pre.ids)
+    save("top-preconditioned", _top(hookinf.top_k(net, pre, query, loss, k=K, **options)))
+    try:  # an uncompressed curvature for a compressed store: rank 0 refuses it, rank 1 hears of it
+        hookinf.precondition_store(merged, curvature, out / "refused", progress=False)
+    except (hookinf.CompressorMismatchError, hookinf.DistributedError) as err:
+        save("precondition-failure", f"{type(err).__name__}: {err}")
 
     refusals = []
     for call in (
@@ -260,6 +267,25 @@ def test_top_k_and_influence_on_two_ranks_from_a_store_equal_one_process(run: Pa
         candidates = hookinf.top_k(model(), store, query, loss, k=K, method=curvature, candidates=CANDIDATES,
                                    progress=False, group=None)  # fmt: skip
         _single_top(candidates, _both(run, "top-candidates"), "top-k among candidates")
+
+
+def test_a_preconditioned_store_is_written_once_and_scored_across_ranks_as_in_one_process(run: Path) -> None:
+    """Every rank calls ``precondition_store`` on the same path: rank 0 writes it (no second writer collides), every
+    rank opens the finished store; ``top_k`` splits its rows across the ranks and merges each rank's best."""
+    pre, query = hookinf.PreconditionedStore(run / "preconditioned"), batches(QUERY)
+    curvature = hookinf.load(run / "ekfac-logra")
+    pre.check_curvature(curvature)
+    assert not (run / "preconditioned" / "run.json").exists()  # finished: the run's record removed
+    _same(_both(run, "preconditioned-ids"), pre.ids, "the ids every rank opened")
+    got = _both(run, "top-preconditioned")
+    _single_top(hookinf.top_k(model(), pre, query, loss, k=K, progress=False, group=None), got, "preconditioned")
+    merged = hookinf.GradientStore(run / "merged")
+    direct = hookinf.top_k(model(), merged, query, loss, k=K, method=curvature, progress=False, group=None)
+    _single_top(direct, got, "preconditioned against the store preconditioned on the fly")
+    failures = {rank: torch.load(run / f"precondition-failure-{rank}.pt") for rank in (0, 1)}
+    assert failures[0].startswith("CompressorMismatchError"), failures[0]
+    assert failures[1].startswith("DistributedError"), failures[1]
+    assert "rank 0" in failures[1], failures[1]
 
 
 def test_query_methods_and_candidates_over_data_are_refused_across_ranks(run: Path) -> None:
