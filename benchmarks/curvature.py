@@ -67,6 +67,7 @@ from torch.utils.data import TensorDataset
 
 import hookinf
 from hookinf.checkpoints import CheckpointSource
+from hookinf.losses import Fisher
 from hookinf.metrics import LDSResult, detection_aucs, lds, spearman
 from hookinf.retrain import retrain_subsets
 
@@ -79,7 +80,7 @@ MISSING = "kronfluence not installed"
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curvature.md"
 DAMPINGS = (0.001, 0.01, 0.1, 1.0)
-FISHERS = ("empirical", "sampled")
+FISHERS: tuple[Fisher, ...] = ("empirical", "sampled")
 SEED = 0
 DIGITS_BATCH = 200  # parts a2 and c–f
 PARTS = ("a", "a2", "b", "c", "d", "e", "f")
@@ -366,8 +367,8 @@ def fit_case(name: str, cfg: Config) -> FitCase:
         model, ids, mask, labels = minilm_setup(cfg)
         names = [n for n, _ in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in LORA_MODULES)]
         b = cfg.minilm_batch
-        train = [(ids[i : i + b], mask[i : i + b], labels[i : i + b]) for i in range(0, len(ids), b)]
-        return FitCase(model, TensorDataset(ids, mask, labels), train, b, modules=LORA_MODULES, tracked=names)
+        sentences = [(ids[i : i + b], mask[i : i + b], labels[i : i + b]) for i in range(0, len(ids), b)]
+        return FitCase(model, TensorDataset(ids, mask, labels), sentences, b, modules=LORA_MODULES, tracked=names)
     raise SystemExit(f"unknown fit case {name!r}")
 
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 import hookinf
 from hookinf.demo import flipped_digits
+from hookinf.losses import Fisher
 from hookinf.metrics import lds
 from hookinf.retrain import retrain_subsets
 
@@ -63,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "defaults.md"
 DAMPINGS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 CURRENT = 0.1  # hookinf's default relative damping before this measurement
-FISHERS = ("empirical", "sampled")
+FISHERS: tuple[Fisher, ...] = ("empirical", "sampled")
 FITTED = ("exact", "kfac", "ekfac")
 SCORES = ("final", "4 ckpts")  # the final checkpoint alone; four checkpoints combined "normalized"
 DIGITS_LOSS = hookinf.CrossEntropy(logits=lambda model, batch: model(batch[0]), target=lambda batch: batch[1])
@@ -99,7 +100,7 @@ class Trained:
     n_train: int
     n_query: int
     note: str
-    exact_fishers: tuple[str, ...] = FISHERS
+    exact_fishers: tuple[Fisher, ...] = FISHERS
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -177,7 +178,7 @@ def lm_case(per_family: int, queries_per_family: int, epochs: int) -> Trained:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        attn_implementation="eager",
+        attn_implementation="eager",  # type: ignore[call-arg]  # a PretrainedConfig keyword GPT2Config does not declare
     )
 
     def fit_lm(ids: Tensor, labels: Tensor) -> tuple[nn.Module, hookinf.Snapshots]:
@@ -282,7 +283,7 @@ def sweep(t: Trained, masks: Tensor, losses: Tensor, console: Console) -> tuple[
                     t.train,
                     t.loss,
                     method=method,
-                    fisher=fisher,  # type: ignore[arg-type]
+                    fisher=fisher,
                     checkpoints=t.checkpoints,
                     **common,
                 )
@@ -366,7 +367,7 @@ def choose(rows: Sequence[dict[float | None, Tensor | None]]) -> tuple[float, st
     if CURRENT in holds:
         return CURRENT, f"{CURRENT:g} holds in all {len(rows)} rows (kept)"
     if holds:
-        best = max(holds, key=lambda d: sum(mean(c[d]) for c in rows if c[d] is not None))  # type: ignore[arg-type]
+        best = max(holds, key=lambda d: sum((mean(v) for c in rows if (v := c[d]) is not None), 0.0))
         return best, f"holds in all {len(rows)} rows; {CURRENT:g} does not"
     worst = {d: min(s[d].gap for s in table) for d in DAMPINGS}
     best = max(DAMPINGS, key=lambda d: worst[d])

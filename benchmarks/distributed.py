@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _report import Report, Section
 from rich.console import Console
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import spawn
 
 import hookinf
 
@@ -94,7 +94,7 @@ def measure(world: int, n: int, repeats: int, out: Path, threads: int) -> tuple[
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.start_processes(run, args=(world, port, n, repeats, threads, out), nprocs=world, start_method="spawn")
+    spawn(run, args=(world, port, n, repeats, threads, out), nprocs=world, start_method="spawn")
     fit, log = (float(v) for v in (out / f"times-{world}.txt").read_text().split())
     (out / f"times-{world}.txt").unlink()
     return fit, log

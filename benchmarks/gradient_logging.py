@@ -251,7 +251,7 @@ def gpt_bench(cfg: Config) -> Bench:
     batches = [torch.randint(0, cfg.gpt_vocab, shape, generator=gen) for _ in range(4)]
 
     def loss(model: nn.Module, batch: Tensor) -> Tensor:
-        return model(input_ids=batch, labels=batch).loss  # type: ignore[no-any-return]
+        return model(input_ids=batch, labels=batch).loss
 
     return Bench(
         "gpt2",
@@ -1020,7 +1020,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         bench_name, key = args.worker.split(":")
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()}
+        cfg = Config(**fields)
         print("RESULT " + json.dumps(memory_worker(bench_name, key, cfg, Path(args.workdir))), flush=True)
         return
 

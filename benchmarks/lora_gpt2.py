@@ -154,7 +154,7 @@ def main() -> None:
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
-    console = Console()
+    console = Console(width=150)  # the device tool returns the output as text: keep the table's columns whole
     report = Report(console, f"LoRA GPT-2 on {device.type}: tokens per second of a plain, a watched and a logging step")
     report.run_header(__file__, sys.argv[1:], None if cuda else args.threads)
     if cuda:

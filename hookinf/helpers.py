@@ -55,20 +55,22 @@ from hookinf.store import GradientStore
 
 IdsFn = Callable[[Any], Sequence[int] | Sequence[str] | Tensor]
 """``ids(batch)`` → the ids of the batch's examples (integers or strings)."""
+TrainData = Iterable[Any] | GradientStore
+"""``train=``: batches of training examples, or a gradient store of their compressed gradients."""
 
 
 @overload
 def fit(
-    model: nn.Module, train: Iterable[Any], loss_fn: LossFn, *, checkpoints: None = None, **options: Unpack[FitOptions]
+    model: nn.Module, train: TrainData, loss_fn: LossFn, *, checkpoints: None = None, **options: Unpack[FitOptions]
 ) -> Curvature: ...
 @overload
 def fit(
-    model: nn.Module, train: Iterable[Any], loss_fn: LossFn, *, checkpoints: Checkpoints, **options: Unpack[FitOptions]
+    model: nn.Module, train: TrainData, loss_fn: LossFn, *, checkpoints: Checkpoints, **options: Unpack[FitOptions]
 ) -> list[Curvature]: ...
 @over_checkpoints(CURVATURES)
 def fit(
     model: nn.Module,
-    train: Iterable[Any],
+    train: TrainData,
     loss_fn: LossFn,
     *,
     method: str | Method = "auto",
@@ -86,7 +88,8 @@ def fit(
 
     Args:
         model: the trained model (left unchanged; run in eval mode during the passes).
-        train: batches of training examples (iterated once, twice for ``ekfac``; same order each time).
+        train: batches of training examples (iterated once, twice for ``ekfac``; same order each time), or a
+            :class:`~hookinf.GradientStore` (``exact`` and ``identity`` fitted from its compressed gradients).
         loss_fn: ``loss_fn(model, batch)`` returning per-example losses ``[B]`` (a scalar only when declared the
             sum of the batch's per-example losses with :func:`hookinf.summed`).
         method: ``"auto"`` (default: ``"exact"`` when every layer has at most 8,192 parameters — compressed
@@ -139,7 +142,7 @@ def fit(
 @over_checkpoints(SCORES)
 def influence(
     model: nn.Module,
-    train: Iterable[Any],
+    train: TrainData,
     query: Iterable[Any],
     loss_fn: LossFn,
     *,
@@ -247,7 +250,7 @@ def influence(
 @over_checkpoints(SELF_SCORES)
 def self_influence(
     model: nn.Module,
-    train: Iterable[Any],
+    train: TrainData,
     loss_fn: LossFn,
     *,
     method: str | Method | QueryMethod | Curvature | Sequence[Curvature] = "auto",

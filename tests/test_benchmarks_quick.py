@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ["benchmarks/ekfac_breakdown.py", "--quick", "--repeats", "1"],
         ["benchmarks/distributed.py", "--quick"],
         ["benchmarks/lora_gpt2.py", "--quick"],
+        ["benchmarks/lora_gpt2.py", "--quick", "--dtype", "bfloat16"],  # the GPU run's bf16 weights and autocast
     ],
-    ids=["retrieval", "ekfac_breakdown", "distributed", "lora_gpt2"],
+    ids=["retrieval", "ekfac_breakdown", "distributed", "lora_gpt2", "lora_gpt2_bf16"],
 )
 def test_benchmark_quick_mode_runs(argv: list[str]) -> None:
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
