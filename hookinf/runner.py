@@ -31,6 +31,7 @@ from hookinf.errors import CaptureError, ConfigurationError, DataError
 from hookinf.hooks import Watch
 from hookinf.losses import SampledLoss, Sampler, sums_examples
 from hookinf.pipeline import Collect
+from hookinf.preconditioned import PreconditionedStore
 from hookinf.progress import PassProgress
 from hookinf.selection import ModuleSpec, select
 from hookinf.shapes import fingerprint
@@ -226,16 +227,30 @@ class Runner:
 
 
 def check_reiterable(data: Iterable[Any] | GradientStore, what: str) -> None:
-    """Refuses data that would not give the same examples in the same order on every pass."""
+    """Refuses data that would not give the same examples in the same order on every pass, or no batches at all."""
     if isinstance(data, GradientStore):
         return
+    if isinstance(data, PreconditionedStore):
+        raise DataError(
+            f"{what} is a PreconditionedStore: its rows are already multiplied by a curvature's inverse, so only "
+            f"hookinf.top_k (or a FaissIndex) scores them. To fit or score from the same gradients, pass its source "
+            f"store, hookinf.GradientStore({data.record.source!r}) (with method=<the curvature it was preconditioned "
+            f"with> to score with the same curvature)."
+        )
     if isinstance(data, DataLoader) and order_changes(data):
         raise DataError(
             f"{what} is a DataLoader whose order changes between passes (shuffle=True or a random sampler); "
             f"hookinf iterates it more than once and column j of the scores must be the same example each time. "
             f"Use shuffle=False and a sequential sampler."
         )
-    if iter(data) is data:
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise DataError(
+            f"{what} cannot be iterated (it is of type {type(data).__name__}): pass batches of examples (a list of "
+            f"batches or a DataLoader) or a hookinf.GradientStore."
+        ) from None
+    if iterator is data:
         raise DataError(
             f"{what} is an iterator that can be consumed only once; pass a list of batches or a DataLoader."
         )

@@ -279,6 +279,17 @@ def test_a_preconditioned_store_refuses_what_would_mix_curvatures_or_models(tmp_
         hookinf.top_k(case.model, pre, query, case.loss_fn, damping=0.5, **run)
     with pytest.raises(StoreError, match=r"hookinf\.preconditioned-store"):
         hookinf.GradientStore(tmp_path / "pre")  # never preconditioned twice by influence(...)
+    source = f"hookinf.GradientStore('{tmp_path / 'store'}')"
+    for call in (  # a preconditioned store passed where training data or a store goes: named, with what to pass
+        lambda: hookinf.influence(case.model, pre, query, case.loss_fn, **run),  # type: ignore[arg-type]
+        lambda: hookinf.self_influence(case.model, pre, case.loss_fn, **run),  # type: ignore[arg-type]
+        lambda: hookinf.fit(case.model, pre, case.loss_fn, **run),  # type: ignore[call-overload]
+    ):
+        with pytest.raises(DataError, match="train is a PreconditionedStore") as info:
+            call()
+        assert source in str(info.value), info.value
+    with pytest.raises(DataError, match=r"train cannot be iterated \(it is of type int\)"):
+        hookinf.influence(case.model, 3, query, case.loss_fn, **run)  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="another run is there already"):
         hookinf.precondition_store(store, other, tmp_path / "pre", progress=False)
     again = hookinf.precondition_store(store, curvature, tmp_path / "pre", progress=False)  # this run's: as it is
