@@ -124,7 +124,7 @@ def _texts(value: Any, name: str) -> list[str]:
 
 
 def _images(value: Any, name: str) -> Tensor:
-    images = torch.as_tensor(value).detach().cpu()
+    images = torch.as_tensor(value, device="cpu").detach()
     if images.dim() not in (3, 4) or images.dtype == torch.bool or images.is_complex():
         raise ConfigurationError(
             f"{name} must be real numbers [n, H, W], [n, H, W, C] or [n, C, H, W]; got {images.dtype} "
@@ -136,7 +136,7 @@ def _images(value: Any, name: str) -> Tensor:
 
 
 def _labels(value: Any, name: str) -> Tensor:
-    labels = torch.as_tensor(value).detach().cpu()
+    labels = torch.as_tensor(value, device="cpu").detach()
     if labels.dim() != 1 or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ConfigurationError(f"{name} must be integers [n_query]; got {labels.dtype} {list(labels.shape)}.")
     return labels.to(torch.int64)

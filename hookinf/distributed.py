@@ -76,8 +76,8 @@ class Ranks:
         Raises:
             DistributedError: another rank reported a failure, or the collective failed (a rank died or timed out).
         """
-        header = torch.zeros(len(counts) + self.size, dtype=torch.float64)
-        header[: len(counts)] = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+        header = torch.zeros(len(counts) + self.size, dtype=torch.float64, device="cpu")
+        header[: len(counts)] = torch.tensor([float(c) for c in counts], dtype=torch.float64, device="cpu")
         header[len(counts) + self.rank] = float(failed)
         buckets: dict[torch.dtype, list[Tensor]] = {torch.float64: [header]}
         for tensor in tensors:

@@ -134,7 +134,10 @@ def gather_columns(
         if not any(blocks.values()):
             raise empty_train()
         return {name: join(list(parts)) for name, parts in blocks.items()}
-    local = [join(list(parts)).movedim(dim, 0) if parts else torch.zeros([0] * ndim) for parts in blocks.values()]
+    local = [
+        join(list(parts)).movedim(dim, 0) if parts else torch.zeros([0] * ndim, device="cpu")
+        for parts in blocks.values()
+    ]
     gathered = ranks.gather(local, "gathering the scores of every rank's training examples")
     if not gathered or gathered[0].shape[0] == 0:
         raise empty_train()
@@ -209,13 +212,13 @@ def merged_top_k(running: RunningTopK, ranks: Ranks | None, layers: Sequence[str
             running.seen,
         )
     kept = running.kept()
-    local = [torch.tensor([running.seen])]
+    local = [torch.tensor([running.seen], device="cpu")]
     for side in kept if kept is not None else (None, None):
         if side is None:
-            empty = torch.zeros(0, 0)
-            local += [empty, empty.long(), *[empty for _ in layers], torch.zeros(0, dtype=torch.int64)]
+            empty = torch.zeros(0, 0, device="cpu")
+            local += [empty, empty.long(), *[empty for _ in layers], torch.zeros(0, dtype=torch.int64, device="cpu")]
         else:  # entries along the first dimension, with the rank that chose them
-            source = torch.full((int(side.scores.shape[1]),), ranks.rank, dtype=torch.int64)
+            source = torch.full((int(side.scores.shape[1]),), ranks.rank, dtype=torch.int64, device=side.scores.device)
             local += [side.scores.T, side.columns.T, *[side.parts[name].T for name in layers], source]
     gathered = ranks.gather(local, "gathering every rank's top-k entries")
     seen = gathered[0]

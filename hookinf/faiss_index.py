@@ -82,8 +82,8 @@ class FaissIndex:
         ids = store.ids
         order = sort_order(ids)
         self._sorted: Ids = take(ids, order)
-        self._column = torch.empty(len(store), dtype=torch.int64)
-        self._column[order] = torch.arange(len(store))  # storage row → column (rank of its id)
+        self._column = torch.empty(len(store), dtype=torch.int64, device="cpu")
+        self._column[order] = torch.arange(len(store), device="cpu")  # storage row → column (rank of its id)
 
     @classmethod
     def build(
@@ -126,7 +126,7 @@ class FaissIndex:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             generator = torch.Generator().manual_seed(seed)
-            rows = torch.randperm(len(store), generator=generator)[:train_size].sort().values.numpy()
+            rows = torch.randperm(len(store), generator=generator, device="cpu")[:train_size].sort().values.numpy()
             index.train(vectors[rows])
             index.nprobe = min(nprobe, cells)
         index.add(vectors)

@@ -49,7 +49,9 @@ def self_values(values: SelfScores | Tensor, caller: str) -> Tensor:
 
 def _check_positions(ids: Ids | None, caller: str, what: str, fix: str) -> None:
     """A :class:`ConfigurationError` unless ``ids`` is ``None`` or the positions ``0..n-1`` (labels line up)."""
-    positions = isinstance(ids, Tensor) and torch.equal(ids, torch.arange(ids.numel(), dtype=ids.dtype))
+    positions = isinstance(ids, Tensor) and torch.equal(
+        ids, torch.arange(ids.numel(), dtype=ids.dtype, device=ids.device)
+    )
     if ids is not None and not positions:
         raise ConfigurationError(
             f"{caller}: {what} are the training examples with ids {_few(ids)} (from a gradient store), not "

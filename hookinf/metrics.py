@@ -40,12 +40,12 @@ def auc(scores: Tensor | SelfScores, positives: Tensor) -> float:
     scores, positives, n_pos, n_neg = _detection_inputs(scores, positives, "auc")
     order = scores.argsort()
     ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64, device=scores.device)
     # average the ranks of tied scores
     unique, inverse = torch.unique(scores, return_inverse=True)
     if unique.numel() < scores.numel():
-        sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
-        counts = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+        sums = torch.zeros_like(unique, dtype=torch.float64).index_add_(0, inverse, ranks)
+        counts = torch.zeros_like(unique, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
         ranks = (sums / counts)[inverse]
     u = float(ranks[positives].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
@@ -71,7 +71,7 @@ def roc_curve(scores: Tensor | SelfScores, positives: Tensor) -> tuple[Tensor, T
     ranked, hits = scores[order], positives[order].double()
     last = torch.ones_like(positives)  # the last example of each run of tied scores closes a point
     last[:-1] = ranked[1:] != ranked[:-1]
-    start = torch.zeros(1, dtype=torch.float64)
+    start = torch.zeros(1, dtype=torch.float64, device=scores.device)
     fpr, tpr = ((1 - hits).cumsum(0) / float(n_neg))[last], (hits.cumsum(0) / float(n_pos))[last]
     return torch.cat([start, fpr]), torch.cat([start, tpr])
 

@@ -341,7 +341,7 @@ def _written_shards(inner: GradientStore, store: GradientStore, directory: Path)
     while first < len(store.shards) and rows < len(inner):
         rows += store.shards[first].count
         first += 1
-    if rows != len(inner) or not same_ids(inner.ids, take(store.ids, torch.arange(rows))):
+    if rows != len(inner) or not same_ids(inner.ids, take(store.ids, torch.arange(rows, device="cpu"))):
         raise StoreError(
             f"{directory}: its {len(inner)} preconditioned rows are not the first shards of {store.path}; pass "
             f"overwrite=True to start afresh."

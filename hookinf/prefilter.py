@@ -57,7 +57,7 @@ def tfidf(query_texts: Sequence[str], train_texts: Sequence[str], k: int, *, vec
     kept: tuple[Tensor, Tensor] | None = None
     for start in range(0, len(train_texts), _CHUNK):
         block = torch.from_numpy((queries @ train[start : start + _CHUNK].T).toarray()).double()
-        columns = torch.arange(start, start + block.shape[1]).expand_as(block)
+        columns = torch.arange(start, start + block.shape[1], device=block.device).expand_as(block)
         if kept is not None:
             block, columns = torch.cat([kept[0], block], dim=1), torch.cat([kept[1], columns], dim=1)
         at = top_entries(block, columns, min(k, int(block.shape[1])), largest=True)

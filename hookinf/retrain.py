@@ -69,9 +69,9 @@ def retrain_subsets(
             f"keep at least one example and leave at least one out."
         )
     gen = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
+    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool, device="cpu")
     for row in masks:
-        row[torch.randperm(n_train, generator=gen)[:size]] = True
+        row[torch.randperm(n_train, generator=gen, device="cpu")[:size]] = True
     losses: list[Tensor] = []
     for index in track(range(n_subsets), f"retrain {n_subsets} subsets", enabled=progress, unit="models"):
         losses.append(_check_losses(train_fn(masks[index].clone()), index, losses[0] if losses else None))

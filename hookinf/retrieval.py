@@ -213,8 +213,8 @@ def _check_candidates(candidates: Tensor, n_train: int | None, k: int) -> Tensor
 def _store_chunks(runner: Runner, store: GradientStore, candidates: Tensor | None) -> Iterator[tuple[Tensor, Step]]:
     """A store's shards as steps, with their columns (ranks of their ids); rows no query wants are left out."""
     runner.check_store(store)
-    rank = torch.empty(len(store), dtype=torch.int64)
-    rank[sort_order(store.ids)] = torch.arange(len(store))
+    rank = torch.empty(len(store), dtype=torch.int64, device="cpu")
+    rank[sort_order(store.ids)] = torch.arange(len(store), device="cpu")
     wanted = None if candidates is None else torch.unique(candidates)
     with PassProgress("top-k", len(store.shards), enabled=runner.progress) as bar:
         for index, (start, ids, gradients) in enumerate(store_rows(store, runner.devices, runner.ranks)):
@@ -233,7 +233,7 @@ def _data_chunks(runner: Runner, train: Iterable[Any]) -> Iterator[tuple[Tensor,
     """The batches of ``train`` as steps, with their columns (positions in ``train``)."""
     start = 0
     for step in runner.steps(train, "top-k"):
-        yield torch.arange(start, start + step.batch_size), step
+        yield torch.arange(start, start + step.batch_size, device="cpu"), step
         start += step.batch_size
 
 

@@ -72,8 +72,8 @@ def score_frame(per_layer: dict[str, Tensor], total: Tensor, ids: Ids | None) ->
         ) from err
     n_query, n_train = total.shape
     columns: dict[str, Any] = {
-        "query": torch.arange(n_query).repeat_interleave(n_train).numpy(),
-        "train": torch.arange(n_train).repeat(n_query).numpy(),
+        "query": torch.arange(n_query, device="cpu").repeat_interleave(n_train).numpy(),
+        "train": torch.arange(n_train, device="cpu").repeat(n_query).numpy(),
     }
     if isinstance(ids, Tensor):
         columns["id"] = ids.detach().cpu().repeat(n_query).numpy()

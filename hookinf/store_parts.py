@@ -189,7 +189,7 @@ def _without_repeats(
     directory: Path, view: StoreManifest, written: list[Shard], shard: Shard, keep: list[bool]
 ) -> Shard:
     """A new top-level shard holding ``shard``'s examples whose ``keep`` is true (written durably)."""
-    index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.int64)
+    index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.int64, device="cpu")
     tensors = {name: t[index].contiguous() for name, t in read_tensors(directory, shard, list(view.layers)).items()}
     ids = take(read_ids(directory, view, shard), index)
     if isinstance(ids, torch.Tensor):

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,82 @@ def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
+@dataclass(frozen=True)
+class Case:
+    """A model whose every entry point is checked: the MLP above, a CNN, or a LoRA GPT-2 (sequences)."""
+
+    build: Callable[[], nn.Module]
+    data: Callable[[int, int, int], list[tuple[Tensor, Tensor]]]  # (n, batch, seed) → batches
+    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]  # per-example losses [B]
+
+    def step_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The training loop's loss: the batch mean."""
+        return self.loss_fn(model, batch).mean()
+
+
+def make_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2), nn.Tanh(), nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()  # fmt: skip
+
+
+def cnn_data(n: int = 24, batch: int = 6, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def make_lora_gpt2() -> nn.Module:
+    """GPT-2 (one block) in float64 with peft LoRA on its attention Conv1Ds and its MLP's ``c_fc`` Conv1D trained."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=8,
+        vocab_size=11,
+        n_positions=5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=10,
+        eos_token_id=10,
+    )
+    base = transformers.GPT2LMHeadModel(config).double()
+    lora = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(base, lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft's zeros would make every lora_A gradient zero
+                parameter.normal_(0.0, 0.3)
+    for parameter in model.base_model.model.transformer.h[0].mlp.c_fc.parameters():
+        parameter.requires_grad_(True)  # a plain GPT-2 Conv1D tracked beside the adapters
+    return model
+
+
+def token_data(n: int = 24, batch: int = 6, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    ids = torch.randint(0, 11, (n, 5), generator=torch.Generator().manual_seed(seed))
+    return [(ids[i : i + batch], ids[i : i + batch]) for i in range(0, n, batch)]
+
+
+def token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Each sequence's next-token cross-entropy, summed over its positions."""
+    logits = model(input_ids=batch[0]).logits[:, :-1]
+    losses = F.cross_entropy(logits.transpose(1, 2), batch[1][:, 1:], reduction="none")
+    return losses.sum(dim=1)
+
+
+CASES = {
+    "mlp": Case(make_model, make_data, loss_fn),
+    "cnn": Case(make_cnn, cnn_data, loss_fn),
+    "lora-gpt2": Case(make_lora_gpt2, token_data, token_loss),
+}
+
+
 @pytest.fixture
 def meta_default() -> Iterator[None]:
     torch.set_default_device("meta")
@@ -52,48 +129,58 @@ def meta_default() -> Iterator[None]:
         torch.set_default_device(None)
 
 
-def entry_points(model: nn.Module, train: list[Any], query: list[Any], path: Path) -> dict[str, Tensor]:
+def entry_points(
+    model: nn.Module, train: list[Any], query: list[Any], path: Path, case: Case = CASES["mlp"]
+) -> dict[str, Tensor]:
     """Every entry point's numbers on one model (each as a CPU tensor)."""
     out: dict[str, Tensor] = {}
+    loss = case.loss_fn
     for method in ("exact", "identity", "datainf", "kfac", "ekfac"):
-        out[f"influence {method}"] = hookinf.influence(
-            model, train, query, loss_fn, method=method, progress=False
-        ).total
+        out[f"influence {method}"] = hookinf.influence(model, train, query, loss, method=method, progress=False).total
     out["influence lissa"] = hookinf.influence(
-        model, train, query, loss_fn, method=hookinf.LiSSA(depth=4, batch_size=6), progress=False
+        model, train, query, loss, method=hookinf.LiSSA(depth=4, batch_size=6), progress=False
     ).total
-    out["self_influence exact"] = hookinf.self_influence(model, train, loss_fn, progress=False).total
-    kfac = hookinf.fit(model, train, loss_fn, method="kfac", compress=LOGRA, progress=False)
-    out["fit kfac (LoGra)"] = kfac.stat("0", "A")
-    ekfac = hookinf.fit(model, train, loss_fn, method="ekfac", progress=False)
-    out["fit ekfac"] = ekfac.stat("2", "eigen")
+    out["self_influence exact"] = hookinf.self_influence(model, train, loss, progress=False).total
+    kfac = hookinf.fit(model, train, loss, method="kfac", compress=LOGRA, progress=False)
+    first, *_, last = list(kfac.layers)
+    out["fit kfac (LoGra)"] = kfac.stat(first, "A")
+    ekfac = hookinf.fit(model, train, loss, method="ekfac", progress=False)
+    out["fit ekfac"] = ekfac.stat(last, "eigen")
     loaded = hookinf.load(ekfac.save(path / "ekfac"))
-    out["loaded ekfac"] = hookinf.influence(model, train, query, loss_fn, method=loaded, progress=False).total
+    out["loaded ekfac"] = hookinf.influence(model, train, query, loss, method=loaded, progress=False).total
     for compress in (LOGRA, hookinf.Dropout(r=9), hookinf.Gaussian(8)):
-        store = hookinf.log(model, train, loss_fn, compress=compress, path=path / compress.kind, progress=False)
-        out[f"store {compress.kind}"] = hookinf.influence(model, store, query, loss_fn, progress=False).total
-    out["store kfac"] = hookinf.influence(
-        model, hookinf.GradientStore(path / "logra"), query, loss_fn, method=kfac, progress=False
-    ).total
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        store = hookinf.log(model, train, loss, compress=compress, path=path / compress.kind, progress=False)
+        out[f"store {compress.kind}"] = hookinf.influence(model, store, query, loss, progress=False).total
+    logra = hookinf.GradientStore(path / "logra")
+    out["store kfac"] = hookinf.influence(model, logra, query, loss, method=kfac, progress=False).total
+    out["self_influence store"] = hookinf.self_influence(model, logra, loss, progress=False).total
+    out["top_k data"] = hookinf.top_k(model, train, query, loss, k=3, method=ekfac, progress=False).harmful_scores
+    out["top_k store"] = hookinf.top_k(model, logra, query, loss, k=3, method=kfac, progress=False).helpful_scores
+    pre = hookinf.precondition_store(logra, kfac, path / "preconditioned", progress=False)
+    out["preconditioned top_k"] = hookinf.top_k(model, pre, query, loss, k=3, progress=False).harmful_scores
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     with hookinf.watch(model, fit="kfac", log_to=path / "watched", compress=LOGRA) as w:
-        for i, (x, y) in enumerate(train):
+        for i, batch in enumerate(train):
             w.tag(range(6 * i, 6 * i + 6))
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            case.step_loss(model, batch).backward()
             optimizer.step()
-        out["watch per-example"] = w.per_example_gradients()["0"]
-    out["watch kfac"] = w.curvature().stat("0", "S")
-    out["watch store"] = hookinf.GradientStore(path / "watched").chunks().__next__()[1]["0"]
+        out["watch per-example"] = w.per_example_gradients()[first]
+    out["watch kfac"] = w.curvature().stat(first, "S")
+    out["watch store"] = hookinf.GradientStore(path / "watched").chunks().__next__()[1][first]
     return out
 
 
-def test_every_entry_point_takes_its_devices_from_the_model_not_the_default(tmp_path: Path, meta_default: None) -> None:
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_entry_point_takes_its_devices_from_the_model_not_the_default(
+    tmp_path: Path, meta_default: None, name: str
+) -> None:
     torch.set_default_device(None)
-    model, train, query = make_model(), make_data(), make_data(6, 3, seed=2)
-    expected = entry_points(model, train, query, tmp_path / "plain")
+    case = CASES[name]
+    model, train, query = case.build(), case.data(24, 6, 1), case.data(6, 3, 2)
+    expected = entry_points(model, train, query, tmp_path / "plain", case)
     torch.set_default_device("meta")
-    got = entry_points(model, train, query, tmp_path / "meta")
+    got = entry_points(model, train, query, tmp_path / "meta", case)
     torch.set_default_device(None)
     assert set(got) == set(expected)
     for key, value in expected.items():
@@ -202,12 +289,15 @@ def test_a_nonfinite_step_is_reported_one_step_late_and_never_stored(tmp_path: P
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_every_entry_point_equals_the_cpu(tmp_path: Path) -> None:
-    model, train, query = make_model(), make_data(), make_data(6, 3, seed=2)
-    expected = entry_points(model, train, query, tmp_path / "cpu")
-    cuda = make_model().cuda()
+@pytest.mark.parametrize("name", list(CASES))
+def test_on_cuda_every_entry_point_equals_the_cpu(tmp_path: Path, name: str) -> None:
+    case = CASES[name]
+    model, train, query = case.build(), case.data(24, 6, 1), case.data(6, 3, 2)
+    expected = entry_points(model, train, query, tmp_path / "cpu", case)
+    cuda = case.build().cuda()
     on = [(x.cuda(), y.cuda()) for x, y in train]
-    got = entry_points(cuda, on, [(x.cuda(), y.cuda()) for x, y in query], tmp_path / "cuda")
+    got = entry_points(cuda, on, [(x.cuda(), y.cuda()) for x, y in query], tmp_path / "cuda", case)
+    assert set(got) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(got[key].cpu(), value, rtol=1e-9, atol=1e-12, msg=key)
 
