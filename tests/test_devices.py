@@ -51,6 +51,7 @@ class Case:
     build: Callable[[], nn.Module]
     data: Callable[[int, int, int], list[tuple[Tensor, Tensor]]]  # (n, batch, seed) → batches
     loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]  # per-example losses [B]
+    sequences: bool = False  # per-token scores too
 
     def step_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         """The training loop's loss: the batch mean."""
@@ -116,7 +117,7 @@ def token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 CASES = {
     "mlp": Case(make_model, make_data, loss_fn),
     "cnn": Case(make_cnn, cnn_data, loss_fn),
-    "lora-gpt2": Case(make_lora_gpt2, token_data, token_loss),
+    "lora-gpt2": Case(make_lora_gpt2, token_data, token_loss, sequences=True),
 }
 
 
@@ -158,16 +159,29 @@ def entry_points(
     out["top_k store"] = hookinf.top_k(model, logra, query, loss, k=3, method=kfac, progress=False).helpful_scores
     pre = hookinf.precondition_store(logra, kfac, path / "preconditioned", progress=False)
     out["preconditioned top_k"] = hookinf.top_k(model, pre, query, loss, k=3, progress=False).harmful_scores
+    if case.sequences:
+        tokens = hookinf.influence(model, train, query, loss, method=ekfac, per_token=True, progress=False).per_token
+        assert tokens is not None
+        out["influence per-token"] = torch.stack(list(tokens.values())).sum(dim=0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    snaps = hookinf.Snapshots(model, every=1, to=path / "snapshots")
     with hookinf.watch(model, fit="kfac", log_to=path / "watched", compress=LOGRA) as w:
         for i, batch in enumerate(train):
             w.tag(range(6 * i, 6 * i + 6))
             optimizer.zero_grad()
             case.step_loss(model, batch).backward()
             optimizer.step()
+            snaps.take(i)
         out["watch per-example"] = w.per_example_gradients()[first]
     out["watch kfac"] = w.curvature().stat(first, "S")
     out["watch store"] = hookinf.GradientStore(path / "watched").chunks().__next__()[1][first]
+    over = hookinf.influence(
+        model, train, query, loss, method="kfac", checkpoints=snaps.checkpoints[-2:], progress=False
+    )  # fmt: skip
+    out["checkpoints"] = over.total
+    saved = hookinf.load_scores(over.per_checkpoint[0].save(path / "scores"))
+    out["saved scores"] = saved.total
+    saved.save_html(path / "report.html")  # the report's numbers, plots and tables from scores on the host
     return out
 
 
