@@ -244,14 +244,16 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def train_steps(model: nn.Module, batches: list[tuple[Tensor, Tensor]], tag: Any = None) -> HostReads:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def train_steps(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], tag: Any = None, case: Case = CASES["mlp"]
+) -> HostReads:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     with HostReads() as reads:
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if tag is not None:
                 tag(range(6 * i, 6 * i + 6))
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            case.step_loss(model, batch).backward()
             optimizer.step()
     return reads
 
@@ -267,16 +269,18 @@ def train_steps(model: nn.Module, batches: list[tuple[Tensor, Tensor]], tag: Any
     ],
     ids=["capture", "log-logra", "log-dropout-flushing", "fit-kfac", "fit-exact-and-log"],
 )
+@pytest.mark.parametrize("name", list(CASES))
 def test_a_watched_step_reads_the_device_at_most_once_more_than_a_plain_step(
-    tmp_path: Path, options: dict[str, Any]
+    tmp_path: Path, options: dict[str, Any], name: str
 ) -> None:
-    batches = make_data(48)
-    plain = train_steps(make_model(), batches)
-    model = make_model()
+    case = CASES[name]
+    batches = case.data(48, 6, 1)
+    plain = train_steps(case.build(), batches, case=case)
+    model = case.build()
     if options.get("log_to"):
         options = {**options, "log_to": tmp_path / "store"}
     with hookinf.watch(model, **options) as w:
-        watched = train_steps(model, batches, w.tag if options.get("log_to") else None)
+        watched = train_steps(model, batches, w.tag if options.get("log_to") else None, case)
     assert watched.count <= plain.count + len(batches), watched.calls
 
 
