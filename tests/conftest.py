@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 Batch = tuple[Tensor, ...]
 LossFn = Callable[[Callable[..., Any], Batch], Tensor]
@@ -82,6 +83,23 @@ def close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
     __tracebackhide__ = True
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), what=what)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten calls that copy a tensor's value to the host (a synchronisation on an accelerator)."""
+
+    NAMES = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ in self.NAMES:
+            self.count += 1
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def oracle_matrices(model: nn.Module, loss_fn: Any, batches: Sequence[Batch], layers: Sequence[str]) -> dict:

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HostReads
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hookinf
 from hookinf.losses import draw_labels
@@ -225,23 +225,6 @@ def test_sampled_labels_are_drawn_on_the_logits_device_not_the_default(meta_defa
     losses = SAMPLED.sampled(make_model().to("meta"), (x.to("meta"), y.to("meta")), hookinf.Sampler(0))
     assert losses.device.type == "meta"
     assert losses.shape == (6,)
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the aten calls that copy a tensor's value to the host (a synchronisation on an accelerator)."""
-
-    NAMES = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func.overloadpacket.__name__ in self.NAMES:
-            self.count += 1
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def train_steps(

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import close, oracle_matrices
+from conftest import HostReads, close, oracle_matrices
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -375,6 +375,37 @@ def test_each_micro_batch_is_compressed_once_for_the_curvature_and_the_store(
     assert callback.curvature.num_examples == N_TRAIN
     assert callback.store is not None
     assert len(callback.store) == N_TRAIN
+
+
+def test_the_callback_reads_the_device_at_most_once_per_micro_batch_more_than_plain_training(
+    models: dict[str, nn.Module], tmp_path: Path
+) -> None:
+    """The same Trainer run, with and without the callback (logging and fitting, 2 micro-batches per step): each
+    device-to-host read is a synchronisation on a GPU, and the callback adds at most one per micro-batch (the step
+    behind's finiteness flag), none for the loss weight or the ids."""
+    model, data = models["tokens"], dataset("tokens")
+    options = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
+
+    class Counting(transformers.TrainerCallback):  # counts from the first step's start to the epoch's end
+        def __init__(self) -> None:
+            self.reads = HostReads()
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.reads.__enter__()
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            self.reads.__exit__(None, None, None)
+
+    plain = Counting()
+    train(model, data, plain, tmp_path / "plain", **options)
+    watched = Counting()
+    callback = HookinfCallback(
+        fit="kfac", log_to=tmp_path / "grads", compress=hookinf.LoGra(4, 2), loss_reduction="num_items"
+    )
+    train(model, data, [watched, callback], tmp_path / "watched", **options)
+    micro_batches = -(-N_TRAIN // 2)
+    assert len(hookinf.GradientStore(tmp_path / "grads")) == N_TRAIN
+    assert watched.reads.count <= plain.reads.count + micro_batches, watched.reads.calls
 
 
 def test_fitted_ekfac_equals_fit(models: dict[str, nn.Module], tmp_path: Path) -> None:
