@@ -221,8 +221,7 @@ def _write(
     try:
         with _writes(directory):
             remove_temporaries(directory, (MANIFEST, RUN))
-        finished = None if overwrite else _finished(directory, run)
-        if finished is not None:
+        if not overwrite and _finished(directory, run):
             return
         resume = not overwrite and _resumable(directory, run)
         if not resume:  # gradients/ is emptied before run.json names the new run: run.json never names old rows
@@ -265,14 +264,14 @@ def _check_not_foreign(directory: Path) -> None:
         )
 
 
-def _finished(directory: Path, run: RunRecord) -> PreconditionedStore | None:
-    """The finished store at ``directory`` when it is ``run``'s, ``None`` when there is none.
+def _finished(directory: Path, run: RunRecord) -> bool:
+    """Whether ``directory`` holds the finished store of ``run`` (``False``: no finished store there).
 
     Raises:
         StoreError: a finished store of another curvature, dtype or source, or a damaged one.
     """
     if not (directory / MANIFEST).is_file():
-        return None
+        return False
     try:
         existing = PreconditionedStore(directory)
     except StoreError as err:
@@ -292,7 +291,7 @@ def _finished(directory: Path, run: RunRecord) -> PreconditionedStore | None:
             f"overwrite=True to replace it, or write to another path."
         )
     _remove(directory, RUN)  # a run killed between its manifest and this cleanup left it
-    return existing
+    return True
 
 
 def _resumable(directory: Path, run: RunRecord) -> bool:
